@@ -1,0 +1,27 @@
+"""triton_qat: quantization-aware training for PyTorch with Triton kernels.
+
+Fake quantization per tensor, per channel and per group, bit-exact with PyTorch's ops,
+running as Triton kernels on CUDA (or interpreted on the CPU with TRITON_INTERPRET=1) and as
+an eager PyTorch reference everywhere else. Importing this package never touches CUDA.
+"""
+
+from triton_qat._backend import get_backend, set_backend, use_backend
+from triton_qat.ops import (
+    fake_quantize_per_channel,
+    fake_quantize_per_group,
+    fake_quantize_per_tensor,
+)
+from triton_qat.qparams import QParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QParams",
+    "__version__",
+    "fake_quantize_per_channel",
+    "fake_quantize_per_group",
+    "fake_quantize_per_tensor",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]

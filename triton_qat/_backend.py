@@ -1,0 +1,110 @@
+"""Which path runs an op: the Triton kernels or the eager reference.
+
+Nothing here touches CUDA at import time; Triton itself is imported lazily, on the first
+call that needs to know whether it is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "eager")
+_ENV_VAR = "TRITON_QAT_BACKEND"
+
+
+def _checked(name: object) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def _initial_backend() -> str:
+    value = os.environ.get(_ENV_VAR, "auto")
+    try:
+        return _checked(value)
+    except ValueError as err:
+        raise ValueError(f"environment variable {_ENV_VAR}: {err}") from None
+
+
+_backend = _initial_backend()
+
+
+def set_backend(name: str) -> None:
+    """Select the path ops take: "auto" (default), "triton" or "eager"."""
+    global _backend
+    _backend = _checked(name)
+
+
+def get_backend() -> str:
+    """The backend now in force."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block under another backend, restoring the previous one afterwards."""
+    global _backend
+    new = _checked(name)
+    old = _backend
+    _backend = new
+    try:
+        yield
+    finally:
+        _backend = old
+
+
+def interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET asks Triton to interpret kernels on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """None when Triton imports, else why it does not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # an ImportError, or a broken install raising anything
+        return f"triton is not importable ({type(err).__name__}: {err})"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on tensors of `device`, else the reason."""
+    err = triton_import_error()
+    if err is not None:
+        return err
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if interpreter_enabled():
+            from triton_qat.kernels import COMPILED_AS_INTERPRETED
+
+            if not COMPILED_AS_INTERPRETED:
+                return (
+                    "TRITON_INTERPRET=1 was set after the kernels were loaded; set it before "
+                    "triton_qat runs its first kernel"
+                )
+            return None
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return f"device type {device.type!r} is not supported by the Triton kernels"
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether an op on tensors of `device` runs the Triton kernels.
+
+    Backend "triton" raises a RuntimeError naming the reason when the kernels cannot run;
+    it never falls back silently.
+    """
+    if _backend == "eager":
+        return False
+    reason = triton_unavailable_reason(device)
+    if reason is None:
+        return True
+    if _backend == "triton":
+        raise RuntimeError(f"triton_qat backend 'triton' cannot run on {device}: {reason}")
+    return False

@@ -1,0 +1,50 @@
+"""Round half to even, exact for every fp32 value, in plain `tl` (no libdevice).
+
+libdevice's rint is unavailable under the interpreter, and floor(v + 0.5) is wrong at ties
+and at 0.49999997 (v + 0.5 rounds up to 1.0 in fp32).
+"""
+
+import triton
+import triton.language as tl
+
+from triton_qat.kernels import COMPILED_AS_INTERPRETED
+
+# The interpreter truncates fp32 -> bf16 casts (compiled kernels round to nearest even).
+INTERPRETED: tl.constexpr = tl.constexpr(COMPILED_AS_INTERPRETED)
+
+# fp32 values at or above this magnitude are integers already.
+TWO_POW_23: tl.constexpr = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def round_half_even(v):
+    """torch.round of an fp32 tensor, bit for bit (signed zeros, NaN and +-inf kept)."""
+    a = tl.abs(v)
+    small = a < TWO_POW_23  # False for NaN and inf, which pass through unchanged
+    a_s = tl.where(small, a, 0.0)
+    r = tl.floor(a_s)
+    frac = a_s - r  # exact: a_s < 2**23, so a_s - floor(a_s) is representable
+    r_is_odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    up = (frac > 0.5) | ((frac == 0.5) & r_is_odd)
+    rounded = tl.where(up, r + 1.0, r)
+    signed = tl.where(v < 0.0, -rounded, rounded)
+    # Large, non-finite and zero inputs are returned as they are (keeps -0.0 and NaN).
+    return tl.where(small & (a != 0.0), signed, v)
+
+
+@triton.jit
+def _fp32_to_bf16_rne(y):
+    bits = y.to(tl.uint32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lsb) >> 16).to(tl.uint16)
+    out = rounded.to(tl.bfloat16, bitcast=True)
+    return tl.where(y != y, y.to(tl.bfloat16), out)  # NaN: keep it NaN
+
+
+@triton.jit
+def cast_rne(y, dtype: tl.constexpr):
+    """fp32 -> dtype rounding to nearest even, on compiled and interpreted kernels alike."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        return _fp32_to_bf16_rne(y)
+    else:
+        return y.to(dtype)

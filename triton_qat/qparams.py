@@ -1,0 +1,224 @@
+"""Quantization parameters and every argument check, in one place.
+
+`QParams` is the public description of a quantizer (per tensor, per channel or per group).
+`normalize` checks it against the tensor it will be applied to and returns `NormQParams`:
+fp32 scale, int32 (or fp32) zero point, both contiguous on the tensor's device, plus the
+2-D view the kernels and the reference both use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Quantized values and zero points are carried in fp32 inside the kernels; integers are exact
+# there up to 2**24, which bounds the quantization range.
+QUANT_LIMIT = 2**24
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Parameters of an affine fake quantizer.
+
+    axis None and group_size None: per tensor; axis=a: per channel along dim a;
+    group_size=g: per group of g consecutive elements along the last dim.
+    scale: a Python float or a float32 tensor; zero_point: an int or an int32 tensor
+    (a float tensor is allowed per channel and per group, added before rounding as in torch).
+    """
+
+    scale: float | Tensor
+    zero_point: int | float | Tensor
+    quant_min: int
+    quant_max: int
+    axis: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_quant_range(self.quant_min, self.quant_max)
+        if self.axis is not None and self.group_size is not None:
+            raise ValueError("QParams: give axis (per channel) or group_size (per group), not both")
+        if self.axis is not None and (
+            isinstance(self.axis, bool) or not isinstance(self.axis, int)
+        ):
+            raise TypeError(f"axis must be an int, got {type(self.axis).__name__}")
+        if self.group_size is not None:
+            g = self.group_size
+            if isinstance(g, bool) or not isinstance(g, int):
+                raise TypeError(f"group_size must be an int, got {type(g).__name__}")
+            if g <= 0:
+                raise ValueError(f"group_size must be positive, got {g}")
+
+    @property
+    def granularity(self) -> str:
+        """ "per_tensor", "per_channel" or "per_group"."""
+        if self.axis is not None:
+            return "per_channel"
+        if self.group_size is not None:
+            return "per_group"
+        return "per_tensor"
+
+
+class NormQParams(NamedTuple):
+    """Checked qparams in the layout shared by the kernels and the reference.
+
+    The tensor, made contiguous, is viewed as (rows, cols). Parameter index of an element:
+    `row % channels` when `params_on_cols` is False, else `col`.
+    """
+
+    scale: Tensor  # fp32, shape (channels,), on the tensor's device
+    zero_point: Tensor  # int32 (or fp32 when float_zero_point), shape (channels,)
+    quant_min: int
+    quant_max: int
+    float_zero_point: bool
+    granularity: str
+    rows: int
+    cols: int
+    channels: int
+    params_on_cols: bool
+
+
+def check_quant_range(quant_min: object, quant_max: object) -> None:
+    """quant_min and quant_max: ints, quant_min <= quant_max, within +-2**24."""
+    for name, v in (("quant_min", quant_min), ("quant_max", quant_max)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if abs(v) > QUANT_LIMIT:
+            raise ValueError(
+                f"{name}={v} is outside +-2**24: quantized values are computed in float32, "
+                "exact only up to 2**24"
+            )
+    if quant_min > quant_max:  # type: ignore[operator]
+        raise ValueError(
+            f"quant_min must be less than or equal to quant_max, got {quant_min} > {quant_max}"
+        )
+
+
+def check_float_tensor(x: object, name: str = "x") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    return x
+
+
+def _as_scale(scale: object, device: torch.device, numel: int | None, shape_msg: str) -> Tensor:
+    if isinstance(scale, Tensor):
+        if scale.dtype != torch.float32:
+            raise TypeError(f"scale must be a float32 tensor, got {scale.dtype}")
+        if scale.device != device:
+            raise ValueError(f"scale is on {scale.device} but the input is on {device}")
+        if numel is not None and scale.numel() != numel:
+            raise ValueError(f"scale must have {shape_msg}, got shape {tuple(scale.shape)}")
+        return scale.reshape(-1).contiguous()
+    if isinstance(scale, bool) or not isinstance(scale, (float, int)):
+        raise TypeError(
+            f"scale must be a Python float or a float32 tensor, got {type(scale).__name__}"
+        )
+    if numel not in (None, 1):
+        raise ValueError(f"scale must be a tensor with {shape_msg}, got a Python number")
+    return torch.tensor([float(scale)], dtype=torch.float32, device=device)
+
+
+def _as_zero_point(
+    zp: object, device: torch.device, numel: int, shape_msg: str, allow_float: bool
+) -> tuple[Tensor, bool]:
+    if isinstance(zp, Tensor):
+        if zp.device != device:
+            raise ValueError(f"zero_point is on {zp.device} but the input is on {device}")
+        if zp.numel() != numel:
+            raise ValueError(f"zero_point must have {shape_msg}, got shape {tuple(zp.shape)}")
+        if zp.dtype in (torch.int32, torch.int64):
+            return zp.reshape(-1).to(torch.int32).contiguous(), False
+        if zp.dtype in FLOAT_DTYPES:
+            if not allow_float:
+                raise TypeError("a float zero_point is supported per channel and per group only")
+            return zp.reshape(-1).to(torch.float32).contiguous(), True
+        raise TypeError(f"zero_point must be an int32 or float tensor, got {zp.dtype}")
+    if isinstance(zp, bool) or not isinstance(zp, int):
+        raise TypeError(f"zero_point must be an int or an int32 tensor, got {type(zp).__name__}")
+    if numel != 1:
+        raise ValueError(f"zero_point must be a tensor with {shape_msg}, got a Python int")
+    return torch.tensor([zp], dtype=torch.int32, device=device), False
+
+
+def _check_zero_point_range(zp: Tensor, quant_min: int, quant_max: int) -> None:
+    if zp.numel() == 0:
+        return
+    lo, hi = torch.aminmax(zp)
+    # One small host sync; torch's own per-channel op does the same check.
+    if not (quant_min <= lo.item() and hi.item() <= quant_max):
+        raise ValueError(
+            f"zero_point must be between quant_min and quant_max ({quant_min}, {quant_max}), "
+            f"got values in [{lo.item()}, {hi.item()}]"
+        )
+
+
+def normalize(x: Tensor, qp: QParams, *, check_zero_point: bool = True) -> NormQParams:
+    """Check `qp` against `x` and return the kernels' normalized form."""
+    check_float_tensor(x, "x")
+    device = x.device
+    shape = tuple(x.shape)
+    numel = x.numel()
+    gran = qp.granularity
+    if gran == "per_tensor":
+        scale = _as_scale(qp.scale, device, 1, "one element")
+        zp, float_zp = _as_zero_point(qp.zero_point, device, 1, "one element", False)
+        rows, cols, channels, on_cols = 1, numel, 1, False
+    elif gran == "per_channel":
+        if x.dim() == 0:
+            raise ValueError("per-channel fake quant needs an input with at least one dim")
+        axis = qp.axis
+        assert axis is not None
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"axis {axis} is out of range for an input with {x.dim()} dims")
+        axis %= x.dim()
+        channels = shape[axis]
+        msg = f"shape ({channels},) (x.shape[{axis}])"
+        if isinstance(qp.scale, Tensor) and qp.scale.dim() != 1:
+            raise ValueError(f"scale must have {msg}, got shape {tuple(qp.scale.shape)}")
+        scale = _as_scale(qp.scale, device, channels, msg)
+        zp, float_zp = _as_zero_point(qp.zero_point, device, channels, msg, True)
+        inner = math.prod(shape[axis + 1 :])
+        if inner == 1:
+            # Channels along the last dim: parameters indexed by column.
+            rows, cols, on_cols = math.prod(shape[:axis]), channels, True
+        else:
+            rows, cols, on_cols = math.prod(shape[: axis + 1]), inner, False
+    else:
+        g = qp.group_size
+        assert g is not None
+        if x.dim() == 0:
+            raise ValueError("per-group fake quant needs an input with at least one dim")
+        k = shape[-1]
+        if k % g != 0:
+            raise ValueError(f"group_size {g} does not divide the last dim of the input ({k})")
+        expected = (*shape[:-1], k // g)
+        msg = f"shape {expected} (x.shape[:-1] + (x.shape[-1] // group_size,))"
+        for name, t in (("scale", qp.scale), ("zero_point", qp.zero_point)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"per-group {name} must be a tensor of {msg}")
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name} must have {msg}, got shape {tuple(t.shape)}")
+        channels = numel // g if g else 0
+        scale = _as_scale(qp.scale, device, channels, msg)
+        zp, float_zp = _as_zero_point(qp.zero_point, device, channels, msg, True)
+        rows, cols, on_cols = channels, g, False
+    if check_zero_point:
+        _check_zero_point_range(zp, qp.quant_min, qp.quant_max)
+    return NormQParams(
+        scale=scale,
+        zero_point=zp,
+        quant_min=qp.quant_min,
+        quant_max=qp.quant_max,
+        float_zero_point=float_zp,
+        granularity=gran,
+        rows=rows,
+        cols=cols,
+        channels=channels,
+        params_on_cols=on_cols,
+    )
