@@ -1,0 +1,34 @@
+"""Comparison helpers that say where and how many elements differ."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _bits(t: Tensor) -> Tensor:
+    view_dtype = {4: torch.int32, 2: torch.int16, 1: torch.int8, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(view_dtype)
+
+
+def assert_bitwise_equal(actual: Tensor, expected: Tensor, what: str = "") -> None:
+    """Equal bit for bit (signed zeros included); any NaN matches any NaN at the same place."""
+    assert actual.shape == expected.shape, f"{what} shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what} dtype {actual.dtype} != {expected.dtype}"
+    a = actual.detach().cpu()
+    e = expected.detach().cpu()
+    if a.dtype == torch.bool or not a.is_floating_point():
+        diff = a != e
+    else:
+        a_nan, e_nan = torch.isnan(a), torch.isnan(e)
+        diff = (a_nan != e_nan) | (~a_nan & ~e_nan & (_bits(a) != _bits(e)))
+    n = int(diff.sum())
+    if n:
+        idx = diff.nonzero()[:8].tolist()
+        rows = [
+            f"  at {tuple(i)}: got {a[tuple(i)].item()!r}, expected {e[tuple(i)].item()!r}"
+            for i in idx
+        ]
+        raise AssertionError(
+            f"{what}: {n} of {diff.numel()} elements differ bitwise\n" + "\n".join(rows)
+        )
