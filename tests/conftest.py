@@ -20,7 +20,12 @@ except ImportError:
     settings = None
 
 if settings is not None:
-    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    # The device fixture is a constant, so reusing it across examples is safe.
+    _quiet = [
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ]
     # CI: a fixed, reproducible budget. gpu: a longer random run on compiled kernels.
     settings.register_profile(
         "ci", max_examples=40, deadline=None, derandomize=True, suppress_health_check=_quiet

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton_qat.kernels.rounding import cast_rne, round_half_even
+from triton_qat.kernels.rounding import cast_rne, round_half_even, to_fp32
 from triton_qat.qparams import NormQParams
 
 _TILE_ELEMENTS = 4096
@@ -106,7 +106,7 @@ def fake_quant_fwd_kernel(
     inv = _load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
     scale = _load_param(scale_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
     zp = _load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     y, _ = fake_quant_values(x, inv, scale, zp, qmin, qmax, FLOAT_ZP)
     tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
 
@@ -132,8 +132,8 @@ def fake_quant_bwd_kernel(
     offs, mask, pidx, p_ok = _tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
     inv = _load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
     zp = _load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    dy = to_fp32(tl.load(dy_ptr + offs, mask=mask, other=0.0))
     qf = quantize_unclamped(x, inv, zp, FLOAT_ZP)
     keep = (qf >= qmin) & (qf <= qmax)
     # dy * mask rather than a select, as torch: NaN or inf gradients stay NaN where clamped.

@@ -9,7 +9,8 @@ import triton.language as tl
 
 from triton_qat.kernels import COMPILED_AS_INTERPRETED
 
-# The interpreter truncates fp32 -> bf16 casts (compiled kernels round to nearest even).
+# The interpreter truncates fp32 -> bf16 casts and garbles bf16 subnormals on the way up;
+# compiled kernels do both exactly. Under the interpreter the helpers below use bit casts.
 INTERPRETED: tl.constexpr = tl.constexpr(COMPILED_AS_INTERPRETED)
 
 # fp32 values at or above this magnitude are integers already.
@@ -48,3 +49,13 @@ def cast_rne(y, dtype: tl.constexpr):
         return _fp32_to_bf16_rne(y)
     else:
         return y.to(dtype)
+
+
+@triton.jit
+def to_fp32(x):
+    """Exact widening to fp32 (bf16 subnormals included), compiled or interpreted."""
+    if INTERPRETED and x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)

@@ -1,0 +1,98 @@
+"""The kernels' round-half-even helper and fp32 -> half casts, against torch, bit for bit."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from tests._compare import assert_bitwise_equal
+from triton_qat.kernels.rounding import cast_rne, round_half_even, to_fp32
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, round_half_even(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    y = cast_rne(tl.load(x_ptr + offs, mask=m), y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, y, mask=m)
+
+
+@triton.jit
+def _widen_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, to_fp32(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+def _run(kernel, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    block = 1024
+    kernel[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block)
+    return y
+
+
+def _interesting_fp32(device) -> torch.Tensor:
+    ties = torch.tensor([0.5, 1.5, 2.5, 3.5, 126.5, 127.5, 1e6 + 0.5, 4194303.5, 8388607.5])
+    ties = torch.cat([ties, -ties])
+    inf = torch.full_like(ties, float("inf"))
+    neighbours = torch.cat([torch.nextafter(ties, inf), torch.nextafter(ties, -inf)])
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            0.49999997,
+            -0.49999997,
+            1e-45,
+            -1e-45,
+            1.1754942e-38,
+            0.3,
+            -0.3,
+            0.7,
+            -0.7,
+            8388608.0,
+            8388609.0,
+            16777217.0,
+            1e30,
+            -1e30,
+            3.4028235e38,
+            -3.4028235e38,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+        ]
+    )
+    bits = torch.randint(-(2**31), 2**31 - 1, (4096,), generator=torch.Generator().manual_seed(0))
+    random_bits = bits.to(torch.int32).view(torch.float32)
+    moderate = torch.randn(4096, generator=torch.Generator().manual_seed(1)) * 300
+    halves = torch.arange(-2000, 2000, dtype=torch.float32) / 2  # every .5 tie near zero
+    return torch.cat([ties, neighbours, special, random_bits, moderate, halves]).to(device)
+
+
+def test_round_half_even_matches_torch_round(device):
+    x = _interesting_fp32(device)
+    assert_bitwise_equal(_run(_round_kernel, x, torch.float32), torch.round(x), "round_half_even")
+
+
+def test_floor_plus_half_would_fail_here():
+    # Guards the test data: the naive rounding is wrong on these, so the test above can fail.
+    x = torch.tensor([0.49999997, 2.5, -1.5])
+    assert not torch.equal(torch.floor(x + 0.5), torch.round(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cast_rne_matches_torch(device, dtype):
+    x = _interesting_fp32(device)
+    assert_bitwise_equal(_run(_cast_kernel, x, dtype), x.to(dtype), f"cast to {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_to_fp32_is_exact(device, dtype):
+    x = _interesting_fp32(device).to(dtype)  # includes subnormals of every dtype
+    assert_bitwise_equal(_run(_widen_kernel, x, torch.float32), x.float(), f"{dtype} -> fp32")
