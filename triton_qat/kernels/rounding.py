@@ -1,4 +1,4 @@
-"""Round half to even, exact for every fp32 value, in plain `tl` (no libdevice).
+"""Round half to even, exact for every fp32 value, in plain `tl` (no libdevice), and exact casts.
 
 libdevice's rint is unavailable under the interpreter, and floor(v + 0.5) is wrong at ties
 and at 0.49999997 (v + 0.5 rounds up to 1.0 in fp32).
@@ -19,16 +19,15 @@ TWO_POW_23: tl.constexpr = tl.constexpr(8388608.0)
 
 @triton.jit
 def round_half_even(v):
-    """torch.round of an fp32 tensor, bit for bit (signed zeros, NaN and +-inf kept)."""
+    """torch.round of an fp32 tensor, bit for bit (signed zeros, NaN and +-inf kept).
+
+    For 0 <= a < 2**23, a + 2**23 lies where fp32 steps by exactly 1, so the addition itself
+    rounds a half to even; subtracting 2**23 again is exact. Four ALU ops, no libdevice.
+    """
     a = tl.abs(v)
     small = a < TWO_POW_23  # False for NaN and inf, which pass through unchanged
-    a_s = tl.where(small, a, 0.0)
-    r = tl.floor(a_s)
-    frac = a_s - r  # exact: a_s < 2**23, so a_s - floor(a_s) is representable
-    r_is_odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    up = (frac > 0.5) | ((frac == 0.5) & r_is_odd)
-    rounded = tl.where(up, r + 1.0, r)
-    signed = tl.where(v < 0.0, -rounded, rounded)
+    r = (a + TWO_POW_23) - TWO_POW_23
+    signed = tl.where(v < 0.0, -r, r)
     # Large, non-finite and zero inputs are returned as they are (keeps -0.0 and NaN).
     return tl.where(small & (a != 0.0), signed, v)
 
