@@ -10,6 +10,7 @@ from triton_qat.ops import (
     fake_quantize_per_channel,
     fake_quantize_per_group,
     fake_quantize_per_tensor,
+    fq_linear,
 )
 from triton_qat.qparams import QParams
 
@@ -21,6 +22,7 @@ __all__ = [
     "fake_quantize_per_channel",
     "fake_quantize_per_group",
     "fake_quantize_per_tensor",
+    "fq_linear",
     "get_backend",
     "set_backend",
     "use_backend",

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from triton_qat import reference
 from triton_qat._backend import use_triton
-from triton_qat.qparams import NormQParams, QParams, check_float_tensor, normalize
+from triton_qat.qparams import LinearQuant, NormQParams, QParams, check_float_tensor, normalize
 
 
 def _forward(x: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
@@ -84,3 +84,261 @@ def fake_quantize_per_group(
     scale and zero_point have shape (*x.shape[:-1], x.shape[-1] // group_size).
     """
     return fake_quantize(x, QParams(scale, zero_point, quant_min, quant_max, group_size=group_size))
+
+
+# --- fused fake-quant linear ------------------------------------------------------------------
+#
+# Registered as torch.library custom ops so torch.compile treats them as opaque calls (no
+# graph break) and autograd saves exactly what F.linear saves (input, weight) plus qparams.
+
+
+def _linear_quant(
+    w_scale: Tensor,
+    w_inv: Tensor,
+    w_zp: Tensor,
+    w_qmin: int,
+    w_qmax: int,
+    group_size: int,
+    x_scale: Tensor | None,
+    x_inv: Tensor | None,
+    x_zp: Tensor | None,
+    x_qmin: int,
+    x_qmax: int,
+) -> LinearQuant:
+    return LinearQuant(
+        w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size, x_scale, x_inv, x_zp, x_qmin, x_qmax
+    )
+
+
+@torch.library.custom_op("triton_qat::fq_linear", mutates_args=())
+def _fq_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    w_scale: Tensor,
+    w_inv: Tensor,
+    w_zp: Tensor,
+    w_qmin: int,
+    w_qmax: int,
+    group_size: int,
+    x_scale: Tensor | None,
+    x_inv: Tensor | None,
+    x_zp: Tensor | None,
+    x_qmin: int,
+    x_qmax: int,
+) -> Tensor:
+    lq = _linear_quant(
+        w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size, x_scale, x_inv, x_zp, x_qmin, x_qmax
+    )
+    if use_triton(x.device):
+        from triton_qat.kernels.fq_matmul import fq_linear_forward
+
+        return fq_linear_forward(x, weight, bias, lq)
+    return reference.fq_linear_ref(x, weight, bias, lq)
+
+
+@_fq_linear_op.register_fake
+def _(x, weight, bias, *args):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("triton_qat::fq_linear_backward", mutates_args=())
+def _fq_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    w_scale: Tensor,
+    w_inv: Tensor,
+    w_zp: Tensor,
+    w_qmin: int,
+    w_qmax: int,
+    group_size: int,
+    x_scale: Tensor | None,
+    x_inv: Tensor | None,
+    x_zp: Tensor | None,
+    x_qmin: int,
+    x_qmax: int,
+    need_dx: bool,
+    need_dw: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dx, dw); an unneeded gradient comes back as an empty tensor."""
+    lq = _linear_quant(
+        w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size, x_scale, x_inv, x_zp, x_qmin, x_qmax
+    )
+    grad_y = grad_y.to(x.dtype)
+    if use_triton(x.device):
+        from triton_qat.kernels.fq_matmul import fq_linear_grad_input, fq_linear_grad_weight
+
+        dx = fq_linear_grad_input(grad_y, x, weight, lq) if need_dx else None
+        dw = fq_linear_grad_weight(grad_y, x, weight, lq) if need_dw else None
+    else:
+        dx, dw = reference.fq_linear_backward_ref(grad_y, x, weight, lq, need_dx, need_dw)
+    return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
+
+
+@_fq_linear_backward_op.register_fake
+def _(grad_y, x, weight, *args):
+    need_dx, need_dw = args[-2], args[-1]
+    return (
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        torch.empty_like(weight) if need_dw else weight.new_empty(0),
+    )
+
+
+def _fq_linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size = inputs[:9]
+    x_scale, x_inv, x_zp, x_qmin, x_qmax = inputs[9:]
+    ctx.save_for_backward(x, weight, w_scale, w_inv, w_zp, x_scale, x_inv, x_zp)
+    ctx.ranges = (w_qmin, w_qmax, group_size, x_qmin, x_qmax)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _fq_linear_backward(ctx, grad_y):
+    x, weight, w_scale, w_inv, w_zp, x_scale, x_inv, x_zp = ctx.saved_tensors
+    w_qmin, w_qmax, group_size, x_qmin, x_qmax = ctx.ranges
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx = dw = db = None
+    if need_dx or need_dw:
+        dx, dw = torch.ops.triton_qat.fq_linear_backward(
+            grad_y,
+            x,
+            weight,
+            w_scale,
+            w_inv,
+            w_zp,
+            w_qmin,
+            w_qmax,
+            group_size,
+            x_scale,
+            x_inv,
+            x_zp,
+            x_qmin,
+            x_qmax,
+            need_dx,
+            need_dw,
+        )
+    if need_db:
+        db = grad_y.sum(0).to(ctx.bias_dtype)
+    return (dx if need_dx else None, dw if need_dw else None, db) + (None,) * 11
+
+
+_fq_linear_op.register_autograd(_fq_linear_backward, setup_context=_fq_linear_setup_context)
+
+
+def _check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    check_float_tensor(x, "input")
+    check_float_tensor(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}"
+        )
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input's last dim must equal weight.shape[1] ({weight.shape[1]}), "
+            f"got input of shape {tuple(x.shape)}"
+        )
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {x.device}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"weight dtype {weight.dtype} must equal the input's ({x.dtype}) or be float32 "
+            "(master weights; fake-quantized then cast to the input dtype)"
+        )
+    if bias is not None:
+        check_float_tensor(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but input is on {x.device}")
+        if bias.dtype not in (x.dtype, weight.dtype):
+            raise TypeError(f"bias dtype {bias.dtype} must equal the input's or the weight's")
+
+
+def fq_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    weight_qparams: QParams,
+    input_qparams: QParams | None = None,
+) -> Tensor:
+    """F.linear(fq(input, input_qparams), fq(weight, weight_qparams), bias), fused.
+
+    input (..., K); weight (N, K), fp32 master weights allowed under a half-precision input
+    (fake-quantized in fp32, then cast to the input dtype, as torch.ao QAT under autocast).
+    weight_qparams: per tensor, per channel along axis 0 (output features), or per group along
+    K. input_qparams: None or per tensor. Under autocast the input and bias are cast to the
+    autocast dtype first. Differentiable: straight-through masks, recomputed in backward.
+    """
+    _check_linear_args(input, weight, bias)
+    if torch.is_autocast_enabled(input.device.type):
+        ac_dtype = torch.get_autocast_dtype(input.device.type)
+        input = input.to(ac_dtype)
+        if bias is not None:
+            bias = bias.to(ac_dtype)
+        if weight.dtype not in (ac_dtype, torch.float32):
+            weight = weight.to(ac_dtype)
+    lq = linear_quant(input, weight, weight_qparams, input_qparams)
+    x2d = input.reshape(-1, weight.shape[1])
+    y = torch.ops.triton_qat.fq_linear(x2d, weight, bias, *_op_args(lq))
+    return y.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def _op_args(lq: LinearQuant) -> tuple:
+    return (
+        lq.w_scale,
+        lq.w_inv,
+        lq.w_zp,
+        lq.w_qmin,
+        lq.w_qmax,
+        lq.group_size,
+        lq.x_scale,
+        lq.x_inv,
+        lq.x_zp,
+        lq.x_qmin,
+        lq.x_qmax,
+    )
+
+
+def linear_quant(
+    x: Tensor, weight: Tensor, weight_qparams: QParams, input_qparams: QParams | None
+) -> LinearQuant:
+    """Check the qparams of a fused linear and put them in the kernels' form."""
+    if not isinstance(weight_qparams, QParams):
+        raise TypeError(
+            f"weight_qparams must be a triton_qat.QParams, got {type(weight_qparams).__name__}"
+        )
+    if weight_qparams.granularity == "per_channel" and weight_qparams.axis not in (0, -2):
+        raise ValueError(
+            "weight_qparams per channel must use axis 0 (output features), "
+            f"got axis {weight_qparams.axis}"
+        )
+    # Data-dependent checks (zero point range) would break a torch.compile graph.
+    check_zp = not torch.compiler.is_compiling()
+    wn = normalize(weight, weight_qparams, check_zero_point=check_zp)
+    x_args: tuple = (None, None, None, 0, 0)
+    if input_qparams is not None:
+        if not isinstance(input_qparams, QParams):
+            raise TypeError(
+                f"input_qparams must be a triton_qat.QParams or None, got "
+                f"{type(input_qparams).__name__}"
+            )
+        if input_qparams.granularity != "per_tensor":
+            raise ValueError(f"input_qparams must be per tensor, got {input_qparams.granularity}")
+        xn = normalize(x, input_qparams, check_zero_point=check_zp)
+        x_args = (
+            xn.scale,
+            reference.reciprocal(xn.scale),
+            xn.zero_point,
+            xn.quant_min,
+            xn.quant_max,
+        )
+    return LinearQuant(
+        wn.scale,
+        reference.reciprocal(wn.scale),
+        wn.zero_point,
+        wn.quant_min,
+        wn.quant_max,
+        weight_qparams.group_size or 0,
+        *x_args,
+    )

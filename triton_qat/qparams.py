@@ -151,7 +151,7 @@ def _check_zero_point_range(zp: Tensor, quant_min: int, quant_max: int) -> None:
         return
     lo, hi = torch.aminmax(zp)
     # One small host sync; torch's own per-channel op does the same check.
-    if not (quant_min <= lo.item() and hi.item() <= quant_max):
+    if not bool(((lo >= quant_min) & (hi <= quant_max)).item()):
         raise ValueError(
             f"zero_point must be between quant_min and quant_max ({quant_min}, {quant_max}), "
             f"got values in [{lo.item()}, {hi.item()}]"
@@ -222,3 +222,88 @@ def normalize(x: Tensor, qp: QParams, *, check_zero_point: bool = True) -> NormQ
         channels=channels,
         params_on_cols=on_cols,
     )
+
+
+PER_TENSOR, PER_CHANNEL, PER_GROUP = 0, 1, 2
+
+
+class LinearQuant(NamedTuple):
+    """Checked qparams of one fused linear call, as the kernels and the reference take them.
+
+    Weight (N, K): w_scale / w_inv / w_zp of shape (1,), (N,) or (N * K // group_size,),
+    contiguous fp32 (zp int32, or fp32 for a float zero point). Input: per tensor, x_* of
+    shape (1,), or None when the input is not fake-quantized.
+    """
+
+    w_scale: Tensor
+    w_inv: Tensor
+    w_zp: Tensor
+    w_qmin: int
+    w_qmax: int
+    group_size: int  # 0 unless per group
+    x_scale: Tensor | None = None
+    x_inv: Tensor | None = None
+    x_zp: Tensor | None = None
+    x_qmin: int = 0
+    x_qmax: int = 0
+
+    @property
+    def w_gran(self) -> int:
+        if self.group_size > 0:
+            return PER_GROUP
+        return PER_TENSOR if self.w_scale.numel() == 1 else PER_CHANNEL
+
+    @property
+    def w_float_zp(self) -> bool:
+        return self.w_zp.is_floating_point()
+
+    @property
+    def x_fq(self) -> bool:
+        return self.x_scale is not None
+
+    def x_tensors(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(inv, scale, zp) of the input, or placeholders the kernels never read."""
+        if self.x_scale is not None:
+            return self.x_inv, self.x_scale, self.x_zp  # type: ignore[return-value]
+        dummy = like.new_empty(1, dtype=torch.float32)
+        return dummy, dummy, dummy
+
+    def weight_norm(self, weight: Tensor) -> NormQParams:
+        """The weight's NormQParams (for the reference path)."""
+        n, k = weight.shape
+        gran = self.w_gran
+        if gran == PER_TENSOR:
+            rows, cols, channels, name = 1, n * k, 1, "per_tensor"
+        elif gran == PER_CHANNEL:
+            rows, cols, channels, name = n, k, n, "per_channel"
+        else:
+            g = self.group_size
+            rows, cols, channels, name = n * k // g, g, n * k // g, "per_group"
+        return NormQParams(
+            self.w_scale,
+            self.w_zp,
+            self.w_qmin,
+            self.w_qmax,
+            self.w_float_zp,
+            name,
+            rows,
+            cols,
+            channels,
+            False,
+        )
+
+    def input_norm(self, x: Tensor) -> NormQParams:
+        """The input's per-tensor NormQParams (for the reference path)."""
+        assert self.x_scale is not None and self.x_zp is not None
+        return NormQParams(
+            self.x_scale,
+            self.x_zp,
+            self.x_qmin,
+            self.x_qmax,
+            False,
+            "per_tensor",
+            1,
+            x.numel(),
+            1,
+            False,
+        )

@@ -13,12 +13,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from triton_qat.qparams import NormQParams
+from triton_qat.qparams import LinearQuant, NormQParams
 
 
 def reciprocal(scale: Tensor) -> Tensor:
     """fp32 1 / scale, the multiplier torch uses (x * (1/scale), never x / scale)."""
     return torch.reciprocal(scale.to(torch.float32))
+
+
+def fma_fp32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """fp32 a * b + c with a single rounding, exactly (as a hardware FMA).
+
+    The product is exact in float64; the float64 sum may round, and when that rounding lands
+    exactly halfway between two fp32 values, the sum's exact error (TwoSum) decides the side.
+    """
+    p = a.double() * b.double()
+    cd = c.double()
+    s = p + cd
+    t = s - cd
+    err = (p - t) + (cd - (s - t))
+    f = s.float()
+    above = s > f.double()
+    other = torch.where(
+        above,
+        torch.nextafter(f, f.new_tensor(float("inf"))),
+        torch.nextafter(f, f.new_tensor(float("-inf"))),
+    )
+    halfway = s == (f.double() + other.double()) * 0.5
+    # Halfway in float64 only: the exact sum lies on the side of err.
+    take_other = halfway & (err != 0) & ((err > 0) == above)
+    return torch.where(take_other, other, f)
 
 
 def quantize_unclamped(
@@ -27,11 +51,15 @@ def quantize_unclamped(
     """Integer-valued fp32 q before clamping.
 
     Integer zero point: q = rne(x * inv) + zp, added after rounding.
-    Float zero point (per channel / group): q = rne(zp + x * inv), added before rounding.
+    Float zero point (per channel / group): q = rne(fma(x, inv, zp)), added before rounding
+    in one fused multiply-add, as torch's vectorized CPU kernel (AVX2 / AVX-512 builds) and
+    its CUDA kernel compute it; `+ 0.0` turns -0.0 into +0.0 as torch's integer q does.
     """
     zp = zero_point.to(torch.float32)
-    v = xf * inv_scale
-    return torch.round(v + zp) if float_zero_point else torch.round(v) + zp
+    if float_zero_point:
+        xb, ib, zb = torch.broadcast_tensors(xf, inv_scale, zp)
+        return torch.round(fma_fp32(xb, ib, zb)) + 0.0
+    return torch.round(xf * inv_scale) + zp
 
 
 def straight_through_mask(qf: Tensor, quant_min: int, quant_max: int) -> Tensor:
@@ -112,3 +140,28 @@ def fake_quantize_backward_ref(
 ) -> Tensor:
     """Straight-through gradient: grad_y * mask, in grad_y's dtype (as torch: NaN * 0 is NaN)."""
     return grad_y * fake_quantize_mask_ref(x, nq, inv_scale)
+
+
+def fq_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, lq: LinearQuant) -> Tensor:
+    """F.linear(fq_x(x), fq_w(weight).to(x.dtype), bias): x (M, K), weight (N, K)."""
+    xq = fake_quantize_ref(x, lq.input_norm(x)) if lq.x_fq else x
+    wq = fake_quantize_ref(weight, lq.weight_norm(weight)).to(x.dtype)
+    return torch.nn.functional.linear(xq, wq, None if bias is None else bias.to(x.dtype))
+
+
+def fq_linear_backward_ref(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lq: LinearQuant, need_dx: bool, need_dw: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Straight-through gradients of fq_linear_ref, as autograd of the eager composition:
+    dx = (dy @ fq_w(w)) * mask_x(x); dw = (dy^T @ fq_x(x)).to(w.dtype) * mask_w(w)."""
+    dx = dw = None
+    if need_dx:
+        wq = fake_quantize_ref(weight, lq.weight_norm(weight)).to(x.dtype)
+        dx = grad_y @ wq
+        if lq.x_fq:
+            dx = dx * fake_quantize_mask_ref(x, lq.input_norm(x), lq.x_inv)
+    if need_dw:
+        xq = fake_quantize_ref(x, lq.input_norm(x)) if lq.x_fq else x
+        mask_w = fake_quantize_mask_ref(weight, lq.weight_norm(weight), lq.w_inv)
+        dw = (grad_y.t() @ xq).to(weight.dtype) * mask_w
+    return dx, dw

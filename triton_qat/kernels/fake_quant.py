@@ -23,11 +23,11 @@ _MAX_BLOCK_COLS = 2048
 @triton.jit
 def quantize_unclamped(xf, inv_scale, zp, FLOAT_ZP: tl.constexpr):
     """Integer-valued fp32 q before clamping, as triton_qat.reference.quantize_unclamped."""
-    v = xf * inv_scale
     if FLOAT_ZP:
-        qf = round_half_even(v + zp)
+        # One fused multiply-add, as torch; + 0.0 turns -0.0 into +0.0.
+        qf = round_half_even(tl.fma(xf, inv_scale, zp)) + 0.0
     else:
-        qf = round_half_even(v) + zp
+        qf = round_half_even(xf * inv_scale) + zp
     return qf
 
 
@@ -162,7 +162,7 @@ def _launch(kernel, tensors: tuple[Tensor, ...], nq: NormQParams) -> None:
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=8 if block_r * block_c >= 4096 else 4,
-        # Keep x * inv + zp as two roundings (float zero point), as torch computes it.
+        # No FMA contraction beyond the explicit tl.fma: bit-exactness with the reference.
         enable_fp_fusion=False,
     )
 

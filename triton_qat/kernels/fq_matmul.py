@@ -1,0 +1,443 @@
+"""Fused fake-quant linear: forward, dX and dW GEMMs that fake-quantize operand tiles in
+registers as they are loaded. No fake-quantized copy or mask is ever written to memory.
+
+    forward: y  = fq_x(x) @ fq_w(w)^T + b          x (M, K), w (N, K), y (M, N)
+    dX:      dx = (dy @ fq_w(w)) * mask_x(x)        dy (M, N)
+    dW:      dw = (dy^T @ fq_x(x)) * mask_w(w)
+
+Weight qparams: W_GRAN 0 per tensor, 1 per output channel (row of w), 2 per group of
+`group_size` along K. Input qparams: per tensor (X_FQ) or none. Fake-quantized tiles are
+cast to the input dtype before tl.dot; products accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from triton_qat.kernels.configs import autotune
+from triton_qat.kernels.fake_quant import fake_quant_values, quantize_unclamped
+from triton_qat.kernels.rounding import cast_rne, to_fp32
+from triton_qat.qparams import LinearQuant
+
+
+@triton.jit
+def _grouped_pid(
+    pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr
+):
+    """Program id -> (tile row, tile col), GROUP_M tile rows at a time for L2 reuse."""
+    num_pid_m = tl.cdiv(n_rows, BLOCK_M)
+    num_pid_n = tl.cdiv(n_cols, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _weight_params(
+    inv_ptr, scale_ptr, zp_ptr, rn, k, n_ok, k_ok, K, group_size, W_GRAN: tl.constexpr
+):
+    """(inv, scale, zp) of the weight tile at rows rn (BN,) and cols k (BK,), broadcastable
+    to (BN, BK)."""
+    if W_GRAN == 0:
+        inv = tl.load(inv_ptr)
+        scale = tl.load(scale_ptr)
+        zp = tl.load(zp_ptr).to(tl.float32)
+    elif W_GRAN == 1:
+        inv = tl.load(inv_ptr + rn, mask=n_ok, other=1.0)[:, None]
+        scale = tl.load(scale_ptr + rn, mask=n_ok, other=1.0)[:, None]
+        zp = tl.load(zp_ptr + rn, mask=n_ok, other=0).to(tl.float32)[:, None]
+    else:
+        n_groups = K // group_size
+        idx = rn[:, None] * n_groups + (k // group_size)[None, :]
+        ok = n_ok[:, None] & k_ok[None, :]
+        inv = tl.load(inv_ptr + idx, mask=ok, other=1.0)
+        scale = tl.load(scale_ptr + idx, mask=ok, other=1.0)
+        zp = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
+    return inv, scale, zp
+
+
+@triton.jit
+def _input_params(inv_ptr, scale_ptr, zp_ptr):
+    return tl.load(inv_ptr), tl.load(scale_ptr), tl.load(zp_ptr).to(tl.float32)
+
+
+@autotune(rows="M", cols="N", loop="K", operands=("x_ptr", "w_ptr"), extra_key=("W_GRAN", "X_FQ"))
+@triton.jit
+def fq_linear_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    w_inv_ptr,
+    w_scale_ptr,
+    w_zp_ptr,
+    x_inv_ptr,
+    x_scale_ptr,
+    x_zp_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    w_qmin,
+    w_qmax,
+    x_qmin,
+    x_qmax,
+    W_GRAN: tl.constexpr,
+    W_FLOAT_ZP: tl.constexpr,
+    X_FQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    dtype = y_ptr.dtype.element_ty
+    if X_FQ:
+        x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
+        k_ok = k < K
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if X_FQ:
+            xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
+            x = cast_rne(tl.where(k_ok[None, :], xq, 0.0), dtype)
+        w = tl.load(
+            w_ptr + rn[:, None] * stride_wn + k[None, :] * stride_wk,
+            mask=n_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w_inv, w_scale, w_zp = _weight_params(
+            w_inv_ptr, w_scale_ptr, w_zp_ptr, rn, k, n_ok, k_ok, K, group_size, W_GRAN
+        )
+        wq, _ = fake_quant_values(to_fp32(w), w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP)
+        wq = cast_rne(tl.where(k_ok[None, :], wq, 0.0), dtype)
+        acc = tl.dot(x, tl.trans(wq), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += to_fp32(tl.load(b_ptr + rn, mask=n_ok, other=0.0))[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+        cast_rne(acc, dtype),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@autotune(rows="M", cols="K", loop="N", operands=("dy_ptr", "w_ptr"), extra_key=("W_GRAN", "X_FQ"))
+@triton.jit
+def fq_linear_dx_kernel(
+    dy_ptr,
+    w_ptr,
+    x_ptr,
+    dx_ptr,
+    w_inv_ptr,
+    w_scale_ptr,
+    w_zp_ptr,
+    x_inv_ptr,
+    x_zp_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_dym,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_xm,
+    stride_xk,
+    stride_dxm,
+    stride_dxk,
+    w_qmin,
+    w_qmax,
+    x_qmin,
+    x_qmax,
+    W_GRAN: tl.constexpr,
+    W_FLOAT_ZP: tl.constexpr,
+    X_FQ: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Output tile (BLOCK_M rows of M, BLOCK_N cols of K); the loop runs over N in BLOCK_K.
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    k_ok = rk < K
+    dtype = dy_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, tl.cdiv(N, BLOCK_K)):
+        rn = tl.arange(0, BLOCK_K).to(tl.int64) + n0 * BLOCK_K
+        n_ok = rn < N
+        dy = tl.load(
+            dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+            mask=n_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w_inv, w_scale, w_zp = _weight_params(
+            w_inv_ptr, w_scale_ptr, w_zp_ptr, rn, rk, n_ok, k_ok, K, group_size, W_GRAN
+        )
+        wq, _ = fake_quant_values(to_fp32(w), w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP)
+        wq = cast_rne(tl.where(n_ok[:, None], wq, 0.0), dtype)
+        acc = tl.dot(dy, wq, acc, input_precision=INPUT_PRECISION)
+    out_ok = m_ok[:, None] & k_ok[None, :]
+    if X_FQ:
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=out_ok, other=0.0
+        )
+        qf = quantize_unclamped(
+            to_fp32(x), tl.load(x_inv_ptr), tl.load(x_zp_ptr).to(tl.float32), False
+        )
+        acc = acc * ((qf >= x_qmin) & (qf <= x_qmax)).to(tl.float32)
+    tl.store(
+        dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+        cast_rne(acc, dx_ptr.dtype.element_ty),
+        mask=out_ok,
+    )
+
+
+@autotune(rows="N", cols="K", loop="M", operands=("dy_ptr", "x_ptr"), extra_key=("W_GRAN", "X_FQ"))
+@triton.jit
+def fq_linear_dw_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    dw_ptr,
+    w_inv_ptr,
+    w_zp_ptr,
+    x_inv_ptr,
+    x_scale_ptr,
+    x_zp_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_dym,
+    stride_dyn,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_dwn,
+    stride_dwk,
+    w_qmin,
+    w_qmax,
+    x_qmin,
+    x_qmax,
+    W_GRAN: tl.constexpr,
+    W_FLOAT_ZP: tl.constexpr,
+    X_FQ: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Output tile (BLOCK_M rows of N, BLOCK_N cols of K); the loop runs over M in BLOCK_K.
+    pid_n, pid_k = _grouped_pid(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
+    rn = pid_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    k_ok = rk < K
+    dtype = dy_ptr.dtype.element_ty
+    if X_FQ:
+        x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, tl.cdiv(M, BLOCK_K)):
+        rm = tl.arange(0, BLOCK_K).to(tl.int64) + m0 * BLOCK_K
+        m_ok = rm < M
+        dy_t = tl.load(
+            dy_ptr + rn[:, None] * stride_dyn + rm[None, :] * stride_dym,
+            mask=n_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if X_FQ:
+            xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
+            x = cast_rne(tl.where(m_ok[:, None], xq, 0.0), dtype)
+        acc = tl.dot(dy_t, x, acc, input_precision=INPUT_PRECISION)
+    out_ok = n_ok[:, None] & k_ok[None, :]
+    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=out_ok, other=0.0)
+    w_inv, _, w_zp = _weight_params(
+        w_inv_ptr, w_inv_ptr, w_zp_ptr, rn, rk, n_ok, k_ok, K, group_size, W_GRAN
+    )
+    qf = quantize_unclamped(to_fp32(w), w_inv, w_zp, W_FLOAT_ZP)
+    acc = acc * ((qf >= w_qmin) & (qf <= w_qmax)).to(tl.float32)
+    tl.store(
+        dw_ptr + rn[:, None] * stride_dwn + rk[None, :] * stride_dwk,
+        cast_rne(acc, dw_ptr.dtype.element_ty),
+        mask=out_ok,
+    )
+
+
+def _grid(rows: int, cols: int):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+
+def _quant_ranges(lq: LinearQuant) -> tuple[float, float, float, float]:
+    return float(lq.w_qmin), float(lq.w_qmax), float(lq.x_qmin), float(lq.x_qmax)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tf32 for fp32 operands when torch allows TF32 matmuls, else exact "ieee"."""
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # the newer torch API
+    if precision is not None:
+        return "tf32" if precision == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
+
+
+def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant) -> Tensor:
+    """y (M, N) in x's dtype from x (M, K) and w (N, K); any strides."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    x_inv, x_scale, x_zp = lq.x_tensors(x)
+    fq_linear_fwd_kernel[_grid(m, n)](
+        x,
+        w,
+        bias if bias is not None else y,
+        y,
+        lq.w_inv,
+        lq.w_scale,
+        lq.w_zp,
+        x_inv,
+        x_scale,
+        x_zp,
+        m,
+        n,
+        k,
+        max(lq.group_size, 1),
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        y.stride(0),
+        y.stride(1),
+        *_quant_ranges(lq),
+        W_GRAN=lq.w_gran,
+        W_FLOAT_ZP=lq.w_float_zp,
+        X_FQ=lq.x_fq,
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=input_precision(x.dtype),
+    )
+    return y
+
+
+def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> Tensor:
+    """dx (M, K) = (dy @ fq_w(w)) * mask_x(x), in x's dtype."""
+    m, n = dy.shape
+    k = w.shape[1]
+    dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    if m == 0 or k == 0:
+        return dx
+    if n == 0:
+        return dx.zero_()
+    x_inv, _, x_zp = lq.x_tensors(x)
+    fq_linear_dx_kernel[_grid(m, k)](
+        dy,
+        w,
+        x,
+        dx,
+        lq.w_inv,
+        lq.w_scale,
+        lq.w_zp,
+        x_inv,
+        x_zp,
+        m,
+        n,
+        k,
+        max(lq.group_size, 1),
+        dy.stride(0),
+        dy.stride(1),
+        w.stride(0),
+        w.stride(1),
+        x.stride(0),
+        x.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+        *_quant_ranges(lq),
+        W_GRAN=lq.w_gran,
+        W_FLOAT_ZP=lq.w_float_zp,
+        X_FQ=lq.x_fq,
+        INPUT_PRECISION=input_precision(dy.dtype),
+    )
+    return dx
+
+
+def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> Tensor:
+    """dw (N, K) = (dy^T @ fq_x(x)) * mask_w(w), in w's dtype."""
+    m, n = dy.shape
+    k = w.shape[1]
+    dw = torch.empty((n, k), dtype=w.dtype, device=w.device)
+    if n == 0 or k == 0:
+        return dw
+    if m == 0:
+        return dw.zero_()
+    x_inv, x_scale, x_zp = lq.x_tensors(x)
+    fq_linear_dw_kernel[_grid(n, k)](
+        dy,
+        x,
+        w,
+        dw,
+        lq.w_inv,
+        lq.w_zp,
+        x_inv,
+        x_scale,
+        x_zp,
+        m,
+        n,
+        k,
+        max(lq.group_size, 1),
+        dy.stride(0),
+        dy.stride(1),
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        *_quant_ranges(lq),
+        W_GRAN=lq.w_gran,
+        W_FLOAT_ZP=lq.w_float_zp,
+        X_FQ=lq.x_fq,
+        INPUT_PRECISION=input_precision(dy.dtype),
+    )
+    return dw
