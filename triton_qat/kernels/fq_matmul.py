@@ -19,7 +19,7 @@ from torch import Tensor
 
 from triton_qat.kernels.configs import autotune
 from triton_qat.kernels.fake_quant import fake_quant_values, quantize_unclamped
-from triton_qat.kernels.rounding import cast_rne, to_fp32
+from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
 from triton_qat.qparams import LinearQuant
 
 
@@ -135,7 +135,9 @@ def fq_linear_fwd_kernel(
         )
         wq, _ = fake_quant_values(to_fp32(w), w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP)
         wq = cast_rne(tl.where(k_ok[None, :], wq, 0.0), dtype)
-        acc = tl.dot(x, tl.trans(wq), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            dot_operand(x), tl.trans(dot_operand(wq)), acc, input_precision=INPUT_PRECISION
+        )
     if HAS_BIAS:
         acc += to_fp32(tl.load(b_ptr + rn, mask=n_ok, other=0.0))[None, :]
     tl.store(
@@ -208,7 +210,7 @@ def fq_linear_dx_kernel(
         )
         wq, _ = fake_quant_values(to_fp32(w), w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP)
         wq = cast_rne(tl.where(n_ok[:, None], wq, 0.0), dtype)
-        acc = tl.dot(dy, wq, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(dot_operand(dy), dot_operand(wq), acc, input_precision=INPUT_PRECISION)
     out_ok = m_ok[:, None] & k_ok[None, :]
     if X_FQ:
         x = tl.load(
@@ -288,7 +290,7 @@ def fq_linear_dw_kernel(
         if X_FQ:
             xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
             x = cast_rne(tl.where(m_ok[:, None], xq, 0.0), dtype)
-        acc = tl.dot(dy_t, x, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(dot_operand(dy_t), dot_operand(x), acc, input_precision=INPUT_PRECISION)
     out_ok = n_ok[:, None] & k_ok[None, :]
     w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=out_ok, other=0.0)
     w_inv, _, w_zp = _weight_params(

@@ -58,3 +58,13 @@ def to_fp32(x):
         return bits.to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def dot_operand(t):
+    """A tl.dot operand as is, widened to fp32 under the interpreter for bf16 (whose dot
+    multiplies the raw bf16 bit patterns); products of bf16 values are exact in fp32."""
+    if INTERPRETED and t.dtype == tl.bfloat16:
+        return to_fp32(t)
+    else:
+        return t
