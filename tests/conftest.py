@@ -47,3 +47,22 @@ def _restore_backend():
     before = tq.get_backend()
     yield
     tq.set_backend(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """torch's float-zero-point CPU kernel computes zp + x * inv in one FMA in its vectorized
+    builds (AVX2, AVX-512), as its CUDA kernel does, and rounds twice in the DEFAULT build.
+    triton_qat follows the former; torch parity for float zero points is only asserted there.
+    """
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return
+    skip = pytest.mark.skip(
+        reason="torch's DEFAULT CPU build rounds x * inv before adding a "
+        "float zero point; triton_qat fuses them, as torch's vectorized "
+        "and CUDA kernels do"
+    )
+    for item in items:
+        if "test_reference.py" in item.nodeid and (
+            "float_zp" in item.nodeid or item.get_closest_marker("float_zp_vs_torch")
+        ):
+            item.add_marker(skip)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _compare import assert_bitwise_equal
 
 import triton_qat as tq
-from tests._compare import assert_bitwise_equal
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RANGES = [(-128, 127), (0, 255), (-8, 7), (0, 15), (-2, 1), (0, 3), (-32768, 32767), (0, 65535)]

@@ -451,6 +451,7 @@ def test_per_channel_16_bit_ranges(qmin, qmax, float_zp):
     assert_bitwise_equal(got, expected, "per channel 16 bit")
 
 
+@pytest.mark.float_zp_vs_torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_per_channel_half_zero_point(dtype):
     """torch accepts a float16 zero point; values exactly representable in fp16."""
@@ -725,6 +726,7 @@ def test_per_group_vs_reshaped_per_channel(shape, g, dtype, float_zp):
     assert_bitwise_equal(got, expected, f"per group {shape} g={g}")
 
 
+@pytest.mark.float_zp_vs_torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(("qmin", "qmax"), RANGES + RANGES_16, ids=[*RANGE_IDS, "u16", "s16"])
 def test_per_group_all_ranges(qmin, qmax, dtype):
@@ -738,6 +740,7 @@ def test_per_group_all_ranges(qmin, qmax, dtype):
         assert_bitwise_equal(got, expected, f"per group float_zp={float_zp}")
 
 
+@pytest.mark.float_zp_vs_torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_per_group_specials_and_non_contiguous(dtype):
     gen = _gen(31)
@@ -939,6 +942,7 @@ if given is not None:
         seed = draw(st.integers(0, 2**31 - 1))
         return shape, qmin, qmax, dtype, gran, axis, g, float_zp, log_scale, seed
 
+    @pytest.mark.float_zp_vs_torch
     @given(_cases())
     def test_property_reference_equals_torch(case):
         shape, qmin, qmax, dtype, gran, axis, g, float_zp, log_scale, seed = case

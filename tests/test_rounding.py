@@ -4,8 +4,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from _compare import assert_bitwise_equal
 
-from tests._compare import assert_bitwise_equal
 from triton_qat.kernels.rounding import cast_rne, round_half_even, to_fp32
 
 
