@@ -130,7 +130,8 @@ Z4 = torch.zeros(4, dtype=torch.int32)
         (lambda: tq.fake_quantize_per_tensor(X, 0.1, 0, 5, 3), ValueError, "quant_min"),
         (lambda: tq.fake_quantize_per_tensor(X, 0.1, 0, 0.0, 255), TypeError, "quant_min"),
         (lambda: tq.fake_quantize_per_tensor(X, 0.1, 0, -128, True), TypeError, "quant_max"),
-        (lambda: tq.fake_quantize_per_tensor(X, 0.1, 0, 0, 2**25), ValueError, "quant_max"),
+        (lambda: tq.fake_quantize_per_tensor(X, 0.1, 0, 0, 2**20 + 1), ValueError, "quant_max"),
+        (lambda: tq.fake_quantize_per_tensor(X, 0.1, 0, -(2**31), 0), ValueError, "quant_min"),
         (lambda: tq.fake_quantize_per_tensor(X, 0.1, 300, -128, 127), ValueError, "zero_point"),
         (lambda: tq.fake_quantize_per_tensor(X, 0.1, 0.5, -128, 127), TypeError, "zero_point"),
         (

@@ -178,6 +178,37 @@ def test_special_values_per_channel_and_group(device, dtype):
     )
 
 
+@pytest.mark.parametrize("qrange", [(-(2**20), 2**20), (0, 2**20), (-(2**20), -(2**20) + 3)])
+def test_widest_ranges_and_edges(device, qrange):
+    """Ranges up to +-2**20 and values around their ends and far beyond (2**22, 2**24, 1e30)."""
+    qmin, qmax = qrange
+    edges = torch.tensor([qmin, qmax], dtype=torch.float64)
+    offsets = torch.tensor([-1.5, -0.5, -0.25, 0.0, 0.25, 0.5, 1.5])
+    vals = torch.cat(
+        [
+            (edges[:, None] + offsets[None, :]).flatten().float(),
+            torch.tensor(
+                [
+                    2.0**22,
+                    -(2.0**22),
+                    2.0**24 + 2,
+                    -(2.0**24) - 2,
+                    1e30,
+                    -1e30,
+                    4194303.5,
+                    -4194303.5,
+                    0.3,
+                    -0.3,
+                ]
+            ),
+        ]
+    )
+    for dtype in DTYPES:
+        x = vals.to(dtype).to(device)
+        for zp in (qmin, qmax, (qmin + qmax) // 2):
+            _check(_per_tensor(1.0, zp, qmin, qmax), x, what=f"{dtype} zp={zp}")
+
+
 def test_strided_inputs(device):
     base = _make_x((24, 40), torch.float32, device, seed=5)
     scale = torch.rand(20, generator=torch.Generator().manual_seed(6)).to(device) * 0.1 + 0.01

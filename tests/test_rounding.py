@@ -6,7 +6,12 @@ import triton
 import triton.language as tl
 from _compare import assert_bitwise_equal
 
-from triton_qat.kernels.rounding import cast_rne, round_half_even, to_fp32
+from triton_qat.kernels.rounding import (
+    cast_rne,
+    round_half_even,
+    round_half_even_then_clamped,
+    to_fp32,
+)
 
 
 @triton.jit
@@ -14,6 +19,13 @@ def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     tl.store(y_ptr + offs, round_half_even(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+@triton.jit
+def _round_clamped_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, round_half_even_then_clamped(tl.load(x_ptr + offs, mask=m)), mask=m)
 
 
 @triton.jit
@@ -96,3 +108,19 @@ def test_cast_rne_matches_torch(device, dtype):
 def test_to_fp32_is_exact(device, dtype):
     x = _interesting_fp32(device).to(dtype)  # includes subnormals of every dtype
     assert_bitwise_equal(_run(_widen_kernel, x, torch.float32), x.float(), f"{dtype} -> fp32")
+
+
+def test_two_op_rounding_exact_below_2_pow_22_and_saturates_beyond(device):
+    x = _interesting_fp32(device)
+    got = _run(_round_clamped_kernel, x, torch.float32)
+    expected = torch.round(x)
+    small = x.abs() < 2**22
+    # Below 2**22: rne exactly, except that -0.0 may become +0.0.
+    assert_bitwise_equal(got[small] + 0.0, expected[small] + 0.0, "|v| < 2**22")
+    # Beyond: v's sign, magnitude above 2**21: every clamp bound within +-2**21 sees v's side.
+    big = ~small & torch.isfinite(x)
+    assert big.sum() > 100
+    assert torch.equal(torch.sign(got[big]), torch.sign(x[big]))
+    assert bool((got[big].abs() > 2.0**21).all())
+    special = ~torch.isfinite(x)
+    assert_bitwise_equal(got[special], x[special], "inf and NaN pass through")

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Quantized values and zero points are carried in fp32 inside the kernels; integers are exact
-# there up to 2**24, which bounds the quantization range.
-QUANT_LIMIT = 2**24
+# Quantized values and zero points are carried in fp32 inside the kernels. Keeping them within
+# +-2**20 keeps every integer exact and lets the kernels round with one add and one subtract
+# (exact below 2**22, saturating correctly beyond: see kernels/rounding.py).
+QUANT_LIMIT = 2**20
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,14 @@ class NormQParams(NamedTuple):
 
 
 def check_quant_range(quant_min: object, quant_max: object) -> None:
-    """quant_min and quant_max: ints, quant_min <= quant_max, within +-2**24."""
+    """quant_min and quant_max: ints, quant_min <= quant_max, within +-2**20."""
     for name, v in (("quant_min", quant_min), ("quant_max", quant_max)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
         if abs(v) > QUANT_LIMIT:
             raise ValueError(
-                f"{name}={v} is outside +-2**24: quantized values are computed in float32, "
-                "exact only up to 2**24"
+                f"{name}={v} is outside +-2**20, the widest quantization range supported "
+                "(21-bit signed); quantized values are computed in float32"
             )
     if quant_min > quant_max:  # type: ignore[operator]
         raise ValueError(

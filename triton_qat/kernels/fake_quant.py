@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton_qat.kernels.rounding import cast_rne, round_half_even, to_fp32
+from triton_qat.kernels.rounding import cast_rne, round_half_even_then_clamped, to_fp32
 from triton_qat.qparams import NormQParams
 
 _TILE_ELEMENTS = 4096
@@ -22,12 +22,16 @@ _MAX_BLOCK_COLS = 2048
 
 @triton.jit
 def quantize_unclamped(xf, inv_scale, zp, FLOAT_ZP: tl.constexpr):
-    """Integer-valued fp32 q before clamping, as triton_qat.reference.quantize_unclamped."""
+    """Integer-valued fp32 q before clamping, as triton_qat.reference.quantize_unclamped.
+
+    Exact wherever it matters: the caller clamps to [qmin, qmax] within +-2**20 (QParams
+    enforces it), so the two-op rounding's liberty beyond 2**22 never shows.
+    """
     if FLOAT_ZP:
-        # One fused multiply-add, as torch; + 0.0 turns -0.0 into +0.0.
-        qf = round_half_even(tl.fma(xf, inv_scale, zp)) + 0.0
+        # One fused multiply-add, as torch; the rounding yields +0.0, never -0.0.
+        qf = round_half_even_then_clamped(tl.fma(xf, inv_scale, zp))
     else:
-        qf = round_half_even(xf * inv_scale) + zp
+        qf = round_half_even_then_clamped(xf * inv_scale) + zp
     return qf
 
 

@@ -15,6 +15,8 @@ INTERPRETED: tl.constexpr = tl.constexpr(COMPILED_AS_INTERPRETED)
 
 # fp32 values at or above this magnitude are integers already.
 TWO_POW_23: tl.constexpr = tl.constexpr(8388608.0)
+# 1.5 * 2**23: v + this lies in [2**23, 2**24), where fp32 steps by exactly 1, for |v| < 2**22.
+ROUNDING_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -30,6 +32,17 @@ def round_half_even(v):
     signed = tl.where(v < 0.0, -r, r)
     # Large, non-finite and zero inputs are returned as they are (keeps -0.0 and NaN).
     return tl.where(small & (a != 0.0), signed, v)
+
+
+@triton.jit
+def round_half_even_then_clamped(v):
+    """Round half to even in two ALU ops, for a result that is clamped to within +-2**21.
+
+    Exact for |v| < 2**22. Beyond, the result keeps v's sign and a magnitude above 2**21, so
+    it lies on v's side of every bound within +-2**21 and the clamp and straight-through mask
+    that follow are exact. NaN stays NaN, +-inf stay +-inf; -0.0 comes back as +0.0.
+    """
+    return (v + ROUNDING_MAGIC) - ROUNDING_MAGIC
 
 
 @triton.jit
