@@ -10,7 +10,7 @@
 # step failed, timed out or was skipped for lack of time.
 #
 # Outputs in OUTDIR: env.txt, pytest.log, pytest.xml (JUnit), bench_fake_quant.log,
-# fake_quant.json, summary.txt.
+# fake_quant.json, bench_linear.log, linear.json, summary.txt.
 
 set -u
 
@@ -126,11 +126,16 @@ run_step pytest 300 "$OUTDIR/pytest.log" \
 # --- step 4: benchmarks --------------------------------------------------------------------------
 run_step bench_fake_quant 150 "$OUTDIR/bench_fake_quant.log" \
     python bench/bench_fake_quant.py --out "$OUTDIR"
-# Later: the fused linear benchmark (bench/bench_fq_linear.py --out "$OUTDIR") goes here.
+# The fused linear. Its own --budget-s, 20 s under the step's timeout, stops it starting new
+# shapes in time to print its table and exit; linear.json is rewritten after every shape.
+linear_t=$(step_timeout 180)
+run_step bench_linear 180 "$OUTDIR/bench_linear.log" \
+    python bench/bench_linear.py --out "$OUTDIR" --budget-s $((linear_t > 40 ? linear_t - 20 : 20))
 
 # --- step 5: autotune (later) --------------------------------------------------------------------
 # When autotune lands: run_step autotune 90 "$OUTDIR/autotune.log" python -m triton_qat autotune ...
-# Adding steps means re-splitting BUDGET_S: pytest 300 + bench 150 already use most of it.
+# Adding steps means re-splitting BUDGET_S: the steps' own timeouts (120 + 300 + 150 + 180)
+# already add up to more than it, so the last steps get what the earlier ones leave.
 
 # --- summary -------------------------------------------------------------------------------------
 echo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -180,8 +182,9 @@ def _fq_linear_backward_op(
 def _(grad_y, x, weight, *args):
     need_dx, need_dw = args[-2], args[-1]
     return (
-        torch.empty_like(x) if need_dx else x.new_empty(0),
-        torch.empty_like(weight) if need_dw else weight.new_empty(0),
+        # The real op returns contiguous gradients whatever the operands' strides.
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
     )
 
 
@@ -279,7 +282,7 @@ def fq_linear(
         if weight.dtype not in (ac_dtype, torch.float32):
             weight = weight.to(ac_dtype)
     lq = linear_quant(input, weight, weight_qparams, input_qparams)
-    x2d = input.reshape(-1, weight.shape[1])
+    x2d = input.reshape(math.prod(input.shape[:-1]), weight.shape[1])
     y = torch.ops.triton_qat.fq_linear(x2d, weight, bias, *_op_args(lq))
     return y.reshape(*input.shape[:-1], weight.shape[0])
 

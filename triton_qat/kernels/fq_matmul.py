@@ -335,7 +335,7 @@ def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant
     fq_linear_fwd_kernel[_grid(m, n)](
         x,
         w,
-        bias if bias is not None else y,
+        y if bias is None else bias.contiguous(),
         y,
         lq.w_inv,
         lq.w_scale,

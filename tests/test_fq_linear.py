@@ -1,0 +1,752 @@
+"""The fused fake-quant linear, tq.fq_linear, against the eager composition
+F.linear(fq(x), fq(w).to(x.dtype), b): forward and the straight-through backward, its
+torch.library custom ops, torch.compile and its argument checks (NUMERICS.md, "Fused linear").
+
+On the CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, see conftest);
+with TRITON_QAT_TEST_DEVICE=cuda they are compiled. Sizes stay small and odd (no multiple of
+any block) so the interpreter keeps the file fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import triton_qat as tq
+from triton_qat import ops
+
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+# Unit roundoff of each half dtype (half an ulp of 1.0).
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+FP32_TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+# --- building blocks -----------------------------------------------------------------------
+
+
+def _randn(shape, dtype, device, seed, spread=1.0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * spread).to(dtype).to(device)
+
+
+def _weight_qparams(
+    gran: str,
+    n: int,
+    k: int,
+    device,
+    *,
+    group: int | None = None,
+    float_zp: bool = False,
+    qrange: tuple[int, int] = (-128, 127),
+    seed: int = 7,
+) -> tq.QParams:
+    """Weight qparams whose range clamps a few percent of a randn weight."""
+    qmin, qmax = qrange
+    g = torch.Generator().manual_seed(seed)
+    # Scale so that about qmax - qmin steps cover +-2.5 standard deviations.
+    base = 5.0 / (qmax - qmin)
+    if gran == "tensor":
+        return tq.QParams(base, (qmin + qmax + 1) // 2, qmin, qmax)
+    pshape = (n,) if gran == "channel" else (n, k // group)
+    scale = (base * (0.5 + torch.rand(pshape, generator=g))).to(device)
+    # Zero points in the middle half of the range: clamping happens on both sides.
+    lo, hi = (3 * qmin + qmax) // 4, (qmin + 3 * qmax) // 4
+    if float_zp:
+        zp = lo + torch.rand(pshape, generator=g) * (hi - lo)
+    else:
+        zp = torch.randint(lo, hi + 1, pshape, generator=g, dtype=torch.int32)
+    if gran == "channel":
+        return tq.QParams(scale, zp.to(device), qmin, qmax, axis=0)
+    return tq.QParams(scale, zp.to(device), qmin, qmax, group_size=group)
+
+
+def _input_qparams(device, python_numbers: bool = False) -> tq.QParams:
+    """Per-tensor int8 qparams with a range of about [-4.0, 3.7]: clamps some of 1.5 * randn."""
+    if python_numbers:
+        return tq.QParams(0.03, 5, -128, 127)
+    scale = torch.tensor([0.03], device=device)
+    return tq.QParams(scale, torch.tensor([5], dtype=torch.int32, device=device), -128, 127)
+
+
+def _fq_weight(w: Tensor, qp: tq.QParams) -> Tensor:
+    """Fake-quantized weight through the public elementwise ops (the backend in force)."""
+    if qp.granularity == "per_tensor":
+        return tq.fake_quantize_per_tensor(w, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max)
+    if qp.granularity == "per_channel":
+        return tq.fake_quantize_per_channel(
+            w, qp.scale, qp.zero_point, qp.axis, qp.quant_min, qp.quant_max
+        )
+    return tq.fake_quantize_per_group(
+        w, qp.scale, qp.zero_point, qp.group_size, qp.quant_min, qp.quant_max
+    )
+
+
+def _fq_input(x: Tensor, qp: tq.QParams | None) -> Tensor:
+    if qp is None:
+        return x
+    return tq.fake_quantize_per_tensor(x, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max)
+
+
+def _composed(wqp, xqp):
+    """The unfused definition: F.linear(fq(x), fq(w).to(x.dtype), b)."""
+
+    def fn(x, w, b):
+        bias = None if b is None else b.to(x.dtype)
+        return F.linear(_fq_input(x, xqp), _fq_weight(w, wqp).to(x.dtype), bias)
+
+    return fn
+
+
+def _fused(wqp, xqp):
+    return lambda x, w, b: tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
+
+
+def _run(fn, backend: str, x, w, b, dy, requires=(True, True, True)):
+    """fn(x, w, b) and its gradients under `backend`, on fresh leaves: (y, [dx, dw, db])."""
+    leaves = [
+        None if t is None else t.detach().clone().requires_grad_(r)
+        for t, r in zip((x, w, b), requires, strict=True)
+    ]
+    with tq.use_backend(backend):
+        y = fn(*leaves)
+        if y.requires_grad:
+            y.backward(dy)
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _ste_mask(t: Tensor, fq) -> Tensor:
+    """Where the straight-through estimator passes the gradient of fq(t) (eager backend)."""
+    t = t.detach().clone().requires_grad_()
+    with tq.use_backend("eager"):
+        fq(t).backward(torch.ones_like(t))
+    return t.grad != 0
+
+
+def _reference64(x, w, b, dy, wqp, xqp):
+    """y, dx, dw, db in float64 from the SAME rounded operands the kernels multiply:
+    fq(x) and fq(w).to(x.dtype), and the straight-through masks of x and w."""
+    k, n = w.shape[1], w.shape[0]
+    with tq.use_backend("eager"), torch.no_grad():
+        xq = _fq_input(x, xqp)
+        wq = _fq_weight(w, wqp).to(x.dtype).double()
+    mask_x = torch.ones_like(x, dtype=torch.bool)
+    if xqp is not None:
+        mask_x = _ste_mask(x, lambda t: _fq_input(t, xqp))
+    mask_w = _ste_mask(w, lambda t: _fq_weight(t, wqp))
+    x2 = xq.reshape(-1, k).double()
+    dy2 = dy.reshape(-1, n).double()
+    y = x2 @ wq.t()
+    if b is not None:
+        y = y + b.double()
+    dx = (dy2 @ wq).reshape(x.shape) * mask_x
+    dw = (dy2.t() @ x2) * mask_w
+    return y.reshape(dy.shape), dx, dw, dy2.sum(0)
+
+
+def _rel_err(actual: Tensor, expected: Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; 0 when both are zero."""
+    a, e = actual.detach().double(), expected.detach().double()
+    num = torch.linalg.vector_norm(a - e).item()
+    den = torch.linalg.vector_norm(e).item()
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _assert_rel(actual: Tensor, expected: Tensor, bound: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = _rel_err(actual, expected)
+    assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e}"
+
+
+def _dy_like(x: Tensor, n: int, dtype: torch.dtype | None = None, seed: int = 99) -> Tensor:
+    return _randn((*x.shape[:-1], n), dtype or x.dtype, x.device, seed)
+
+
+def _check_kernel_against_eager(x, w, b, wqp, xqp, requires=(True, True, True), what=""):
+    """The fused Triton kernels (and the fused eager path) against the unfused composition.
+
+    fp32: elementwise rtol = atol = 1e-5. bf16 / fp16: relative error norm against a float64
+    product of the same rounded operands, at most the dtype's unit roundoff u. Products of
+    two half-precision values are exact in fp32, so the kernel differs from that float64
+    product only by its fp32 accumulation order (~K * 2**-24, far below u for these K) and by
+    the one rounding of the result to the dtype (relative error <= u per element, so in norm).
+    """
+    n = w.shape[0]
+    dy = _dy_like(x, n)
+    y_t, grads_t = _run(_fused(wqp, xqp), "triton", x, w, b, dy, requires)
+    y_e, grads_e = _run(_fused(wqp, xqp), "eager", x, w, b, dy, requires)
+    assert y_t.dtype == x.dtype and y_t.shape == (*x.shape[:-1], n), what
+    names = ("dx", "dw", "db")
+    for name, inp, r, g_t, g_e in zip(names, (x, w, b), requires, grads_t, grads_e, strict=True):
+        if inp is None or not r:
+            assert g_t is None and g_e is None, f"{what} {name}: unexpected gradient"
+        else:
+            assert g_t.dtype == inp.dtype and g_t.shape == inp.shape, f"{what} {name}"
+    if x.dtype == torch.float32:
+        y_c, grads_c = _run(_composed(wqp, xqp), "eager", x, w, b, dy, requires)
+        for path, y, grads in (("triton", y_t, grads_t), ("eager", y_e, grads_e)):
+            torch.testing.assert_close(
+                y, y_c, **FP32_TOL, msg=lambda m, p=path: f"{what} {p} y: {m}"
+            )
+            for name, g, g_c in zip(names, grads, grads_c, strict=True):
+                if g_c is not None:
+                    torch.testing.assert_close(
+                        g, g_c, **FP32_TOL, msg=lambda m, p=path, nm=name: f"{what} {p} {nm}: {m}"
+                    )
+        return
+    u = UNIT_ROUNDOFF[x.dtype]
+    refs = _reference64(x, w, b, dy, wqp, xqp)
+    _assert_rel(y_t, refs[0], u, f"{what} triton y")
+    # The eager F.linear may round the product before adding the bias: two roundings.
+    _assert_rel(y_e, refs[0], 2 * u, f"{what} eager y")
+    for name, g_t, g_e, ref in zip(names, grads_t, grads_e, refs[1:], strict=True):
+        if g_t is not None:
+            _assert_rel(g_t, ref, u, f"{what} triton {name}")
+            _assert_rel(g_e, ref, 2 * u, f"{what} eager {name}")
+
+
+# --- kernels against the eager composition --------------------------------------------------
+
+# (M, N, K, weight granularity, group size, weight quant range). M and N are never a multiple
+# of a block; K is one only where a group size of 32 or more forces it.
+CASES = [
+    (1, 1, 1, "tensor", None, (-128, 127)),
+    (17, 33, 70, "tensor", None, (-128, 127)),
+    (1, 17, 33, "channel", None, (-128, 127)),
+    (70, 17, 33, "channel", None, (0, 255)),
+    (33, 17, 96, "group", 32, (-8, 7)),
+    (5, 33, 99, "group", 3, (0, 15)),
+    (17, 5, 96, "group", 48, (-8, 7)),
+    (3, 9, 128, "group", 64, (-128, 127)),
+    (9, 3, 128, "group", 128, (0, 15)),
+]
+CASE_IDS = [f"{m}x{n}x{k}-{gran}{g or ''}" for m, n, k, gran, g, _ in CASES]
+# (input fake quant, bias, float weight zero point; per tensor keeps an int one).
+VARIANTS = [(True, True, False), (False, False, True), (True, False, True)]
+VARIANT_IDS = ["xfq-bias-intzp", "plain-floatzp", "xfq-floatzp"]
+
+
+def _case_tensors(case, variant, dtype, device, seed=0):
+    m, n, k, gran, group, qrange = case
+    x_fq, bias, float_zp = variant
+    x = _randn((m, k), dtype, device, seed, spread=1.5)
+    w = _randn((n, k), dtype, device, seed + 1)
+    b = _randn((n,), dtype, device, seed + 2) if bias else None
+    wqp = _weight_qparams(gran, n, k, device, group=group, float_zp=float_zp, qrange=qrange)
+    xqp = _input_qparams(device, python_numbers=not bias) if x_fq else None
+    return x, w, b, wqp, xqp
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fp32_matches_eager_composition(device, case, variant):
+    x, w, b, wqp, xqp = _case_tensors(case, variant, torch.float32, device)
+    _check_kernel_against_eager(x, w, b, wqp, xqp, what=f"{case} {variant}")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "case,variant",
+    [
+        (CASES[1], VARIANTS[0]),
+        (CASES[3], VARIANTS[2]),
+        (CASES[4], VARIANTS[0]),
+        (CASES[5], VARIANTS[1]),
+        (CASES[8], VARIANTS[2]),
+    ],
+    ids=["tensor", "channel-floatzp", "group32", "group3-floatzp", "group128-floatzp"],
+)
+def test_half_precision_within_unit_roundoff(device, case, variant, dtype):
+    x, w, b, wqp, xqp = _case_tensors(case, variant, dtype, device)
+    _check_kernel_against_eager(x, w, b, wqp, xqp, what=f"{case} {variant} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 33), (33,), (1, 1, 33), (3, 1, 2, 33)])
+def test_leading_dims(device, shape, dtype):
+    k, n = shape[-1], 17
+    x = _randn(shape, dtype, device, 10, spread=1.5)
+    w = _randn((n, k), dtype, device, 11)
+    b = _randn((n,), dtype, device, 12)
+    wqp = _weight_qparams("channel", n, k, device)
+    _check_kernel_against_eager(x, w, b, wqp, _input_qparams(device), what=str(shape))
+
+
+# Strided operands, each built from a contiguous leaf: (x from base, w from base).
+LAYOUTS = {
+    "x_transposed-w_sliced": (
+        lambda base: base.t(),  # base (K, M)
+        lambda base: base[:, 1::2],  # base (N, 2K)
+        lambda m, k: (k, m),
+        lambda n, k: (n, 2 * k),
+    ),
+    "x_sliced-w_transposed": (
+        lambda base: base[::2, 3:],  # base (2M, K + 3)
+        lambda base: base.t(),  # base (K, N)
+        lambda m, k: (2 * m, k + 3),
+        lambda n, k: (k, n),
+    ),
+    "x3d_transposed-w_rows_sliced": (
+        lambda base: base.transpose(1, 2),  # base (2, K, T): x (2, T, K)
+        lambda base: base[::3],  # base (3N, K)
+        lambda m, k: (2, k, m),
+        lambda n, k: (3 * n, k),
+    ),
+}
+
+
+@pytest.mark.parametrize("gran", ["channel", "group"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_strided_operands(device, layout, gran):
+    m, n, k = 9, 17, 40
+    x_view, w_view, x_base_shape, w_base_shape = LAYOUTS[layout]
+    x_base = _randn(x_base_shape(m, k), torch.float32, device, 20, spread=1.5)
+    w_base = _randn(w_base_shape(n, k), torch.float32, device, 21)
+    b_base = _randn((n,), torch.float32, device, 22)
+    wqp = _weight_qparams(gran, n, k, device, group=8, float_zp=gran == "group")
+    xqp = _input_qparams(device)
+    assert not x_view(x_base).is_contiguous() and not w_view(w_base).is_contiguous()
+
+    def fn_of(inner):
+        return lambda xb, wb, bb: inner(x_view(xb), w_view(wb), bb)
+
+    dy = _dy_like(x_view(x_base), n)
+    y_t, grads_t = _run(fn_of(_fused(wqp, xqp)), "triton", x_base, w_base, b_base, dy)
+    y_c, grads_c = _run(fn_of(_composed(wqp, xqp)), "eager", x_base, w_base, b_base, dy)
+    torch.testing.assert_close(y_t, y_c, **FP32_TOL)
+    for name, g_t, g_c in zip(("dx", "dw", "db"), grads_t, grads_c, strict=True):
+        torch.testing.assert_close(g_t, g_c, **FP32_TOL, msg=lambda msg, nm=name: f"{nm}: {msg}")
+
+
+def test_strided_bias(device):
+    """A bias that is a strided view (every other element of a longer vector)."""
+    m, n, k = 9, 17, 40
+    x = _randn((m, k), torch.float32, device, 23, spread=1.5)
+    w = _randn((n, k), torch.float32, device, 24)
+    b_base = _randn((2 * n,), torch.float32, device, 25)
+    wqp = _weight_qparams("channel", n, k, device)
+    dy = _dy_like(x, n)
+
+    def fn_of(inner):
+        return lambda xi, wi, bb: inner(xi, wi, bb[::2])
+
+    y_t, grads_t = _run(fn_of(_fused(wqp, None)), "triton", x, w, b_base, dy)
+    y_c, grads_c = _run(fn_of(_composed(wqp, None)), "eager", x, w, b_base, dy)
+    torch.testing.assert_close(y_t, y_c, **FP32_TOL)
+    torch.testing.assert_close(grads_t[2], grads_c[2], **FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("x_shape", [(0, 40), (2, 0, 40)])
+def test_empty_input(device, backend, x_shape):
+    n, k = 9, 40
+    x = torch.empty(x_shape, device=device)
+    w = _randn((n, k), torch.float32, device, 30)
+    b = _randn((n,), torch.float32, device, 31)
+    wqp = _weight_qparams("group", n, k, device, group=8)
+    dy = torch.empty((*x_shape[:-1], n), device=device)
+    y, (dx, dw, db) = _run(_fused(wqp, _input_qparams(device)), backend, x, w, b, dy)
+    assert y.shape == (*x_shape[:-1], n)
+    assert dx.shape == x.shape
+    assert torch.equal(dw, torch.zeros_like(w))
+    assert torch.equal(db, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("n,k", [(0, 40), (9, 0)], ids=["no_out_features", "no_in_features"])
+def test_empty_weight(device, backend, n, k):
+    """F.linear's semantics with no out-features (empty y, dx zeros) or no in-features
+    (y = the bias broadcast, empty dx and dw)."""
+    m = 5
+    x = _randn((2, m, k), torch.float32, device, 32)
+    w = _randn((n, k), torch.float32, device, 33)
+    b = _randn((n,), torch.float32, device, 34)
+    wqp = _weight_qparams("channel", n, k, device)
+    dy = _randn((2, m, n), torch.float32, device, 35)
+    y, (dx, dw, db) = _run(_fused(wqp, _input_qparams(device)), backend, x, w, b, dy)
+    y_c, (dx_c, dw_c, db_c) = _run(_composed(wqp, _input_qparams(device)), "eager", x, w, b, dy)
+    for name, got, want in (("y", y, y_c), ("dx", dx, dx_c), ("dw", dw, dw_c), ("db", db, db_c)):
+        torch.testing.assert_close(got, want, **FP32_TOL, msg=lambda msg, nm=name: f"{nm}: {msg}")
+
+
+@pytest.mark.parametrize(
+    "requires",
+    [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (False, True, True),
+        (True, False, True),
+        (False, False, False),
+    ],
+    ids=["x", "w", "b", "w+b", "x+b", "none"],
+)
+def test_gradients_when_only_some_require_grad(device, requires):
+    case, variant = (17, 9, 40, "group", 8, (-8, 7)), (True, True, True)
+    x, w, b, wqp, xqp = _case_tensors(case, variant, torch.float32, device, seed=40)
+    _check_kernel_against_eager(x, w, b, wqp, xqp, requires=requires, what=str(requires))
+    if not any(requires):
+        y = tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
+        assert not y.requires_grad and y.grad_fn is None
+
+
+# --- mixed precision -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gran", ["channel", "group"])
+def test_fp32_master_weight_with_bf16_input(device, gran, bias_dtype):
+    """y, dx in bf16; dw in fp32 (the weight's dtype); db in the bias's dtype. Each within
+    bf16's unit roundoff of the float64 product of the same rounded operands, as the eager
+    composition F.linear(fq(x), fq(w).to(bf16), b)."""
+    m, n, k = 17, 33, 48
+    x = _randn((m, k), torch.bfloat16, device, 50, spread=1.5)
+    w = _randn((n, k), torch.float32, device, 51)
+    b = None if bias_dtype is None else _randn((n,), bias_dtype, device, 52)
+    wqp = _weight_qparams(gran, n, k, device, group=16, float_zp=gran == "group")
+    xqp = _input_qparams(device)
+    _check_kernel_against_eager(x, w, b, wqp, xqp, what=f"{gran} bias {bias_dtype}")
+    dy = _dy_like(x, n)
+    y_t, (dx_t, dw_t, db_t) = _run(_fused(wqp, xqp), "triton", x, w, b, dy)
+    y_c, (dx_c, dw_c, db_c) = _run(_composed(wqp, xqp), "eager", x, w, b, dy)
+    assert (y_t.dtype, dx_t.dtype, dw_t.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    # Both within u of the float64 product (test above): within 2u of each other.
+    _assert_rel(y_t, y_c, 2 * u, "y vs composition")
+    _assert_rel(dx_t, dx_c, 2 * u, "dx vs composition")
+    _assert_rel(dw_t, dw_c, 2 * u, "dw vs composition")
+    if b is not None:
+        assert db_t.dtype == bias_dtype
+        _assert_rel(db_t, db_c, 2 * u, "db vs composition")
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_equals_explicit_cast(device, backend, bias):
+    """Under autocast(bf16) an fp32 input (and bias) is cast to bf16; the fp32 weight stays
+    the master copy, fake-quantized in fp32 and cast after. Same as casting by hand."""
+    m, n, k = 9, 17, 40
+    x = _randn((3, m, k), torch.float32, device, 60, spread=1.5)
+    w = _randn((n, k), torch.float32, device, 61)
+    b = _randn((n,), torch.float32, device, 62) if bias else None
+    wqp = _weight_qparams("channel", n, k, device)
+    xqp = _input_qparams(device)
+    dy = _dy_like(x, n, torch.bfloat16)
+
+    def autocast_call(xi, wi, bi):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return tq.fq_linear(xi, wi, bi, weight_qparams=wqp, input_qparams=xqp)
+
+    def explicit_call(xi, wi, bi):
+        bi = None if bi is None else bi.to(torch.bfloat16)
+        return tq.fq_linear(xi.to(torch.bfloat16), wi, bi, weight_qparams=wqp, input_qparams=xqp)
+
+    y_a, grads_a = _run(autocast_call, backend, x, w, b, dy)
+    y_x, grads_x = _run(explicit_call, backend, x, w, b, dy)
+    assert y_a.dtype == torch.bfloat16
+    assert torch.equal(y_a, y_x)
+    for name, g_a, g_x in zip(("dx", "dw", "db"), grads_a, grads_x, strict=True):
+        if g_x is not None:
+            assert g_a.dtype == torch.float32, name
+            assert torch.equal(g_a, g_x), name
+
+
+# --- straight-through masks ------------------------------------------------------------------
+
+
+def _torch_mask(t: Tensor, fq) -> Tensor:
+    """Straight-through mask from torch's own fake-quant op (an oracle independent of tq)."""
+    t = t.detach().float().clone().requires_grad_()
+    fq(t).backward(torch.ones_like(t))
+    return t.grad != 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gran", ["channel", "group"])
+def test_straight_through_masks(device, gran, dtype, backend):
+    """Elements of x and w outside their quant range get an exactly zero gradient; all others
+    a nonzero one."""
+    m, n, k, group = 17, 9, 40, 8
+    x = _randn((m, k), torch.float32, device, 70, spread=0.5)
+    w = _randn((n, k), torch.float32, device, 71, spread=0.1)
+    for t, big in ((x, 50.0), (w, 10.0)):  # a few values far outside the range, both signs
+        flat = t.view(-1)
+        flat[::7] = big
+        flat[3::11] = -big
+    x, w = x.to(dtype), w.to(dtype)
+    xqp = tq.QParams(0.03, 5, -128, 127)
+    g = torch.Generator().manual_seed(72)
+    pshape = (n,) if gran == "channel" else (n, k // group)
+    w_scale = (0.005 + 0.01 * torch.rand(pshape, generator=g)).to(device)
+    w_zp = torch.randint(-10, 11, pshape, generator=g, dtype=torch.int32).to(device)
+    if gran == "channel":
+        wqp = tq.QParams(w_scale, w_zp, -128, 127, axis=0)
+        torch_fq_w = lambda t: torch.fake_quantize_per_channel_affine(
+            t, w_scale, w_zp, 0, -128, 127
+        )
+    else:
+        wqp = tq.QParams(w_scale, w_zp, -128, 127, group_size=group)
+        # Per group is per channel on the (N * K / g, g) view.
+        torch_fq_w = lambda t: torch.fake_quantize_per_channel_affine(
+            t.reshape(-1, group), w_scale.reshape(-1), w_zp.reshape(-1), 0, -128, 127
+        ).reshape(t.shape)
+    mask_x = _torch_mask(x, lambda t: torch.fake_quantize_per_tensor_affine(t, 0.03, 5, -128, 127))
+    mask_w = _torch_mask(w, torch_fq_w)
+    assert (~mask_x).any() and (~mask_w).any(), "nothing clamped: the test tests nothing"
+    dy = _dy_like(x, n, seed=73)
+    _, (dx, dw, _) = _run(_fused(wqp, xqp), backend, x, w, None, dy, (True, True, False))
+    assert torch.count_nonzero(dx[~mask_x]) == 0, "dx nonzero where x was clamped"
+    assert torch.count_nonzero(dw[~mask_w]) == 0, "dw nonzero where w was clamped"
+    assert torch.equal(dx != 0, mask_x), "dx zero where x was not clamped"
+    assert torch.equal(dw != 0, mask_w), "dw zero where w was not clamped"
+
+
+# --- custom ops: opcheck and torch.compile ---------------------------------------------------
+
+
+def _op_sample(device, gran: str, x_fq: bool, x=None, w=None):
+    m, n, k = 3, 5, 8
+    x = _randn((m, k), torch.float32, device, 80, spread=1.5) if x is None else x
+    w = _randn((n, k), torch.float32, device, 81) if w is None else w
+    wqp = _weight_qparams(gran, n, k, device, group=4, float_zp=gran == "channel")
+    xqp = _input_qparams(device) if x_fq else None
+    return x, w, ops.linear_quant(x, w, wqp, xqp)
+
+
+OP_SAMPLES = [("tensor", False, True), ("channel", True, False), ("group", True, True)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("gran,x_fq,bias", OP_SAMPLES, ids=[s[0] for s in OP_SAMPLES])
+def test_opcheck_fq_linear(device, backend, gran, x_fq, bias):
+    x, w, lq = _op_sample(device, gran, x_fq)
+    b = _randn((w.shape[0],), torch.float32, device, 82) if bias else None
+    x.requires_grad_()
+    w.requires_grad_()
+    with tq.use_backend(backend):
+        torch.library.opcheck(torch.ops.triton_qat.fq_linear.default, (x, w, b, *ops._op_args(lq)))
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=str)
+def test_opcheck_fq_linear_backward(device, backend, need):
+    x, w, lq = _op_sample(device, "group", True)
+    dy = _randn((x.shape[0], w.shape[0]), torch.float32, device, 83)
+    args = (dy, x, w, *ops._op_args(lq), *need)
+    with tq.use_backend(backend):
+        torch.library.opcheck(torch.ops.triton_qat.fq_linear_backward.default, args)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_opcheck_strided_operands(device, backend):
+    """fq_linear reshapes a transposed (M, K) input to a non-contiguous view, so the ops see
+    strided x and w; their fake (meta) outputs must match the real ones, strides included."""
+    x = _randn((8, 3), torch.float32, device, 84).t()
+    w = _randn((8, 5), torch.float32, device, 85).t()
+    x, w, lq = _op_sample(device, "channel", True, x=x, w=w)
+    dy = _randn((3, 5), torch.float32, device, 86)
+    with tq.use_backend(backend):
+        torch.library.opcheck(
+            torch.ops.triton_qat.fq_linear.default, (x, w, None, *ops._op_args(lq))
+        )
+        torch.library.opcheck(
+            torch.ops.triton_qat.fq_linear_backward.default,
+            (dy, x, w, *ops._op_args(lq), True, True),
+        )
+
+
+class _FakeQuantLinear(torch.nn.Module):
+    """A minimal QAT linear: per-channel weight qparams and input qparams as buffers."""
+
+    def __init__(self, k: int, n: int, device) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(_randn((n, k), torch.float32, device, 90))
+        self.bias = torch.nn.Parameter(_randn((n,), torch.float32, device, 91))
+        g = torch.Generator().manual_seed(92)
+        self.register_buffer("w_scale", (0.01 + 0.02 * torch.rand(n, generator=g)).to(device))
+        self.register_buffer("w_zp", torch.randint(-5, 6, (n,), generator=g).int().to(device))
+        self.register_buffer("x_scale", torch.tensor([0.03], device=device))
+        self.register_buffer("x_zp", torch.tensor([5], dtype=torch.int32, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return tq.fq_linear(
+            x,
+            self.weight,
+            self.bias,
+            weight_qparams=tq.QParams(self.w_scale, self.w_zp, -128, 127, axis=0),
+            input_qparams=tq.QParams(self.x_scale, self.x_zp, -128, 127),
+        )
+
+
+def test_torch_compile_fullgraph(device):
+    """fullgraph=True raises on a graph break; aot_eager needs no C++ compiler."""
+    torch._dynamo.reset()
+    model = _FakeQuantLinear(40, 17, device)
+    x = _randn((2, 9, 40), torch.float32, device, 93, spread=1.5)
+    dy = _randn((2, 9, 17), torch.float32, device, 94)
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(dy)
+        results.append((y.detach(), xi.grad, model.weight.grad, model.bias.grad))
+    for name, got, want in zip(("y", "dx", "dw", "db"), results[1], results[0], strict=True):
+        assert got is not None, name
+        assert torch.equal(got, want), name
+    torch._dynamo.reset()
+
+
+# --- argument validation ---------------------------------------------------------------------
+
+
+def _bad_call(
+    *,
+    x_shape=(4, 8),
+    w_shape=(6, 8),
+    x_dtype=torch.float32,
+    w_dtype=None,
+    bias=None,
+    wqp=None,
+    xqp=None,
+    w_device=None,
+):
+    x = torch.randn(x_shape).to(x_dtype)
+    w = torch.randn(w_shape).to(w_dtype or x_dtype)
+    if w_device is not None:
+        w = w.to(w_device)
+    wqp = tq.QParams(0.1, 0, -128, 127) if wqp is None else wqp
+    return lambda: tq.fq_linear(x, w, bias, weight_qparams=wqp, input_qparams=xqp)
+
+
+_S6, _Z6 = torch.full((6,), 0.1), torch.zeros(6, dtype=torch.int32)
+
+BAD_CALLS = {
+    "weight_3d": (_bad_call(w_shape=(6, 8, 1)), ValueError, "weight"),
+    "weight_1d": (_bad_call(w_shape=(8,)), ValueError, "weight"),
+    "k_mismatch": (_bad_call(x_shape=(4, 9)), ValueError, "input"),
+    "input_0d": (_bad_call(x_shape=()), ValueError, "input"),
+    "fp16_weight_bf16_input": (
+        _bad_call(x_dtype=torch.bfloat16, w_dtype=torch.float16),
+        TypeError,
+        "weight",
+    ),
+    "int_input": (_bad_call(x_dtype=torch.int32, w_dtype=torch.float32), TypeError, "input"),
+    "weight_on_meta": (_bad_call(w_device="meta"), ValueError, "weight"),
+    "bias_too_long": (_bad_call(bias=torch.zeros(7)), ValueError, "bias"),
+    "bias_2d": (_bad_call(bias=torch.zeros(1, 6)), ValueError, "bias"),
+    "bias_fp16": (_bad_call(bias=torch.zeros(6, dtype=torch.float16)), TypeError, "bias"),
+    "per_channel_axis_1": (
+        _bad_call(
+            wqp=tq.QParams(
+                torch.full((8,), 0.1), torch.zeros(8, dtype=torch.int32), -128, 127, axis=1
+            )
+        ),
+        ValueError,
+        "weight_qparams",
+    ),
+    "input_per_channel": (
+        _bad_call(xqp=tq.QParams(torch.full((4,), 0.1), _Z6[:4], -128, 127, axis=0)),
+        ValueError,
+        "input_qparams",
+    ),
+    "input_per_group": (
+        _bad_call(
+            xqp=tq.QParams(
+                torch.full((4, 2), 0.1),
+                torch.zeros(4, 2, dtype=torch.int32),
+                -128,
+                127,
+                group_size=4,
+            )
+        ),
+        ValueError,
+        "input_qparams",
+    ),
+    "weight_qparams_tuple": (_bad_call(wqp=(0.1, 0, -128, 127)), TypeError, "weight_qparams"),
+    "input_qparams_tuple": (_bad_call(xqp=(0.1, 0, -128, 127)), TypeError, "input_qparams"),
+    "group_not_dividing_k": (
+        _bad_call(
+            x_shape=(4, 33),
+            w_shape=(6, 33),
+            wqp=tq.QParams(torch.full((6, 1), 0.1), _Z6.view(6, 1), -128, 127, group_size=32),
+        ),
+        ValueError,
+        "group_size",
+    ),
+    "weight_zero_point_out_of_range": (
+        _bad_call(wqp=tq.QParams(_S6, torch.full((6,), 200, dtype=torch.int32), -128, 127, axis=0)),
+        ValueError,
+        "zero_point",
+    ),
+    "input_zero_point_out_of_range": (
+        _bad_call(xqp=tq.QParams(0.1, -1, 0, 255)),
+        ValueError,
+        "zero_point",
+    ),
+    "per_channel_scale_length": (
+        _bad_call(wqp=tq.QParams(torch.full((5,), 0.1), _Z6[:5], -128, 127, axis=0)),
+        ValueError,
+        "scale",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_arguments_name_the_argument(name):
+    call, exc, word = BAD_CALLS[name]
+    for backend in ("triton", "eager"):
+        with tq.use_backend(backend), pytest.raises(exc, match=word):
+            call()
+
+
+# --- property: random small problems ---------------------------------------------------------
+
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - the GPU machine may lack hypothesis
+    given = None
+
+
+if given is not None:
+    _SIZE = st.one_of(st.just(1), st.integers(1, 40))
+
+    @st.composite
+    def _linear_cases(draw):
+        gran = draw(st.sampled_from(["tensor", "channel", "group"]))
+        group = draw(st.sampled_from([1, 3, 8, 32])) if gran == "group" else None
+        k = (group or 1) * draw(st.integers(1, 4)) if group else draw(_SIZE)
+        qrange = draw(st.sampled_from([(-128, 127), (0, 255), (-8, 7), (0, 15)]))
+        return (
+            draw(_SIZE),  # M
+            draw(_SIZE),  # N
+            k,
+            gran,
+            group,
+            qrange,
+            draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+            draw(st.booleans()),  # input fake quant
+            draw(st.booleans()),  # bias
+            gran != "tensor" and draw(st.booleans()),  # float weight zero point
+            draw(st.integers(0, 2**31 - 1)),  # seed
+        )
+
+    @given(_linear_cases())
+    def test_property_kernel_equals_eager(device, case):
+        m, n, k, gran, group, qrange, dtype, x_fq, bias, float_zp, seed = case
+        x = _randn((m, k), dtype, device, seed, spread=1.5)
+        w = _randn((n, k), dtype, device, seed + 1)
+        b = _randn((n,), dtype, device, seed + 2) if bias else None
+        wqp = _weight_qparams(
+            gran, n, k, device, group=group, float_zp=float_zp, qrange=qrange, seed=seed
+        )
+        xqp = _input_qparams(device) if x_fq else None
+        _check_kernel_against_eager(x, w, b, wqp, xqp, what=str(case))
