@@ -77,10 +77,14 @@ def test_import_touches_no_cuda_and_env_sets_backend():
     assert r.stdout.strip() == "eager"
 
 
-def test_bad_env_backend_names_the_variable():
-    r = _run_python("import triton_qat", {"TRITON_QAT_BACKEND": "fast"})
-    assert r.returncode != 0
+def test_bad_env_backend_warns_and_imports():
+    code = "import triton_qat as tq; print(tq.get_backend())"
+    r = _run_python(code, {"TRITON_QAT_BACKEND": "fast"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "auto"
     assert "TRITON_QAT_BACKEND" in r.stderr
+    r = _run_python(code, {"TRITON_QAT_BACKEND": " Eager "})
+    assert r.stdout.strip() == "eager"
 
 
 def test_cpu_without_interpreter():
@@ -219,3 +223,58 @@ def test_device_mismatch_names_the_argument():
         tq.fake_quantize_per_channel(xc, S4, Z4.cuda(), 0, -128, 127)
     with pytest.raises(ValueError, match="zero_point"):
         tq.fake_quantize_per_channel(xc, S4.cuda(), Z4, 0, -128, 127)
+
+
+def test_zero_point_range_checked_before_narrowing():
+    x = torch.tensor([-1.0, 1.0])
+    with pytest.raises(ValueError, match="zero_point"):
+        tq.fake_quantize_per_tensor(x, 0.1, torch.tensor([2**32 + 5]), 0, 255)
+    with pytest.raises(ValueError, match="zero_point"):
+        tq.fake_quantize_per_tensor(x, 0.1, 2**40, 0, 255)
+    with pytest.raises(ValueError, match="zero_point"):
+        tq.fake_quantize_per_channel(
+            X, S4, torch.tensor([0, 0, 0, -(2**32)], dtype=torch.int64), 0, -128, 127
+        )
+
+
+def test_per_channel_zero_point_must_be_1d():
+    with pytest.raises(ValueError, match="zero_point"):
+        tq.fake_quantize_per_channel(X, S4, Z4.view(1, 4), 0, -128, 127)
+
+
+def test_numpy_scalars_and_huge_scale():
+    np = pytest.importorskip("numpy")
+    y32 = tq.fake_quantize_per_tensor(X, np.float32(0.1), np.int32(0), -128, 127)
+    y = tq.fake_quantize_per_tensor(X, 0.1, 0, -128, 127)
+    assert torch.equal(y32, y)
+    with pytest.raises(ValueError, match="scale"):
+        tq.fake_quantize_per_tensor(X, 10**400, 0, -128, 127)
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_qparams_get_no_gradient(backend):
+    """Non-learnable qparams: a scale that requires grad is used as a constant on every path."""
+    scale = torch.full((4,), 0.1, requires_grad=True)
+    with tq.use_backend(backend):
+        y = tq.fake_quantize_per_channel(X, scale, Z4, 0, -128, 127)
+    assert y.grad_fn is None
+
+
+def test_interpreter_switched_after_triton_import_is_refused():
+    code = (
+        "import os, torch\n"
+        "import triton.language\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import triton_qat as tq\n"
+        "x = torch.randn(4)\n"
+        "assert torch.equal(tq.fake_quantize_per_tensor(x, 0.1, 0, -128, 127),\n"
+        "                   torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -128, 127))\n"
+        "tq.set_backend('triton')\n"
+        "try:\n"
+        "    tq.fake_quantize_per_tensor(x, 0.1, 0, -128, 127)\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    r = _run_python(code, {"TRITON_INTERPRET": None, "TRITON_QAT_BACKEND": None})
+    assert r.returncode == 0, r.stderr
+    assert "before triton is first imported" in r.stdout

@@ -750,3 +750,44 @@ if given is not None:
         )
         xqp = _input_qparams(device) if x_fq else None
         _check_kernel_against_eager(x, w, b, wqp, xqp, what=str(case))
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_in_place_qparam_update_between_forward_and_backward(device, backend):
+    """An observer may update the weight's scale in place before backward (two forwards,
+    one backward): the gradient is the one of the forward that ran, as in torch.ao."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 32, generator=g).to(device)
+    w = (torch.randn(6, 32, generator=g) * 0.1).to(device)
+    scale = torch.full((6,), 0.004, device=device)
+    zp = torch.zeros(6, dtype=torch.int32, device=device)
+    qp = tq.QParams(scale, zp, -8, 7, axis=0)
+    grads = []
+    for mutate in (False, True):
+        ww = w.clone().requires_grad_()
+        with tq.use_backend(backend):
+            y = tq.fq_linear(x, ww, weight_qparams=qp)
+            if mutate:
+                scale.mul_(100.0)
+                zp.add_(3)
+            y.sum().backward()
+            scale.fill_(0.004)
+            zp.zero_()
+        grads.append(ww.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_master_weight_grad_rounds_like_the_composition(device):
+    """fp32 master weights under a bf16 input: dW is the bf16 product widened, as autograd of
+    F.linear(fq(x), fq(w).to(bf16)) gives it (2049 ones sum to 2048 in bf16)."""
+    x = torch.ones(2049, 3, dtype=torch.bfloat16, device=device)
+    w = torch.ones(2, 3, device=device)
+    qp = tq.QParams(0.1, 0, -128, 127)
+    out = {}
+    for backend in ("triton", "eager"):
+        ww = w.clone().requires_grad_()
+        with tq.use_backend(backend):
+            tq.fq_linear(x, ww, weight_qparams=qp).sum().backward()
+        out[backend] = ww.grad
+    assert torch.equal(out["triton"], out["eager"])
+    assert torch.equal(out["eager"], torch.full_like(w, 2048.0))

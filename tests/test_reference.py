@@ -451,18 +451,15 @@ def test_per_channel_16_bit_ranges(qmin, qmax, float_zp):
     assert_bitwise_equal(got, expected, "per channel 16 bit")
 
 
-@pytest.mark.float_zp_vs_torch
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_per_channel_half_zero_point(dtype):
-    """torch accepts a float16 zero point; values exactly representable in fp16."""
-    gen = _gen(21)
-    qmin, qmax = -128, 127
-    scale = torch.tensor([0.1, 0.25, 0.0371, 1.0], dtype=torch.float32)
-    zp = torch.tensor([0.5, -3.25, 126.75, -128.0], dtype=torch.float16)
-    x = _channel_values((4, 9), 0, scale, zp.float(), qmin, qmax, gen, dtype)
-    expected = torch.fake_quantize_per_channel_affine(x, scale, zp, 0, qmin, qmax)
-    got = eager_per_channel(x, scale, zp, 0, qmin, qmax)
-    assert_bitwise_equal(got, expected, "half zero point")
+@pytest.mark.parametrize("zp_dtype", [torch.float16, torch.bfloat16])
+def test_half_zero_point_is_refused(zp_dtype):
+    """torch rounds twice with a float16 zero point (once with float32, on vectorized builds),
+    and refuses bfloat16: triton_qat takes float zero points as float32 only."""
+    x = torch.zeros(4, 3)
+    scale = torch.full((4,), 0.1)
+    zp = torch.zeros(4, dtype=zp_dtype)
+    with pytest.raises(TypeError, match="zero_point"):
+        eager_per_channel(x, scale, zp, 0, -128, 127)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -1034,3 +1031,19 @@ def test_reference_on_device_equals_cpu(device):
             dy.to(device),
         )
         assert_bitwise_equal(gx_dev, gx_cpu, f"grad on {device}")
+
+
+def test_fma_fp32_rounds_once():
+    """a * b + c with one rounding, where float64 followed by float32 would round twice:
+    (1 + 2**-18) * 2**-24 * (1 - 2**-18) + (1 + 2**-23) = 1 + 2**-23 + 2**-24 - 2**-60 lies
+    just below an fp32 midpoint that float64 rounds onto (then ties-to-even goes up)."""
+    from triton_qat.reference import fma_fp32
+
+    a = torch.tensor([1 + 2**-18, float("inf"), 1.0, 3.0])
+    b = torch.tensor([2**-24 * (1 - 2**-18), 2.0, float("inf"), 0.5])
+    c = torch.tensor([1 + 2**-23, 1.0, 1.0, 0.25])
+    got = fma_fp32(a, b, c)
+    twice = (a.double() * b.double() + c.double()).float()
+    assert got[0].item() == 1 + 2**-23 and twice[0].item() == 1 + 2**-22
+    assert got[1].item() == float("inf") and got[2].item() == float("inf")
+    assert got[3].item() == 1.75

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -18,9 +19,9 @@ _ENV_VAR = "TRITON_QAT_BACKEND"
 
 
 def _checked(name: object) -> str:
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name.lower()
+    return name.strip().lower()
 
 
 def _initial_backend() -> str:
@@ -28,7 +29,9 @@ def _initial_backend() -> str:
     try:
         return _checked(value)
     except ValueError as err:
-        raise ValueError(f"environment variable {_ENV_VAR}: {err}") from None
+        # Importing must work; a bad setting is reported, not fatal.
+        warnings.warn(f"ignoring {_ENV_VAR}={value!r}: {err}; using 'auto'", stacklevel=2)
+        return "auto"
 
 
 _backend = _initial_backend()
@@ -58,11 +61,6 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = old
 
 
-def interpreter_enabled() -> bool:
-    """True when TRITON_INTERPRET asks Triton to interpret kernels on the CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
 @functools.cache
 def triton_import_error() -> str | None:
     """None when Triton imports, else why it does not."""
@@ -80,17 +78,17 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return err
     if device.type == "cuda":
         return None
-    if device.type == "cpu":
-        if interpreter_enabled():
-            from triton_qat.kernels import COMPILED_AS_INTERPRETED
+    from triton_qat.kernels import INTERPRETED_KERNELS, INTERPRETER_MISMATCH
 
-            if not COMPILED_AS_INTERPRETED:
-                return (
-                    "TRITON_INTERPRET=1 was set after the kernels were loaded; set it before "
-                    "triton_qat runs its first kernel"
-                )
+    if INTERPRETER_MISMATCH:
+        return INTERPRETER_MISMATCH
+    if device.type == "cpu":
+        if INTERPRETED_KERNELS:
             return None
-        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+        return (
+            "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton "
+            "and triton_qat's kernels are first imported"
+        )
     return f"device type {device.type!r} is not supported by the Triton kernels"
 
 

@@ -11,13 +11,54 @@ from triton_qat import reference
 from triton_qat._backend import use_triton
 from triton_qat.qparams import LinearQuant, NormQParams, QParams, check_float_tensor, normalize
 
+# torch's CPU per-channel op converts q to int64 before clamping; below this bound on x / scale
+# nothing wraps, and its results equal the reference's (tests/test_reference.py).
+_TORCH_CPU_WRAP_BOUND = 2.0**62
+
+
+def _torch_fused_applies(x: Tensor, nq: NormQParams) -> bool:
+    """Whether torch's fused CPU fake-quant op computes exactly the reference here.
+
+    It does per tensor, and per channel / group with an integer zero point unless some
+    x / scale could reach 2**62 (+inf, NaN, zero, negative or tiny scales): one max over x
+    and over the scales decides, cheaper than the ten passes of the reference formula.
+    """
+    if x.device.type != "cpu" or nq.float_zero_point or x.numel() == 0:
+        return False
+    if nq.granularity == "per_tensor":
+        return True
+    inv = reference.reciprocal(nq.scale)
+    bound = x.max().float() * inv.max()
+    return bool(((inv.min() > 0) & (bound < _TORCH_CPU_WRAP_BOUND)).item())
+
+
+def fake_quantize_with_mask_eager(
+    x: Tensor, nq: NormQParams, inv_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(fq(x), mask) in plain PyTorch: torch's fused CPU op where it equals the reference,
+    the reference itself elsewhere. `inv_scale`, when given, must be 1 / nq.scale."""
+    if not _torch_fused_applies(x, nq):
+        return reference.fake_quantize_with_mask_ref(x, nq, inv_scale)
+    xc = x.contiguous()
+    if nq.granularity == "per_tensor":
+        enabled = torch.ones(1, dtype=torch.long)
+        y, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            xc, nq.scale, nq.zero_point, enabled, nq.quant_min, nq.quant_max
+        )
+        return y.reshape(x.shape), mask.reshape(x.shape)
+    view = xc.view(nq.rows, nq.cols) if nq.params_on_cols else xc.view(-1, nq.channels, nq.cols)
+    y, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+        view, nq.scale, nq.zero_point, 1, nq.quant_min, nq.quant_max
+    )
+    return y.reshape(x.shape), mask.reshape(x.shape)
+
 
 def _forward(x: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
     if use_triton(x.device):
         from triton_qat.kernels.fake_quant import fake_quant_forward
 
         return fake_quant_forward(x, nq, inv_scale)
-    return reference.fake_quantize_ref(x, nq)
+    return fake_quantize_with_mask_eager(x, nq)[0]
 
 
 def _backward(x: Tensor, grad_y: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
@@ -29,13 +70,14 @@ def _backward(x: Tensor, grad_y: Tensor, nq: NormQParams, inv_scale: Tensor) -> 
 
 
 class _FakeQuantizeFunction(torch.autograd.Function):
-    """Straight-through fake quant. Saves x, 1/scale and the zero point; the mask is
-    recomputed in the backward pass. 1/scale is a fresh tensor, so an observer that updates
-    the scale in place before backward does not change this call's gradient."""
+    """Straight-through fake quant. Saves x, 1/scale and a copy of the zero point; the mask
+    is recomputed in the backward pass. An observer that updates the scale or zero point in
+    place before backward does not change this call's gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, inv_scale, nq.zero_point)
+        # The zero point is cloned (a few bytes) so in-place updates cannot reach backward.
+        ctx.save_for_backward(x, inv_scale, nq.zero_point.clone())
         ctx.nq = nq._replace(scale=None, zero_point=None)
         return _forward(x, nq, inv_scale)
 
@@ -136,7 +178,7 @@ def _fq_linear_op(
         from triton_qat.kernels.fq_matmul import fq_linear_forward
 
         return fq_linear_forward(x, weight, bias, lq)
-    return reference.fq_linear_ref(x, weight, bias, lq)
+    return reference.fq_linear_ref(x, weight, bias, lq, fake_quantize_with_mask_eager)
 
 
 @_fq_linear_op.register_fake
@@ -174,7 +216,9 @@ def _fq_linear_backward_op(
         dx = fq_linear_grad_input(grad_y, x, weight, lq) if need_dx else None
         dw = fq_linear_grad_weight(grad_y, x, weight, lq) if need_dw else None
     else:
-        dx, dw = reference.fq_linear_backward_ref(grad_y, x, weight, lq, need_dx, need_dw)
+        dx, dw = reference.fq_linear_backward_ref(
+            grad_y, x, weight, lq, need_dx, need_dw, fake_quantize_with_mask_eager
+        )
     return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
 
 
@@ -188,16 +232,25 @@ def _(grad_y, x, weight, *args):
     )
 
 
+def _clone(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clone()
+
+
 def _fq_linear_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size = inputs[:9]
-    x_scale, x_inv, x_zp, x_qmin, x_qmax = inputs[9:]
-    ctx.save_for_backward(x, weight, w_scale, w_inv, w_zp, x_scale, x_inv, x_zp)
+    x, weight, bias, w_scale, _, w_zp, w_qmin, w_qmax, group_size = inputs[:9]
+    x_scale, _, x_zp, x_qmin, x_qmax = inputs[9:]
+    # Exactly what F.linear saves (input, weight), plus copies of the qparams (small next to
+    # the weight), so an observer updating them in place before backward changes nothing.
+    # 1 / scale is recomputed in backward: the same op on the same values, bit for bit.
+    ctx.save_for_backward(x, weight, w_scale.clone(), w_zp.clone(), _clone(x_scale), _clone(x_zp))
     ctx.ranges = (w_qmin, w_qmax, group_size, x_qmin, x_qmax)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _fq_linear_backward(ctx, grad_y):
-    x, weight, w_scale, w_inv, w_zp, x_scale, x_inv, x_zp = ctx.saved_tensors
+    x, weight, w_scale, w_zp, x_scale, x_zp = ctx.saved_tensors
+    w_inv = reference.reciprocal(w_scale)
+    x_inv = None if x_scale is None else reference.reciprocal(x_scale)
     w_qmin, w_qmax, group_size, x_qmin, x_qmax = ctx.ranges
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx = dw = db = None

@@ -9,6 +9,7 @@ fp32 scale, int32 (or fp32) zero point, both contiguous on the tensor's device, 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -115,43 +116,67 @@ def _as_scale(scale: object, device: torch.device, numel: int | None, shape_msg:
             raise ValueError(f"scale is on {scale.device} but the input is on {device}")
         if numel is not None and scale.numel() != numel:
             raise ValueError(f"scale must have {shape_msg}, got shape {tuple(scale.shape)}")
-        return scale.reshape(-1).contiguous()
-    if isinstance(scale, bool) or not isinstance(scale, (float, int)):
+        # qparams are constants here (learnable ones have their own op): no gradient flows.
+        return scale.detach().reshape(-1).contiguous()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(
             f"scale must be a Python float or a float32 tensor, got {type(scale).__name__}"
         )
     if numel not in (None, 1):
         raise ValueError(f"scale must be a tensor with {shape_msg}, got a Python number")
-    return torch.tensor([float(scale)], dtype=torch.float32, device=device)
+    try:
+        value = float(scale)
+    except OverflowError:
+        raise ValueError(f"scale {scale} does not fit a float") from None
+    return torch.tensor([value], dtype=torch.float32, device=device)
 
 
 def _as_zero_point(
-    zp: object, device: torch.device, numel: int, shape_msg: str, allow_float: bool
+    zp: object,
+    device: torch.device,
+    numel: int,
+    shape_msg: str,
+    allow_float: bool,
+    quant_range: tuple[int, int],
+    check_tensor: bool,
 ) -> tuple[Tensor, bool]:
+    """zero_point as a contiguous int32 (or fp32) tensor; the range is checked on the value
+    given, before any narrowing. check_tensor False skips the check of a tensor's values
+    (a host sync); a Python int is always checked."""
     if isinstance(zp, Tensor):
         if zp.device != device:
             raise ValueError(f"zero_point is on {zp.device} but the input is on {device}")
         if zp.numel() != numel:
             raise ValueError(f"zero_point must have {shape_msg}, got shape {tuple(zp.shape)}")
         if zp.dtype in (torch.int32, torch.int64):
-            return zp.reshape(-1).to(torch.int32).contiguous(), False
-        if zp.dtype in FLOAT_DTYPES:
+            is_float = False
+        elif zp.dtype == torch.float32:
             if not allow_float:
                 raise TypeError("a float zero_point is supported per channel and per group only")
-            return zp.reshape(-1).to(torch.float32).contiguous(), True
-        raise TypeError(f"zero_point must be an int32 or float tensor, got {zp.dtype}")
-    if isinstance(zp, bool) or not isinstance(zp, int):
+            is_float = True
+        else:
+            # torch itself rounds twice with a float16 zero point; float32 is the one float form.
+            raise TypeError(f"zero_point must be an int32, int64 or float32 tensor, got {zp.dtype}")
+        zp = zp.detach().reshape(-1)
+        if check_tensor:
+            _check_zero_point_range(zp, *quant_range)
+        return zp.to(torch.float32 if is_float else torch.int32).contiguous(), is_float
+    if isinstance(zp, bool) or not isinstance(zp, numbers.Integral):
         raise TypeError(f"zero_point must be an int or an int32 tensor, got {type(zp).__name__}")
     if numel != 1:
         raise ValueError(f"zero_point must be a tensor with {shape_msg}, got a Python int")
-    return torch.tensor([zp], dtype=torch.int32, device=device), False
+    if not quant_range[0] <= zp <= quant_range[1]:
+        raise ValueError(
+            f"zero_point must be between quant_min and quant_max {quant_range}, got {zp}"
+        )
+    return torch.tensor([int(zp)], dtype=torch.int32, device=device), False
 
 
 def _check_zero_point_range(zp: Tensor, quant_min: int, quant_max: int) -> None:
     if zp.numel() == 0:
         return
     lo, hi = torch.aminmax(zp)
-    # One small host sync; torch's own per-channel op does the same check.
+    # One small host sync; torch's own per-channel op does the same check. NaN fails it.
     if not bool(((lo >= quant_min) & (hi <= quant_max)).item()):
         raise ValueError(
             f"zero_point must be between quant_min and quant_max ({quant_min}, {quant_max}), "
@@ -166,9 +191,12 @@ def normalize(x: Tensor, qp: QParams, *, check_zero_point: bool = True) -> NormQ
     shape = tuple(x.shape)
     numel = x.numel()
     gran = qp.granularity
+    quant_range = (qp.quant_min, qp.quant_max)
     if gran == "per_tensor":
         scale = _as_scale(qp.scale, device, 1, "one element")
-        zp, float_zp = _as_zero_point(qp.zero_point, device, 1, "one element", False)
+        zp, float_zp = _as_zero_point(
+            qp.zero_point, device, 1, "one element", False, quant_range, check_zero_point
+        )
         rows, cols, channels, on_cols = 1, numel, 1, False
     elif gran == "per_channel":
         if x.dim() == 0:
@@ -180,10 +208,13 @@ def normalize(x: Tensor, qp: QParams, *, check_zero_point: bool = True) -> NormQ
         axis %= x.dim()
         channels = shape[axis]
         msg = f"shape ({channels},) (x.shape[{axis}])"
-        if isinstance(qp.scale, Tensor) and qp.scale.dim() != 1:
-            raise ValueError(f"scale must have {msg}, got shape {tuple(qp.scale.shape)}")
+        for name, t in (("scale", qp.scale), ("zero_point", qp.zero_point)):
+            if isinstance(t, Tensor) and t.dim() != 1:
+                raise ValueError(f"{name} must have {msg}, got shape {tuple(t.shape)}")
         scale = _as_scale(qp.scale, device, channels, msg)
-        zp, float_zp = _as_zero_point(qp.zero_point, device, channels, msg, True)
+        zp, float_zp = _as_zero_point(
+            qp.zero_point, device, channels, msg, True, quant_range, check_zero_point
+        )
         inner = math.prod(shape[axis + 1 :])
         if inner == 1:
             # Channels along the last dim: parameters indexed by column.
@@ -207,10 +238,10 @@ def normalize(x: Tensor, qp: QParams, *, check_zero_point: bool = True) -> NormQ
                 raise ValueError(f"{name} must have {msg}, got shape {tuple(t.shape)}")
         channels = numel // g if g else 0
         scale = _as_scale(qp.scale, device, channels, msg)
-        zp, float_zp = _as_zero_point(qp.zero_point, device, channels, msg, True)
+        zp, float_zp = _as_zero_point(
+            qp.zero_point, device, channels, msg, True, quant_range, check_zero_point
+        )
         rows, cols, on_cols = channels, g, False
-    if check_zero_point:
-        _check_zero_point_range(zp, qp.quant_min, qp.quant_max)
     return NormQParams(
         scale=scale,
         zero_point=zp,

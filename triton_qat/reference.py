@@ -10,6 +10,8 @@ torch's per-tensor op, they saturate to quant_max.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -42,7 +44,9 @@ def fma_fp32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     halfway = s == (f.double() + other.double()) * 0.5
     # Halfway in float64 only: the exact sum lies on the side of err.
     take_other = halfway & (err != 0) & ((err > 0) == above)
-    return torch.where(take_other, other, f)
+    # An infinite product or addend: no error term to speak of, the sum is what it is.
+    exact = torch.isinf(p) | torch.isinf(cd)
+    return torch.where(take_other & ~exact, other, f)
 
 
 def quantize_unclamped(
@@ -142,26 +146,51 @@ def fake_quantize_backward_ref(
     return grad_y * fake_quantize_mask_ref(x, nq, inv_scale)
 
 
-def fq_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, lq: LinearQuant) -> Tensor:
-    """F.linear(fq_x(x), fq_w(weight).to(x.dtype), bias): x (M, K), weight (N, K)."""
-    xq = fake_quantize_ref(x, lq.input_norm(x)) if lq.x_fq else x
-    wq = fake_quantize_ref(weight, lq.weight_norm(weight)).to(x.dtype)
+def fake_quantize_with_mask_ref(
+    x: Tensor, nq: NormQParams, inv_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(fake-quantized x, straight-through mask), both shaped as x."""
+    return fake_quantize_ref(x, nq), fake_quantize_mask_ref(x, nq, inv_scale)
+
+
+FakeQuantWithMask = Callable[[Tensor, NormQParams, "Tensor | None"], tuple[Tensor, Tensor]]
+
+
+def fq_linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lq: LinearQuant,
+    fake_quant: FakeQuantWithMask = fake_quantize_with_mask_ref,
+) -> Tensor:
+    """F.linear(fq_x(x), fq_w(weight).to(x.dtype), bias): x (M, K), weight (N, K).
+
+    `fake_quant` computes (fq(t), mask(t)); any implementation equal to
+    fake_quantize_with_mask_ref may stand in (ops.py passes torch's fused CPU op).
+    """
+    xq = fake_quant(x, lq.input_norm(x), lq.x_inv)[0] if lq.x_fq else x
+    wq = fake_quant(weight, lq.weight_norm(weight), lq.w_inv)[0].to(x.dtype)
     return torch.nn.functional.linear(xq, wq, None if bias is None else bias.to(x.dtype))
 
 
 def fq_linear_backward_ref(
-    grad_y: Tensor, x: Tensor, weight: Tensor, lq: LinearQuant, need_dx: bool, need_dw: bool
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lq: LinearQuant,
+    need_dx: bool,
+    need_dw: bool,
+    fake_quant: FakeQuantWithMask = fake_quantize_with_mask_ref,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Straight-through gradients of fq_linear_ref, as autograd of the eager composition:
     dx = (dy @ fq_w(w)) * mask_x(x); dw = (dy^T @ fq_x(x)).to(w.dtype) * mask_w(w)."""
     dx = dw = None
+    xq, mask_x = fake_quant(x, lq.input_norm(x), lq.x_inv) if lq.x_fq else (x, None)
+    wq, mask_w = fake_quant(weight, lq.weight_norm(weight), lq.w_inv)
     if need_dx:
-        wq = fake_quantize_ref(weight, lq.weight_norm(weight)).to(x.dtype)
-        dx = grad_y @ wq
-        if lq.x_fq:
-            dx = dx * fake_quantize_mask_ref(x, lq.input_norm(x), lq.x_inv)
+        dx = grad_y @ wq.to(x.dtype)
+        if mask_x is not None:
+            dx = dx * mask_x
     if need_dw:
-        xq = fake_quantize_ref(x, lq.input_norm(x)) if lq.x_fq else x
-        mask_w = fake_quantize_mask_ref(weight, lq.weight_norm(weight), lq.w_inv)
         dw = (grad_y.t() @ xq).to(weight.dtype) * mask_w
     return dx, dw

@@ -297,6 +297,9 @@ def fq_linear_dw_kernel(
         w_inv_ptr, w_inv_ptr, w_zp_ptr, rn, rk, n_ok, k_ok, K, group_size, W_GRAN
     )
     qf = quantize_unclamped(to_fp32(w), w_inv, w_zp, W_FLOAT_ZP)
+    if dw_ptr.dtype.element_ty != dtype:
+        # fp32 master weights: the composition's dW is a product in the input dtype, widened.
+        acc = to_fp32(cast_rne(acc, dtype))
     acc = acc * ((qf >= w_qmin) & (qf <= w_qmax)).to(tl.float32)
     tl.store(
         dw_ptr + rn[:, None] * stride_dwn + rk[None, :] * stride_dwk,
@@ -359,6 +362,8 @@ def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant
         X_FQ=lq.x_fq,
         HAS_BIAS=bias is not None,
         INPUT_PRECISION=input_precision(x.dtype),
+        # x * inv + 1.5 * 2**23 must not become one FMA: it would round the exact product.
+        enable_fp_fusion=False,
     )
     return y
 
@@ -400,6 +405,7 @@ def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> T
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
         INPUT_PRECISION=input_precision(dy.dtype),
+        enable_fp_fusion=False,
     )
     return dx
 
@@ -441,5 +447,6 @@ def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> 
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
         INPUT_PRECISION=input_precision(dy.dtype),
+        enable_fp_fusion=False,
     )
     return dw
