@@ -336,8 +336,34 @@ def fq_linear(
             weight = weight.to(ac_dtype)
     lq = linear_quant(input, weight, weight_qparams, input_qparams)
     x2d = input.reshape(math.prod(input.shape[:-1]), weight.shape[1])
-    y = torch.ops.triton_qat.fq_linear(x2d, weight, bias, *_op_args(lq))
+    if torch.compiler.is_compiling() or use_triton(x2d.device):
+        y = torch.ops.triton_qat.fq_linear(x2d, weight, bias, *_op_args(lq))
+    else:
+        y = _EagerFqLinear.apply(x2d, weight, bias, lq)
     return y.reshape(*input.shape[:-1], weight.shape[0])
+
+
+class _EagerFqLinear(torch.autograd.Function):
+    """The eager path outside torch.compile: the composition torch.ao runs, saving the
+    fake-quantized operands and masks (fastest on the CPU, where memory is not the point)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lq):  # type: ignore[override]
+        ops = reference.fq_linear_operands(x, weight, lq, fake_quantize_with_mask_eager)
+        ctx.save_for_backward(*ops)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return reference.linear_of_operands(ops, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        ops = reference.LinearOperands(*ctx.saved_tensors)
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw = reference.linear_grads_of_operands(
+            grad_y.to(ops.xq.dtype), ops, ctx.weight_dtype, need_dx, need_dw
+        )
+        db = grad_y.sum(0).to(ctx.bias_dtype) if need_db else None
+        return dx, dw, db, None
 
 
 def _op_args(lq: LinearQuant) -> tuple:

@@ -11,6 +11,7 @@ torch's per-tensor op, they saturate to quant_max.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -156,6 +157,52 @@ def fake_quantize_with_mask_ref(
 FakeQuantWithMask = Callable[[Tensor, NormQParams, "Tensor | None"], tuple[Tensor, Tensor]]
 
 
+class LinearOperands(NamedTuple):
+    """The fake-quantized operands of a linear and their straight-through masks."""
+
+    xq: Tensor  # fq(x) (or x), input dtype
+    mask_x: Tensor | None  # None when the input is not fake-quantized
+    wq: Tensor  # fq(weight).to(input dtype)
+    mask_w: Tensor
+
+
+def fq_linear_operands(
+    x: Tensor,
+    weight: Tensor,
+    lq: LinearQuant,
+    fake_quant: FakeQuantWithMask = fake_quantize_with_mask_ref,
+) -> LinearOperands:
+    """fq_x(x), fq_w(weight) cast to x's dtype, and both masks.
+
+    `fake_quant` computes (fq(t), mask(t)); any implementation equal to
+    fake_quantize_with_mask_ref may stand in (ops.py passes torch's fused CPU op).
+    """
+    xq, mask_x = fake_quant(x, lq.input_norm(x), lq.x_inv) if lq.x_fq else (x, None)
+    wq, mask_w = fake_quant(weight, lq.weight_norm(weight), lq.w_inv)
+    return LinearOperands(xq, mask_x, wq.to(x.dtype), mask_w)
+
+
+def linear_of_operands(ops: LinearOperands, bias: Tensor | None) -> Tensor:
+    """F.linear(fq_x(x), fq_w(w), bias), bias cast to the input dtype as F.linear needs."""
+    b = None if bias is None else bias.to(ops.xq.dtype)
+    return torch.nn.functional.linear(ops.xq, ops.wq, b)
+
+
+def linear_grads_of_operands(
+    grad_y: Tensor, ops: LinearOperands, weight_dtype: torch.dtype, need_dx: bool, need_dw: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Straight-through gradients, as autograd of the eager composition:
+    dx = (dy @ fq_w(w)) * mask_x(x); dw = (dy^T @ fq_x(x)).to(w.dtype) * mask_w(w)."""
+    dx = dw = None
+    if need_dx:
+        dx = grad_y @ ops.wq
+        if ops.mask_x is not None:
+            dx = dx * ops.mask_x
+    if need_dw:
+        dw = (grad_y.t() @ ops.xq).to(weight_dtype) * ops.mask_w
+    return dx, dw
+
+
 def fq_linear_ref(
     x: Tensor,
     weight: Tensor,
@@ -163,14 +210,8 @@ def fq_linear_ref(
     lq: LinearQuant,
     fake_quant: FakeQuantWithMask = fake_quantize_with_mask_ref,
 ) -> Tensor:
-    """F.linear(fq_x(x), fq_w(weight).to(x.dtype), bias): x (M, K), weight (N, K).
-
-    `fake_quant` computes (fq(t), mask(t)); any implementation equal to
-    fake_quantize_with_mask_ref may stand in (ops.py passes torch's fused CPU op).
-    """
-    xq = fake_quant(x, lq.input_norm(x), lq.x_inv)[0] if lq.x_fq else x
-    wq = fake_quant(weight, lq.weight_norm(weight), lq.w_inv)[0].to(x.dtype)
-    return torch.nn.functional.linear(xq, wq, None if bias is None else bias.to(x.dtype))
+    """F.linear(fq_x(x), fq_w(weight).to(x.dtype), bias): x (M, K), weight (N, K)."""
+    return linear_of_operands(fq_linear_operands(x, weight, lq, fake_quant), bias)
 
 
 def fq_linear_backward_ref(
@@ -182,15 +223,6 @@ def fq_linear_backward_ref(
     need_dw: bool,
     fake_quant: FakeQuantWithMask = fake_quantize_with_mask_ref,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Straight-through gradients of fq_linear_ref, as autograd of the eager composition:
-    dx = (dy @ fq_w(w)) * mask_x(x); dw = (dy^T @ fq_x(x)).to(w.dtype) * mask_w(w)."""
-    dx = dw = None
-    xq, mask_x = fake_quant(x, lq.input_norm(x), lq.x_inv) if lq.x_fq else (x, None)
-    wq, mask_w = fake_quant(weight, lq.weight_norm(weight), lq.w_inv)
-    if need_dx:
-        dx = grad_y @ wq.to(x.dtype)
-        if mask_x is not None:
-            dx = dx * mask_x
-    if need_dw:
-        dw = (grad_y.t() @ xq).to(weight.dtype) * mask_w
-    return dx, dw
+    """Gradients of fq_linear_ref, the operands recomputed from x and weight."""
+    ops = fq_linear_operands(x, weight, lq, fake_quant)
+    return linear_grads_of_operands(grad_y, ops, weight.dtype, need_dx, need_dw)
