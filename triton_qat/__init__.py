@@ -1,29 +1,40 @@
 """triton_qat: quantization-aware training for PyTorch with Triton kernels.
 
 Fake quantization per tensor, per channel and per group, bit-exact with PyTorch's ops,
+fused into the matmul of a QAT Linear (tq.nn.Linear, a drop-in for torch.ao.nn.qat.Linear),
 running as Triton kernels on CUDA (or interpreted on the CPU with TRITON_INTERPRET=1) and as
 an eager PyTorch reference everywhere else. Importing this package never touches CUDA.
 """
 
+from triton_qat import nn
 from triton_qat._backend import get_backend, set_backend, use_backend
+from triton_qat.convert import convert, prepare_qat
 from triton_qat.ops import (
     fake_quantize_per_channel,
     fake_quantize_per_group,
     fake_quantize_per_tensor,
     fq_linear,
 )
+from triton_qat.qconfig import QConfig, get_qconfig, list_qconfigs, register_qconfig
 from triton_qat.qparams import QParams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "QConfig",
     "QParams",
     "__version__",
+    "convert",
     "fake_quantize_per_channel",
     "fake_quantize_per_group",
     "fake_quantize_per_tensor",
     "fq_linear",
     "get_backend",
+    "get_qconfig",
+    "list_qconfigs",
+    "nn",
+    "prepare_qat",
+    "register_qconfig",
     "set_backend",
     "use_backend",
 ]

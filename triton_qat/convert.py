@@ -1,0 +1,221 @@
+"""The model flow: prepare_qat swaps nn.Linear for tq.nn.Linear, convert freezes a trained
+QAT model into integer weights with the trained qparams."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from triton_qat.nn.linear import Linear as QATLinear
+from triton_qat.ops import fake_quantize
+from triton_qat.qparams import QParams
+
+
+def _swap_modules(model: torch.nn.Module, make) -> None:
+    """Replace, in place and recursively, every child m with make(m) when it returns one."""
+    for name, child in list(model.named_children()):
+        new = make(child)
+        if new is not None:
+            setattr(model, name, new)
+        else:
+            _swap_modules(child, make)
+
+
+def prepare_qat(model: torch.nn.Module, qconfig, *, inplace: bool = False) -> torch.nn.Module:
+    """Every nn.Linear of `model` (exact type) becomes a tq.nn.Linear sharing its Parameters.
+
+    qconfig: a registered name, a triton_qat.QConfig or a torch.ao QConfig. With
+    inplace=False the model is deep-copied first (as torch.ao.quantization.prepare_qat).
+    """
+    from triton_qat.qconfig import resolve_qconfig
+
+    resolve_qconfig(qconfig)  # a bad qconfig fails here, before any module is touched
+    if not inplace:
+        model = copy.deepcopy(model)
+    if type(model) is torch.nn.Linear:
+        raise TypeError("prepare_qat takes a model containing nn.Linear layers, not a bare one")
+
+    def make(m: torch.nn.Module):
+        if type(m) is not torch.nn.Linear:
+            return None
+        m.qconfig = qconfig
+        return QATLinear.from_float(m)
+
+    _swap_modules(model, make)
+    return model
+
+
+def _pack_int4(q: Tensor, quant_min: int) -> Tensor:
+    """Two 4-bit codes (q - quant_min in 0..15) per byte along the last dim, low nibble first."""
+    u = (q - quant_min).to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = F.pad(u, (0, 1))
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def _unpack_int4(packed: Tensor, quant_min: int, k: int) -> Tensor:
+    lo = packed & 0x0F
+    hi = packed >> 4
+    u = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :k]
+    return u.to(torch.int32) + quant_min
+
+
+class QuantizedLinear(torch.nn.Module):
+    """Inference Linear with integer weights and the qparams trained by QAT.
+
+    Weights are stored as int8 codes (4-bit ranges packed two to a byte) with their scale
+    and zero point; the forward dequantizes them exactly as the QAT layer's fake quant did,
+    so the eval output equals the QAT model's eval output. A static input quantizer is
+    applied as fake quant (W8A8 numerics). No fake-quant modules are left.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        qweight: Tensor,
+        weight_qparams: QParams,
+        bias: Tensor | None,
+        input_qparams: QParams | None = None,
+        weight_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        wq = weight_qparams
+        self.quant_min, self.quant_max = wq.quant_min, wq.quant_max
+        self.axis, self.group_size = wq.axis, wq.group_size
+        self.packed_int4 = wq.quant_max - wq.quant_min <= 15
+        self.weight_dtype = weight_dtype
+        codes = qweight.to(torch.int32)
+        stored = _pack_int4(codes, wq.quant_min) if self.packed_int4 else codes.to(torch.int8)
+        if not self.packed_int4 and (wq.quant_min < -128 or wq.quant_max > 127):
+            stored = codes.to(torch.int16)
+        self.register_buffer("qweight", stored)
+        self.register_buffer("weight_scale", torch.as_tensor(wq.scale, dtype=torch.float32))
+        self.register_buffer("weight_zero_point", torch.as_tensor(wq.zero_point))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        if input_qparams is not None:
+            self.register_buffer("input_scale", torch.as_tensor(input_qparams.scale))
+            self.register_buffer("input_zero_point", torch.as_tensor(input_qparams.zero_point))
+            self.input_range = (input_qparams.quant_min, input_qparams.quant_max)
+        else:
+            self.input_range = None
+
+    def weight_codes(self) -> Tensor:
+        """The integer codes q, shape (out_features, in_features), int32."""
+        if self.packed_int4:
+            return _unpack_int4(self.qweight, self.quant_min, self.in_features)
+        return self.qweight.to(torch.int32)
+
+    def dequantized_weight(self) -> Tensor:
+        """(q - zero_point) * scale, as the QAT layer's fake quant computed it."""
+        q = self.weight_codes().to(torch.float32)
+        scale, zp = self.weight_scale, self.weight_zero_point
+        if self.group_size:
+            g = self.group_size
+            q = q.view(self.out_features, -1, g)
+            scale, zp = scale.view(self.out_features, -1, 1), zp.view(self.out_features, -1, 1)
+        elif self.axis is not None:
+            shape = (-1, 1) if self.axis in (0, -2) else (1, -1)
+            scale, zp = scale.view(shape), zp.view(shape)
+        if zp.is_floating_point():
+            # A float zero point dequantizes in float64 (NUMERICS: as torch's per-channel op).
+            w = ((q.double() - zp.double()) * scale.double()).float()
+        else:
+            w = (q - zp.to(torch.float32)) * scale
+        return w.reshape(self.out_features, self.in_features).to(self.weight_dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.input_range is not None:
+            qmin, qmax = self.input_range
+            input = fake_quantize(
+                input, QParams(self.input_scale, self.input_zero_point, qmin, qmax)
+            )
+        w = self.dequantized_weight().to(input.dtype)
+        b = None if self.bias is None else self.bias.to(input.dtype)
+        return F.linear(input, w, b)
+
+    @classmethod
+    def from_qat(cls, mod: QATLinear) -> QuantizedLinear:
+        """Freeze a trained tq.nn.Linear: its weight quantized with its current qparams."""
+        from triton_qat.fake_quantize import FakeQuantizeBase
+
+        wfq = mod.weight_fake_quant
+        if not isinstance(wfq, FakeQuantizeBase) or not hasattr(wfq, "qparams"):
+            raise TypeError(
+                f"convert: weight fake quant {type(wfq).__name__} is not one of triton_qat's; "
+                "cannot read its qparams"
+            )
+        was_enabled = bool(wfq.fake_quant_enabled[0])
+        wfq.enable_fake_quant()
+        wq = wfq.qparams()
+        wfq.enable_fake_quant(was_enabled)
+        assert wq is not None
+        codes = quantize_codes(mod.weight.detach(), wq)
+        iq = None
+        ifq = getattr(mod, "input_fake_quant", None)
+        if ifq is not None and hasattr(ifq, "qparams") and not getattr(ifq, "is_dynamic", False):
+            iq = ifq.qparams()
+            if iq is not None:
+                iq = QParams(
+                    iq.scale.detach().clone(),
+                    iq.zero_point.detach().clone(),
+                    iq.quant_min,
+                    iq.quant_max,
+                )
+        frozen = QParams(
+            wq.scale.detach().clone() if isinstance(wq.scale, Tensor) else wq.scale,
+            wq.zero_point.detach().clone() if isinstance(wq.zero_point, Tensor) else wq.zero_point,
+            wq.quant_min,
+            wq.quant_max,
+            axis=wq.axis,
+            group_size=wq.group_size,
+        )
+        return cls(
+            mod.in_features,
+            mod.out_features,
+            codes,
+            frozen,
+            mod.bias,
+            iq,
+            weight_dtype=mod.weight.dtype,
+        ).to(mod.weight.device)
+
+
+def quantize_codes(w: Tensor, qp: QParams) -> Tensor:
+    """The integer codes q = clamp(rne(w / scale) + zp) of the fake quant with `qp` (int32)."""
+    from triton_qat.qparams import normalize
+    from triton_qat.reference import quantize_unclamped, reciprocal
+
+    nq = normalize(w, qp)
+    inv = reciprocal(nq.scale)
+    if nq.params_on_cols:
+        xv, view = w.reshape(nq.rows, nq.cols), (1, -1)
+    else:
+        xv, view = w.reshape(-1, nq.channels, nq.cols), (1, -1, 1)
+    qf = quantize_unclamped(
+        xv.float(), inv.view(view), nq.zero_point.view(view), nq.float_zero_point
+    )
+    q = torch.fmin(
+        torch.fmax(qf, qf.new_tensor(float(qp.quant_min))), qf.new_tensor(float(qp.quant_max))
+    )
+    return q.to(torch.int32).reshape(w.shape)
+
+
+def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
+    """Replace every tq.nn.Linear with a QuantizedLinear (integer weights, trained qparams);
+    no fake-quant module is left. With inplace=False the model is deep-copied first."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, QATLinear):
+        return QuantizedLinear.from_qat(model)
+
+    def make(m: torch.nn.Module):
+        return QuantizedLinear.from_qat(m) if isinstance(m, QATLinear) else None
+
+    _swap_modules(model, make)
+    return model

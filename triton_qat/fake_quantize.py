@@ -1,0 +1,1119 @@
+"""Observer and fake-quantize modules, drop-ins for torch.ao.quantization's.
+
+The observers (MinMaxObserver, MovingAverageMinMaxObserver, PerChannelMinMaxObserver,
+MovingAveragePerChannelMinMaxObserver) take the same arguments, hold the same buffers and
+state_dict entries, and compute the same scale and zero point, bit for bit, as torch.ao's
+classes of the same name. PerGroupMinMaxObserver adds per-group statistics (groups of
+`group_size` consecutive elements along the last dim).
+
+FakeQuantize and FusedMovingAvgObsFakeQuantize reproduce torch.ao's modules (buffers,
+state_dict keys, observer updates, numerics of torch.fused_moving_average_obs_fake_quant),
+but fake-quantize through triton_qat.ops, so they run the Triton kernels on the GPU. Both
+expose `observe(x)` (the statistics half of forward) and `qparams()` (the current scale and
+zero point as a QParams) for the fused linear.
+
+Differences from torch.ao, all deliberate:
+- Every scale and zero point is computed with torch's CPU formula on every device: torch on
+  CUDA multiplies by the reciprocal where its CPU kernels divide by a Python number, and its
+  fused CUDA kernel has its own qparam code (NUMERICS.md: the small-scale cutoff is CPU only).
+  Here divisions are true divisions everywhere.
+- Inputs of any float dtype (fp16 and bf16 included) work: statistics are taken in fp32 and
+  the output keeps the input dtype (torch's fused CPU op refuses bf16).
+- FakeQuantize derives its qparams from the observer without calculate_qparams()'s host
+  synchronisations (validity check, float() of 0-dim results); calculate_qparams() itself
+  keeps torch.ao's checks and warnings.
+- Bad arguments raise ValueError / NotImplementedError where torch.ao asserts.
+- Per-channel fake quant takes a negative ch_axis, and FusedMovingAvgObsFakeQuantize any
+  ch_axis (torch's ops raise for both).
+- per_channel_affine_float_qparams is not supported.
+
+torch.ao is optional: without it the base classes are plain nn.Modules with the same buffers
+and methods.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from triton_qat.ops import (
+    fake_quantize_per_channel,
+    fake_quantize_per_group,
+    fake_quantize_per_tensor,
+)
+from triton_qat.qparams import QParams
+
+try:  # torch.ao is optional: the package works without it
+    import torch.ao.quantization.fake_quantize as _ao_fake_quantize
+    import torch.ao.quantization.observer as _ao_observer
+except Exception:  # an ImportError, or a broken install raising anything
+    _ao_fake_quantize = None
+    _ao_observer = None
+
+__all__ = [
+    "FakeQuantize",
+    "FakeQuantizeBase",
+    "FusedMovingAvgObsFakeQuantize",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "MovingAveragePerChannelMinMaxObserver",
+    "ObserverBase",
+    "PerChannelMinMaxObserver",
+    "PerGroupMinMaxObserver",
+]
+
+_FP32_EPS = torch.finfo(torch.float32).eps
+# torch's ChooseQuantizationParams (CPU) raises smaller scales to this (2**-14, fp16's limit).
+_SMALL_SCALE_THRESHOLD = float(torch.tensor(6.1e-5, dtype=torch.float32))
+
+_PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+_ALLOWED_DTYPES = (
+    torch.qint8,
+    torch.quint8,
+    torch.quint4x2,
+    torch.qint32,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.float8_e5m2,
+    torch.float8_e4m3fn,
+    torch.uint16,
+)
+# torch.iinfo does not know every quantized dtype (quint4x2 raises).
+_DTYPE_RANGE = {
+    torch.quint8: (0, 255),
+    torch.qint8: (-128, 127),
+    torch.quint4x2: (0, 15),
+    torch.quint2x4: (0, 3),
+    torch.qint32: (-(2**31), 2**31 - 1),
+}
+
+
+# --- factories (with_args) ---------------------------------------------------------------------
+
+
+class _PartialWrapperFallback:
+    """torch.ao.quantization.observer._PartialWrapper, for when torch.ao is missing."""
+
+    def __init__(self, p: functools.partial) -> None:
+        self.p = p
+        self.callable_args: dict[str, Any] = {}
+
+    def __call__(self, *args: Any, **keywords: Any) -> Any:
+        for name, make in self.callable_args.items():
+            if name not in keywords:
+                keywords = {**keywords, name: make()}
+        return self.p(*args, **keywords)
+
+    def __repr__(self) -> str:
+        return self.p.__repr__() + self.callable_args.__repr__()
+
+    def with_args(self, **kwargs: Any) -> _PartialWrapperFallback:
+        return _with_args(self, **kwargs)
+
+    def with_callable_args(self, **kwargs: Any) -> _PartialWrapperFallback:
+        result = _PartialWrapperFallback(self.p)
+        result.callable_args = {**self.callable_args, **kwargs}
+        return result
+
+
+def _with_args(cls_or_self: Any, **kwargs: Any) -> Any:
+    """A factory building `cls_or_self(**kwargs)`; torch.ao's own wrapper when available, so
+    torch.ao's qconfig helpers (equality, dtype lookup through `.p.keywords`) accept it."""
+    ao_with_args = getattr(_ao_observer, "_with_args", None)
+    if ao_with_args is not None:
+        return ao_with_args(cls_or_self, **kwargs)
+    return _PartialWrapperFallback(functools.partial(cls_or_self, **kwargs))
+
+
+def _with_callable_args(cls_or_self: Any, **kwargs: Any) -> Any:
+    ao_fn = getattr(_ao_observer, "_with_callable_args", None)
+    if ao_fn is not None:
+        return ao_fn(cls_or_self, **kwargs)
+    return _PartialWrapperFallback(functools.partial(cls_or_self)).with_callable_args(**kwargs)
+
+
+# --- base classes --------------------------------------------------------------------------
+
+
+if _ao_observer is not None and hasattr(_ao_observer, "ObserverBase"):
+    _ObserverRoot: type = _ao_observer.ObserverBase
+else:
+
+    class _ObserverRoot(ABC, nn.Module):  # type: ignore[no-redef]
+        """torch.ao.quantization.ObserverBase's interface, without torch.ao."""
+
+        def __init__(self, dtype: torch.dtype, is_dynamic: bool = False) -> None:
+            super().__init__()
+            self.dtype = dtype
+            self.is_dynamic = is_dynamic
+
+        @abstractmethod
+        def forward(self, x):
+            pass
+
+        @abstractmethod
+        def calculate_qparams(self, **kwargs):
+            pass
+
+
+class ObserverBase(_ObserverRoot):
+    """Base of triton_qat's observers: torch.ao's ObserverBase when torch.ao is installed."""
+
+    with_args = classmethod(_with_args)
+    with_callable_args = classmethod(_with_callable_args)
+
+
+if _ao_fake_quantize is not None and hasattr(_ao_fake_quantize, "FakeQuantizeBase"):
+    _FakeQuantizeRoot: type = _ao_fake_quantize.FakeQuantizeBase
+else:
+
+    class _FakeQuantizeRoot(ABC, nn.Module):  # type: ignore[no-redef]
+        """torch.ao.quantization.FakeQuantizeBase's interface, without torch.ao."""
+
+        fake_quant_enabled: Tensor
+        observer_enabled: Tensor
+
+        def __init__(self) -> None:
+            super().__init__()
+            # uint8 buffers, as torch.ao (DDP replicates buffers; NCCL has no bool).
+            self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
+            self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.uint8))
+
+        @abstractmethod
+        def forward(self, x):
+            pass
+
+        @abstractmethod
+        def calculate_qparams(self, **kwargs):
+            pass
+
+        def enable_fake_quant(self, enabled: bool = True) -> None:
+            self.fake_quant_enabled[0] = 1 if enabled else 0
+
+        def disable_fake_quant(self) -> None:
+            self.enable_fake_quant(False)
+
+        def enable_observer(self, enabled: bool = True) -> None:
+            self.observer_enabled[0] = 1 if enabled else 0
+
+        def disable_observer(self) -> None:
+            self.enable_observer(False)
+
+
+class FakeQuantizeBase(_FakeQuantizeRoot):
+    """Base of triton_qat's fake-quantize modules: a subclass of
+    torch.ao.quantization.FakeQuantizeBase when torch.ao is installed, so torch.ao's
+    enable/disable_observer and enable/disable_fake_quant helpers act on it."""
+
+    @classmethod
+    def with_args(cls, **kwargs: Any) -> Any:
+        """A factory: `FakeQuantize.with_args(...)()` builds the module; chainable."""
+        return _with_args(cls, **kwargs)
+
+
+# --- quantization ranges ---------------------------------------------------------------------
+
+
+def _dtype_range(dtype: torch.dtype) -> tuple[int, int]:
+    if dtype in _DTYPE_RANGE:
+        return _DTYPE_RANGE[dtype]
+    info = torch.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def _validate_custom_qrange(quant_min: int, quant_max: int) -> None:
+    if not quant_min <= 0 <= quant_max:
+        raise ValueError(
+            f"the quantization range [quant_min, quant_max] must include 0, "
+            f"got [{quant_min}, {quant_max}]"
+        )
+    if quant_min >= quant_max:
+        raise ValueError(
+            f"quant_min must be strictly less than quant_max, got {quant_min} >= {quant_max}"
+        )
+
+
+def _quant_range(
+    quant_min: int | None,
+    quant_max: int | None,
+    dtype: torch.dtype,
+    reduce_range: bool,
+) -> tuple[int, int, bool]:
+    """(quant_min, quant_max, has_customized_qrange), as torch.ao's calculate_qmin_qmax."""
+    custom = quant_min is not None and quant_max is not None
+    if custom:
+        assert quant_min is not None and quant_max is not None
+        _validate_custom_qrange(quant_min, quant_max)
+        length = quant_max - quant_min + 1
+        if dtype in (torch.qint8, torch.int8) and not 0 < length <= 256:
+            raise ValueError(
+                f"quant_max - quant_min + 1 must be within (0, 256] for {dtype}, got {length}"
+            )
+        if dtype in (torch.qint32, torch.int32) and not 0 < length <= 2**32:
+            raise ValueError(
+                f"quant_max - quant_min + 1 must be within (0, 2**32] for {dtype}, got {length}"
+            )
+        if reduce_range:
+            quant_min, quant_max = quant_min // 2, quant_max // 2
+        return quant_min, quant_max, True
+    if dtype in (torch.qint8, torch.int8):
+        lo, hi = (-64, 63) if reduce_range else (-128, 127)
+    elif dtype in (torch.quint8, torch.uint8):
+        lo, hi = (0, 127) if reduce_range else (0, 255)
+    elif dtype in (torch.qint32, torch.int32):
+        lo, hi = -(2**31), 2**31 - 1
+    elif dtype == torch.uint16:
+        lo, hi = 0, 2**16 - 1
+    elif dtype == torch.int16:
+        lo, hi = -(2**15), 2**15 - 1
+    else:
+        lo, hi = 0, 15
+    return lo, hi, False
+
+
+# --- qparams formulas (NUMERICS.md, "Observers") ---------------------------------------------
+
+
+def _div(t: Tensor, divisor: float) -> Tensor:
+    """t / divisor, rounded once in t's dtype on every device.
+
+    torch's CPU kernels divide by a Python number; its CUDA kernels multiply by its reciprocal
+    instead. A divisor tensor on t's device is a true division on both."""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
+def _minmax_qparams(
+    min_val: Tensor,
+    max_val: Tensor,
+    quant_min: int,
+    quant_max: int,
+    qscheme: torch.qscheme,
+    dtype: torch.dtype,
+    has_customized_qrange: bool,
+    eps: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """torch.ao's UniformQuantizationObserverBase._calculate_qparams, after its validity check.
+
+    Shapes follow min_val broadcast against eps (shape (1,)); zero point dtype as torch.ao:
+    int64 for symmetric schemes, int32 for affine ones."""
+    min_val_neg = torch.min(min_val, torch.zeros_like(min_val))
+    max_val_pos = torch.max(max_val, torch.zeros_like(max_val))
+    if qscheme in _SYMMETRIC:
+        max_val_pos = torch.max(-min_val_neg, max_val_pos)
+        scale = _div(max_val_pos, float(quant_max - quant_min) / 2)
+        scale = torch.max(scale, eps)
+        zero_point = torch.zeros(min_val_neg.size(), dtype=torch.int64, device=min_val.device)
+        if dtype in (torch.quint8, torch.uint8):
+            zp = (quant_min + quant_max) // 2 if has_customized_qrange else 128
+            zero_point = zero_point.new_full(zero_point.size(), zp)
+        elif dtype == torch.uint16:
+            zero_point = zero_point.new_full(zero_point.size(), 2**15)
+    else:
+        scale = _div(max_val_pos - min_val_neg, float(quant_max - quant_min))
+        scale = torch.max(scale, eps)
+        zero_point = quant_min - torch.round(min_val_neg / scale).to(torch.int)
+        zero_point = torch.clamp(zero_point, quant_min, quant_max)
+    return scale, zero_point
+
+
+def _fused_qparams(
+    min_val: Tensor, max_val: Tensor, quant_min: int, quant_max: int, symmetric: bool
+) -> tuple[Tensor, Tensor]:
+    """torch.fused_moving_avg_obs_fake_quant's qparams (ChooseQuantizationParams, CPU), elementwise.
+
+    fp32 min/max in, fp32 scale and int32 zero point out, same shape. Each step rounds where
+    the C++ does: float arithmetic as fp32, double as fp64. Found bit-exact with torch 2.13's
+    CPU op (tests/test_fake_quantize.py) only with these two details: the scale is rounded to
+    fp32 before the zero point is derived from it, and the zero point comes from the min when
+    |qmin| + |min / scale| < |qmax| + |max / scale| (sums of magnitudes), else from the max."""
+    f32, f64 = torch.float32, torch.float64
+    mn = min_val.to(f32)
+    mx = max_val.to(f32)
+    qrange = quant_max - quant_min
+    if symmetric:
+        # preserve_sparsity: widen [min, max] to the symmetric range around 0.
+        sym_min, sym_max = -(qrange // 2 + 1), qrange // 2
+        straddles = (mn < 0) & (mx > 0)
+        max_scale = torch.max(_div(mn, float(sym_min)).abs(), _div(mx, float(sym_max)).abs())
+        max_scale = max_scale.to(f64)
+        mn = torch.where(straddles, (max_scale * sym_min).to(f32), mn)
+        mx = torch.where(straddles, (max_scale * sym_max).to(f32), mx)
+    mn = torch.clamp(mn, max=0.0)
+    mx = torch.clamp(mx, min=0.0)
+    scale = _div(mx.to(f64) - mn.to(f64), float(qrange)).to(f32)
+    # 0 or an infinite reciprocal: 0.1, as fbgemm precomputes 1 / scale.
+    degenerate = (scale == 0) | torch.isinf(torch.ones_like(scale) / scale)
+    scale = torch.where(degenerate, torch.full_like(scale, 0.1), scale)
+    small = scale < _SMALL_SCALE_THRESHOLD
+    amplifier = torch.full_like(scale, _SMALL_SCALE_THRESHOLD) / scale
+    cut_max = torch.full_like(mx, _SMALL_SCALE_THRESHOLD) * float(qrange)
+    small_mn = torch.where(mx == 0, -cut_max, mn * amplifier)
+    small_mx = torch.where(mx == 0, mx, mx * amplifier)
+    small_mn = torch.where(mn == 0, mn, small_mn)
+    small_mx = torch.where(mn == 0, cut_max, small_mx)
+    mn = torch.where(small, small_mn, mn)
+    mx = torch.where(small, small_mx, mx)
+    scale = torch.where(small, torch.full_like(scale, _SMALL_SCALE_THRESHOLD), scale)
+    # Zero point from the min or the max, whichever adds the smaller terms.
+    scale64 = scale.to(f64)
+    rmin = mn.to(f64) / scale64
+    rmax = mx.to(f64) / scale64
+    from_min_error = abs(quant_min) + rmin.abs()
+    from_max_error = abs(quant_max) + rmax.abs()
+    initial = torch.where(from_min_error < from_max_error, quant_min - rmin, quant_max - rmax)
+    if symmetric:
+        mid = torch.full_like(initial, (quant_min + quant_max) / 2)
+        initial = torch.where((mn < 0) & (mx > 0), mid, initial)
+    nudged = torch.round(initial).clamp(quant_min, quant_max)
+    return scale, nudged.to(torch.int32)
+
+
+def _check_min_max_valid(min_val: Tensor, max_val: Tensor) -> bool:
+    """torch.ao.quantization.utils.check_min_max_valid (warnings and checks alike)."""
+    msg = "must run observer before calling calculate_qparams. Returning default values."
+    if min_val.numel() == 0 or max_val.numel() == 0:
+        warnings.warn(msg, stacklevel=3)
+        return False
+    if min_val.dim() == 0 or max_val.dim() == 0:
+        if min_val == float("inf") and max_val == float("-inf"):
+            warnings.warn(msg, stacklevel=3)
+            return False
+        if min_val > max_val:
+            raise ValueError(f"min {min_val} should be less than max {max_val}")
+    elif torch.any(min_val > max_val):
+        raise ValueError(f"min {min_val} should be less than max {max_val}")
+    return True
+
+
+# --- observers -------------------------------------------------------------------------------
+
+
+def _aminmax(x: Tensor, dtype: torch.dtype, dim: int | None = None) -> tuple[Tensor, Tensor]:
+    """torch.aminmax(x.to(dtype)) without the converted copy of x: min and max commute with
+    the (monotonic) conversion, so a float x is reduced in its own dtype and the results cast."""
+    if not x.is_floating_point():
+        x = x.to(dtype)
+    min_val, max_val = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim)
+    return min_val.to(dtype), max_val.to(dtype)
+
+
+class _UniformObserver(ObserverBase):
+    """torch.ao's UniformQuantizationObserverBase: qscheme, dtype, range, eps."""
+
+    # torch.ao's observer state_dict version (3: per-channel buffers named min_val / max_val).
+    _version = 3
+
+    eps: Tensor
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        factory_kwargs: dict | None = None,
+        eps: float = _FP32_EPS,
+        is_dynamic: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        factory_kwargs = torch.nn.factory_kwargs(factory_kwargs)
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic, **kwargs)
+        self.qscheme = qscheme
+        if reduce_range:
+            warnings.warn(
+                "Please use quant_min and quant_max to specify the range for observers. "
+                "reduce_range will be deprecated in a future release of PyTorch.",
+                stacklevel=2,
+            )
+        self.reduce_range = reduce_range
+        self.register_buffer("eps", torch.tensor([eps], **factory_kwargs))
+        if qscheme == torch.per_channel_affine_float_qparams:
+            raise NotImplementedError(
+                "triton_qat observers do not support torch.per_channel_affine_float_qparams"
+            )
+        if qscheme not in _PER_TENSOR + _PER_CHANNEL:
+            raise ValueError(
+                "qscheme must be per_tensor_affine, per_tensor_symmetric, per_channel_affine or "
+                f"per_channel_symmetric, got {qscheme}"
+            )
+        if dtype not in _ALLOWED_DTYPES:
+            raise ValueError(f"dtype must be one of {_ALLOWED_DTYPES}, got {dtype}")
+        self.quant_min, self.quant_max, self.has_customized_qrange = _quant_range(
+            quant_min, quant_max, dtype, reduce_range
+        )
+
+    def _load_from_state_dict(
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ):
+        version = local_metadata.get("version", None)
+        if version is None or version == 1:
+            # eps became a buffer in version 2.
+            state_dict[prefix + "eps"] = torch.tensor([_FP32_EPS])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _qparams_of(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
+        return _minmax_qparams(
+            min_val,
+            max_val,
+            self.quant_min,
+            self.quant_max,
+            self.qscheme,
+            self.dtype,
+            self.has_customized_qrange,
+            self.eps,
+        )
+
+    def _calculate_qparams(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
+        """torch.ao's _calculate_qparams: scale fp32 and zero point of shape (1,) per tensor,
+        (C,) per channel; (1.0, 0) before the first observation."""
+        if not _check_min_max_valid(min_val, max_val):
+            device = min_val.device
+            return torch.tensor([1.0], device=device), torch.tensor([0], device=device)
+        scale, zero_point = self._qparams_of(min_val, max_val)
+        return scale.reshape(scale.shape or (1,)), zero_point.reshape(zero_point.shape or (1,))
+
+    def _qparams_for_fake_quant(self) -> tuple[Tensor, Tensor]:
+        """calculate_qparams' values without its host synchronisation (no checks, no warning)."""
+        min_val, max_val = self.min_val, self.max_val
+        device = min_val.device
+        if min_val.numel() == 0 or max_val.numel() == 0:
+            return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int64, device=device)
+        scale, zero_point = self._qparams_of(min_val, max_val)
+        if min_val.dim() == 0 or max_val.dim() == 0:
+            observed = ~((min_val == float("inf")) & (max_val == float("-inf")))
+            scale = torch.where(observed, scale, torch.ones_like(scale))
+            zero_point = torch.where(observed, zero_point, torch.zeros_like(zero_point))
+        return scale.reshape(scale.shape or (1,)), zero_point.reshape(zero_point.shape or (1,))
+
+    def reset_min_max_vals(self) -> None:
+        raise NotImplementedError("Cannot reset min/max values in the given observer.")
+
+    def extra_repr(self) -> str:
+        return f"min_val={self.min_val}, max_val={self.max_val}"
+
+
+def _check_not_dynamic(cls_name: str, is_dynamic: bool) -> None:
+    if is_dynamic:
+        raise NotImplementedError(f"{cls_name} doesn't support dynamic quantization")
+
+
+class MinMaxObserver(_UniformObserver):
+    """Running min and max of the whole tensor (torch.ao.quantization.MinMaxObserver)."""
+
+    min_val: Tensor
+    max_val: Tensor
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        factory_kwargs: dict | None = None,
+        eps: float = _FP32_EPS,
+        is_dynamic: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if qscheme not in _PER_TENSOR:
+            raise NotImplementedError(
+                f"{type(self).__name__}'s qscheme must be torch.per_tensor_symmetric or "
+                f"torch.per_tensor_affine, got {qscheme}"
+            )
+        super().__init__(
+            dtype=dtype,
+            qscheme=qscheme,
+            reduce_range=reduce_range,
+            quant_min=quant_min,
+            quant_max=quant_max,
+            factory_kwargs=factory_kwargs,
+            eps=eps,
+            is_dynamic=is_dynamic,
+            **kwargs,
+        )
+        factory_kwargs = torch.nn.factory_kwargs(factory_kwargs)
+        self.register_buffer("min_val", torch.tensor(float("inf"), **factory_kwargs))
+        self.register_buffer("max_val", torch.tensor(float("-inf"), **factory_kwargs))
+        if qscheme == torch.per_tensor_symmetric and reduce_range and dtype == torch.quint8:
+            raise NotImplementedError("Cannot reduce range for symmetric quantization for quint8")
+
+    def forward(self, x_orig: Tensor) -> Tensor:
+        """Record the running min and max of x; return x unchanged."""
+        if x_orig.numel() == 0:
+            return x_orig
+        min_cur, max_cur = _aminmax(x_orig.detach(), self.min_val.dtype)
+        self.min_val.copy_(torch.min(min_cur, self.min_val))
+        self.max_val.copy_(torch.max(max_cur, self.max_val))
+        return x_orig
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """(scale, zero_point) from the recorded min and max, as torch.ao."""
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+    def reset_min_max_vals(self) -> None:
+        """Forget the recorded min and max."""
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Moving average of the min and max (torch.ao.quantization.MovingAverageMinMaxObserver):
+    the first observation sets them, then v += averaging_constant * (current - v)."""
+
+    def __init__(
+        self,
+        averaging_constant: float = 0.01,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        eps: float = _FP32_EPS,
+        is_dynamic: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if qscheme not in _PER_TENSOR:
+            raise NotImplementedError(
+                f"MovingAverageMinMaxObserver's qscheme must be torch.per_tensor_symmetric or "
+                f"torch.per_tensor_affine, got {qscheme}"
+            )
+        self.averaging_constant = averaging_constant
+        if is_dynamic and averaging_constant != 1:
+            raise NotImplementedError(
+                "MovingAverageMinMaxObserver doesn't support dynamic quantization for "
+                f"averaging constant of {averaging_constant}"
+            )
+        super().__init__(
+            dtype=dtype,
+            qscheme=qscheme,
+            reduce_range=reduce_range,
+            quant_min=quant_min,
+            quant_max=quant_max,
+            eps=eps,
+            is_dynamic=is_dynamic,
+            **kwargs,
+        )
+
+    def forward(self, x_orig: Tensor) -> Tensor:
+        """Update the moving min and max with x; return x unchanged."""
+        if x_orig.numel() == 0:
+            return x_orig
+        min_val, max_val = self.min_val, self.max_val
+        min_cur, max_cur = _aminmax(x_orig.detach(), min_val.dtype)
+        # torch.ao tests `min == inf and max == -inf` on the host; a where needs no sync.
+        first = (min_val == float("inf")) & (max_val == float("-inf"))
+        c = self.averaging_constant
+        self.min_val.copy_(torch.where(first, min_cur, min_val + c * (min_cur - min_val)))
+        self.max_val.copy_(torch.where(first, max_cur, max_val + c * (max_cur - max_val)))
+        return x_orig
+
+
+class _ResizableMinMax(_UniformObserver):
+    """min_val / max_val buffers that start empty and take the statistics' shape."""
+
+    min_val: Tensor
+    max_val: Tensor
+
+    def _store(self, min_val: Tensor, max_val: Tensor) -> None:
+        self.min_val.resize_(min_val.shape)
+        self.max_val.resize_(max_val.shape)
+        self.min_val.copy_(min_val)
+        self.max_val.copy_(max_val)
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """(scale, zero_point) from the recorded min and max, as torch.ao."""
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+    def _load_from_state_dict(
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ):
+        version = local_metadata.get("version")
+        # Version < 3 checkpoints name the per-channel buffers min_vals / max_vals.
+        names = ("min_vals", "max_vals") if version is not None and version < 3 else None
+        local_state = names or ("min_val", "max_val")
+        for name, buffer in zip(local_state, (self.min_val, self.max_val), strict=True):
+            key = prefix + name
+            if key in state_dict:
+                # Buffers start empty: take the saved shape, the values are copied below.
+                buffer.resize_(state_dict[key].shape)
+            elif strict:
+                missing_keys.append(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, False, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def reset_min_max_vals(self) -> None:
+        """Forget the recorded min and max (back to empty buffers)."""
+        self.min_val = self.min_val.new_empty(0)
+        self.max_val = self.max_val.new_empty(0)
+
+
+def _channel_rows(x: Tensor, ch_axis: int) -> Tensor:
+    """x with ch_axis swapped to the front and flattened to (channels, -1), as torch.ao."""
+    axes = list(range(x.dim()))
+    axes[ch_axis] = 0
+    axes[0] = ch_axis
+    return torch.flatten(x.permute(axes), start_dim=1)
+
+
+class PerChannelMinMaxObserver(_ResizableMinMax):
+    """Running min and max per channel along ch_axis
+    (torch.ao.quantization.PerChannelMinMaxObserver)."""
+
+    def __init__(
+        self,
+        ch_axis: int = 0,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_channel_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        factory_kwargs: dict | None = None,
+        eps: float = _FP32_EPS,
+        is_dynamic: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if qscheme not in _PER_CHANNEL and qscheme != torch.per_channel_affine_float_qparams:
+            raise NotImplementedError(
+                f"{type(self).__name__}'s qscheme must be torch.per_channel_symmetric or "
+                f"torch.per_channel_affine, got {qscheme}"
+            )
+        _check_not_dynamic(type(self).__name__, is_dynamic)
+        super().__init__(
+            dtype=dtype,
+            qscheme=qscheme,
+            reduce_range=reduce_range,
+            quant_min=quant_min,
+            quant_max=quant_max,
+            factory_kwargs=factory_kwargs,
+            eps=eps,
+            is_dynamic=is_dynamic,
+            **kwargs,
+        )
+        factory_kwargs = torch.nn.factory_kwargs(factory_kwargs)
+        self.ch_axis = ch_axis
+        self.register_buffer("min_val", torch.tensor([], **factory_kwargs))
+        self.register_buffer("max_val", torch.tensor([], **factory_kwargs))
+        if qscheme == torch.per_channel_symmetric and reduce_range and dtype == torch.quint8:
+            raise NotImplementedError("Cannot reduce range for symmetric quantization for quint8")
+
+    def forward(self, x_orig: Tensor) -> Tensor:
+        """Record the running per-channel min and max of x; return x unchanged."""
+        if x_orig.numel() == 0:
+            return x_orig
+        y = _channel_rows(x_orig.detach(), self.ch_axis)
+        min_cur, max_cur = _aminmax(y, self.min_val.dtype, dim=1)
+        if self.min_val.numel() != 0 and self.max_val.numel() != 0:
+            min_cur = torch.min(min_cur, self.min_val)
+            max_cur = torch.max(max_cur, self.max_val)
+        self._store(min_cur, max_cur)
+        return x_orig
+
+
+class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
+    """Moving average of the per-channel min and max
+    (torch.ao.quantization.MovingAveragePerChannelMinMaxObserver)."""
+
+    def __init__(
+        self,
+        averaging_constant: float = 0.01,
+        ch_axis: int = 0,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_channel_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        eps: float = _FP32_EPS,
+        is_dynamic: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        _check_not_dynamic(type(self).__name__, is_dynamic)
+        super().__init__(
+            ch_axis=ch_axis,
+            dtype=dtype,
+            qscheme=qscheme,
+            reduce_range=reduce_range,
+            quant_min=quant_min,
+            quant_max=quant_max,
+            eps=eps,
+            is_dynamic=is_dynamic,
+            **kwargs,
+        )
+        self.averaging_constant = averaging_constant
+
+    def forward(self, x_orig: Tensor) -> Tensor:
+        """Update the per-channel moving min and max with x; return x unchanged."""
+        if x_orig.numel() == 0:
+            return x_orig
+        y = _channel_rows(x_orig.detach(), self.ch_axis)
+        min_cur, max_cur = _aminmax(y, self.min_val.dtype, dim=1)
+        if self.min_val.numel() != 0 and self.max_val.numel() != 0:
+            c = self.averaging_constant
+            min_cur = self.min_val + c * (min_cur - self.min_val)
+            max_cur = self.max_val + c * (max_cur - self.max_val)
+        self._store(min_cur, max_cur)
+        return x_orig
+
+
+class PerGroupMinMaxObserver(_ResizableMinMax):
+    """Min and max of the last observed tensor per group of `group_size` consecutive elements
+    along its last dim (no running statistics).
+
+    min_val / max_val (and the qparams) have shape (*x.shape[:-1], x.shape[-1] // group_size);
+    scale and zero point follow torch.ao's observer formulas per group (symmetric or affine by
+    qscheme); the zero point is int32.
+    """
+
+    def __init__(
+        self,
+        group_size: int,
+        dtype: torch.dtype = torch.qint8,
+        qscheme: torch.qscheme = torch.per_channel_symmetric,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        eps: float = _FP32_EPS,
+        is_dynamic: bool = False,
+        factory_kwargs: dict | None = None,
+    ) -> None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {group_size}")
+        if qscheme not in _PER_TENSOR + _PER_CHANNEL:
+            raise NotImplementedError(
+                "PerGroupMinMaxObserver's qscheme must be symmetric or affine "
+                f"(torch.per_channel_symmetric, torch.per_channel_affine), got {qscheme}"
+            )
+        super().__init__(
+            dtype=dtype,
+            qscheme=qscheme,
+            quant_min=quant_min,
+            quant_max=quant_max,
+            factory_kwargs=factory_kwargs,
+            eps=eps,
+            is_dynamic=is_dynamic,
+        )
+        factory_kwargs = torch.nn.factory_kwargs(factory_kwargs)
+        self.group_size = group_size
+        self.register_buffer("min_val", torch.tensor([], **factory_kwargs))
+        self.register_buffer("max_val", torch.tensor([], **factory_kwargs))
+
+    def forward(self, x_orig: Tensor) -> Tensor:
+        """Record the per-group min and max of x; return x unchanged."""
+        if x_orig.numel() == 0:
+            return x_orig
+        if x_orig.dim() == 0:
+            raise ValueError("PerGroupMinMaxObserver needs an input with at least one dim")
+        k, g = x_orig.shape[-1], self.group_size
+        if k % g != 0:
+            raise ValueError(f"group_size {g} does not divide the last dim of the input ({k})")
+        groups = x_orig.detach().reshape(*x_orig.shape[:-1], k // g, g)
+        min_cur, max_cur = _aminmax(groups, self.min_val.dtype, dim=-1)
+        self._store(min_cur, max_cur)
+        return x_orig
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """(scale fp32, zero_point int32), shaped (*x.shape[:-1], x.shape[-1] // group_size)."""
+        scale, zero_point = self._calculate_qparams(self.min_val, self.max_val)
+        return scale, zero_point.to(torch.int32)
+
+    def _qparams_of(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
+        scale, zero_point = super()._qparams_of(min_val, max_val)
+        # eps has shape (1,): keep the statistics' shape (a 1-D input gives (K // g,)).
+        return scale.reshape(min_val.shape), zero_point.reshape(min_val.shape)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, " + super().extra_repr()
+
+
+_MOVING_AVERAGE_OBSERVERS: tuple[type, ...] = (
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+)
+if _ao_observer is not None:
+    _MOVING_AVERAGE_OBSERVERS += tuple(
+        getattr(_ao_observer, name)
+        for name in ("MovingAverageMinMaxObserver", "MovingAveragePerChannelMinMaxObserver")
+        if hasattr(_ao_observer, name)
+    )
+
+
+# --- fake quantize ---------------------------------------------------------------------------
+
+
+class FakeQuantize(FakeQuantizeBase):
+    """torch.ao.quantization.FakeQuantize on triton_qat's ops.
+
+    forward(x) = observe(x), then (when fake_quant_enabled) the fake quantization of x with
+    the `scale` / `zero_point` buffers: per tensor, per channel along ch_axis, or per group
+    with a PerGroupMinMaxObserver. Same buffers, attributes and state_dict as torch.ao's
+    FakeQuantize; the observer may be any observer class (triton_qat's or torch.ao's).
+    """
+
+    scale: Tensor
+    zero_point: Tensor
+
+    def __init__(
+        self,
+        observer: Any = MovingAverageMinMaxObserver,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        is_dynamic: bool = False,
+        **observer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if quant_min is not None and quant_max is not None:
+            if quant_min > quant_max:
+                raise ValueError(
+                    f"quant_min must be less than or equal to quant_max, "
+                    f"got {quant_min} > {quant_max}"
+                )
+            dtype = observer_kwargs.get("dtype", torch.quint8)
+            if hasattr(observer, "p"):
+                # A with_args factory keeps its dtype in p.keywords.
+                dtype = getattr(getattr(observer, "p", {}), "keywords", {}).get("dtype", dtype)
+            lo, hi = _dtype_range(dtype)
+            if quant_min < lo:
+                raise ValueError(f"quant_min {quant_min} is below {dtype}'s minimum {lo}")
+            if quant_max > hi:
+                raise ValueError(f"quant_max {quant_max} is above {dtype}'s maximum {hi}")
+            observer_kwargs.update({"quant_min": quant_min, "quant_max": quant_max})
+        observer_kwargs["is_dynamic"] = is_dynamic
+        self.activation_post_process = observer(**observer_kwargs)
+        # Kept for torch.ao compatibility; the observer's values are the ones used.
+        self.quant_min = self.activation_post_process.quant_min
+        self.quant_max = self.activation_post_process.quant_max
+        self.is_dynamic = self.activation_post_process.is_dynamic
+        if self.activation_post_process.qscheme == torch.per_channel_affine_float_qparams:
+            raise NotImplementedError(
+                "triton_qat's FakeQuantize does not support torch.per_channel_affine_float_qparams"
+            )
+        self.register_buffer("scale", torch.tensor([1.0], dtype=torch.float))
+        self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int))
+        self.dtype = self.activation_post_process.dtype
+        self.qscheme = self.activation_post_process.qscheme
+        self.ch_axis = getattr(self.activation_post_process, "ch_axis", -1)
+        self.group_size: int | None = getattr(self.activation_post_process, "group_size", None)
+        if self.qscheme not in _PER_TENSOR + _PER_CHANNEL:
+            raise ValueError(
+                "Only per channel and per tensor quantization are supported in fake quantize, "
+                f"got qscheme: {self.qscheme}"
+            )
+        self.is_per_channel = self.qscheme in _PER_CHANNEL and self.group_size is None
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """The observer's calculate_qparams()."""
+        return self.activation_post_process.calculate_qparams()
+
+    def _observer_qparams(self) -> tuple[Tensor, Tensor]:
+        observer = self.activation_post_process
+        if isinstance(observer, _UniformObserver):
+            return observer._qparams_for_fake_quant()
+        return observer.calculate_qparams()
+
+    def observe(self, x: Tensor) -> None:
+        """The statistics half of forward: update the observer with x and the scale /
+        zero_point buffers from it; nothing when observer_enabled is 0."""
+        if self.observer_enabled[0] == 1:
+            self.activation_post_process(x.detach())
+            scale, zero_point = self._observer_qparams()
+            scale = scale.to(self.scale.device)
+            zero_point = zero_point.to(self.zero_point.device)
+            if self.scale.shape != scale.shape:
+                self.scale.resize_(scale.shape)
+                self.zero_point.resize_(zero_point.shape)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+
+    def _fake_quant(self, x: Tensor) -> Tensor:
+        qmin = self.activation_post_process.quant_min
+        qmax = self.activation_post_process.quant_max
+        if self.group_size is not None:
+            return fake_quantize_per_group(
+                x, self.scale, self.zero_point, self.group_size, qmin, qmax
+            )
+        if self.is_per_channel:
+            return fake_quantize_per_channel(
+                x, self.scale, self.zero_point, self.ch_axis, qmin, qmax
+            )
+        return fake_quantize_per_tensor(x, self.scale, self.zero_point, qmin, qmax)
+
+    def forward(self, X: Tensor) -> Tensor:
+        """observe(X), then fake-quantize X when fake_quant_enabled (else X itself)."""
+        self.observe(X)
+        if self.fake_quant_enabled[0] == 1:
+            X = self._fake_quant(X)
+        return X
+
+    def qparams(self) -> QParams | None:
+        """The current scale / zero_point buffers (not copies) as a QParams, None when fake
+        quantization is disabled: per tensor, per channel (axis=ch_axis) or per group."""
+        if self.fake_quant_enabled[0] == 0:
+            return None
+        qmin = self.activation_post_process.quant_min
+        qmax = self.activation_post_process.quant_max
+        if self.group_size is not None:
+            return QParams(self.scale, self.zero_point, qmin, qmax, group_size=self.group_size)
+        if self.is_per_channel:
+            return QParams(self.scale, self.zero_point, qmin, qmax, axis=self.ch_axis)
+        return QParams(self.scale, self.zero_point, qmin, qmax)
+
+    def extra_repr(self) -> str:
+        group = "" if self.group_size is None else f", group_size={self.group_size}"
+        return (
+            f"fake_quant_enabled={self.fake_quant_enabled}, "
+            f"observer_enabled={self.observer_enabled}, "
+            f"quant_min={self.activation_post_process.quant_min}, "
+            f"quant_max={self.activation_post_process.quant_max}, "
+            f"dtype={self.dtype}, qscheme={self.qscheme}, ch_axis={self.ch_axis}{group}, "
+            f"scale={self.scale}, zero_point={self.zero_point}"
+        )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scale"] = self.scale
+        destination[prefix + "zero_point"] = self.zero_point
+
+    def _load_from_state_dict(
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ):
+        for name, buffer in (("scale", self.scale), ("zero_point", self.zero_point)):
+            key = prefix + name
+            if key in state_dict:
+                # Per-channel qparams arrive with their own shape: resize, values copied below.
+                buffer.resize_(state_dict[key].shape)
+            elif strict:
+                missing_keys.append(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class FusedMovingAvgObsFakeQuantize(FakeQuantize):
+    """torch.ao.quantization.FusedMovingAvgObsFakeQuantize (all of torch.ao's default QAT
+    qconfigs), with the numerics of torch.fused_moving_avg_obs_fake_quant in plain torch.
+
+    Running min/max: run = isinf(run) ? cur : run + c * (cur - run), elementwise. While fake
+    quantization is enabled, scale and zero point are recomputed from them at every call with
+    ChooseQuantizationParams (not the observer's formula) and written to the buffers in place.
+    Inputs of any float dtype; statistics in fp32, output in the input dtype.
+    """
+
+    def __init__(
+        self,
+        observer: Any = MovingAverageMinMaxObserver,
+        quant_min: int = 0,
+        quant_max: int = 255,
+        **observer_kwargs: Any,
+    ) -> None:
+        super().__init__(observer, quant_min, quant_max, **observer_kwargs)
+        if not isinstance(self.activation_post_process, _MOVING_AVERAGE_OBSERVERS):
+            raise TypeError(
+                "FusedMovingAvgObsFakeQuantize needs a MovingAverageMinMaxObserver or a "
+                "MovingAveragePerChannelMinMaxObserver, got "
+                f"{type(self.activation_post_process).__name__}"
+            )
+        # int64 flags, as torch.ao's fused module (its op reads them as long).
+        self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.long))
+        self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.long))
+        self.is_symmetric_quant = self.activation_post_process.qscheme in _SYMMETRIC
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """The observer's calculate_qparams() (torch.ao's formula, not the fused one)."""
+        return self.activation_post_process.calculate_qparams()
+
+    def _init_channels(self, x: Tensor) -> None:
+        """First per-channel call: running min/max of x.size(ch_axis) channels at +-inf."""
+        observer = self.activation_post_process
+        if observer.min_val.numel() != 0:
+            return
+        channels = x.size(self.ch_axis) if x.dim() else 1
+        observer.min_val.resize_(channels).fill_(float("inf"))
+        observer.max_val.resize_(channels).fill_(float("-inf"))
+        # torch resizes scale / zero_point in place, keeping the old leading values; the new
+        # elements are whatever memory held (zeros here).
+        for buffer in (self.scale, self.zero_point):
+            kept = buffer[: min(buffer.numel(), channels)].clone()
+            buffer.resize_(channels).zero_()
+            buffer[: kept.numel()].copy_(kept)
+
+    def observe(self, x: Tensor) -> None:
+        """The statistics half of forward: the running min/max update (when observer_enabled)
+        and, as torch's fused op, the scale / zero_point refresh (when fake_quant_enabled).
+        An empty x changes nothing (torch's op returns before its helper)."""
+        if x.numel() == 0:
+            return
+        observer = self.activation_post_process
+        if self.is_per_channel:
+            self._init_channels(x)
+        if self.observer_enabled[0] == 1:
+            # torch's op reads fp32 statistics; fp16 / bf16 inputs are reduced, then widened.
+            if self.is_per_channel:
+                rows = _channel_rows(x.detach(), self.ch_axis)
+                min_cur, max_cur = _aminmax(rows, torch.float32, dim=1)
+            else:
+                min_cur, max_cur = _aminmax(x.detach(), torch.float32)
+            c = observer.averaging_constant
+            for run, cur in ((observer.min_val, min_cur), (observer.max_val, max_cur)):
+                run.copy_(torch.where(torch.isinf(run), cur, run + c * (cur - run)))
+        if self.fake_quant_enabled[0] == 1:
+            scale, zero_point = _fused_qparams(
+                observer.min_val,
+                observer.max_val,
+                observer.quant_min,
+                observer.quant_max,
+                self.is_symmetric_quant,
+            )
+            self.scale.copy_(scale.reshape(-1).to(self.scale.device))
+            self.zero_point.copy_(zero_point.reshape(-1).to(self.zero_point.device))
+
+    def forward(self, X: Tensor) -> Tensor:
+        """observe(X), then fake-quantize X when fake_quant_enabled (else a copy of X)."""
+        self.observe(X)
+        if self.fake_quant_enabled[0] == 1 and X.numel() != 0:
+            return self._fake_quant(X)
+        return X.clone()
+
+    def extra_repr(self) -> str:
+        return (
+            f"fake_quant_enabled={self.fake_quant_enabled}, "
+            f"observer_enabled={self.observer_enabled}, "
+            f"scale={self.scale}, zero_point={self.zero_point}, dtype={self.dtype}, "
+            f"quant_min={self.activation_post_process.quant_min}, "
+            f"quant_max={self.activation_post_process.quant_max}, "
+            f"qscheme={self.qscheme}, ch_axis={self.ch_axis}, "
+            f"reduce_range={self.activation_post_process.reduce_range}"
+        )

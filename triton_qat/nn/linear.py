@@ -1,0 +1,150 @@
+"""tq.nn.Linear: a drop-in for torch.ao.nn.qat.Linear whose forward is one fused GEMM."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from triton_qat.ops import fake_quantize, fq_linear
+from triton_qat.qparams import QParams
+
+# Fake-quant types already warned about (once per type and process).
+_WARNED_TYPES: set[type] = set()
+
+
+def _fused_qparams(
+    fq: torch.nn.Module | None, x: Tensor, *, weight: bool
+) -> tuple[bool, QParams | None]:
+    """Run `fq`'s observer on x and return (handled, qparams) for the fused kernel.
+
+    handled False: `fq` is not one of triton_qat's fake-quant modules (or its qparams do not
+    fit the kernel); the caller applies it as a module. qparams None with handled True: fake
+    quant is disabled.
+    """
+    from triton_qat.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
+
+    if not isinstance(fq, (FakeQuantize, FusedMovingAvgObsFakeQuantize)):
+        return False, None
+    if getattr(fq, "is_dynamic", False):
+        return False, None
+    fq.observe(x.detach())
+    qp = fq.qparams()
+    if qp is None:
+        return True, None
+    if weight:
+        fits = qp.granularity != "per_channel" or qp.axis in (0, -2)
+    else:
+        fits = qp.granularity == "per_tensor"
+    return (True, qp) if fits else (False, None)
+
+
+class Linear(torch.nn.Linear):
+    """A linear layer with fake-quantized weight (and, per the qconfig, input) for QAT.
+
+    Same signature, attributes (`qconfig`, `weight_fake_quant`), `from_float` / `to_float`
+    and state_dict keys as torch.ao.nn.qat.Linear. The qconfig may be a registered name, a
+    triton_qat.QConfig or a torch.ao QConfig. triton_qat's own fake-quant modules take the
+    fused path: the observer updates the qparams, then one Triton GEMM fake-quantizes the
+    operand tiles as it loads them (forward and backward). Any other fake-quant module is
+    still honoured: called on the weight, then F.linear, with a one-time warning.
+
+    Input fake quant (a triton_qat.QConfig with an activation and quantize_input=True) is
+    fused into the GEMM's prologue: the same numerics as torch.ao's activation_post_process
+    on the previous layer's output, one fewer pass over memory. A torch.ao QConfig keeps
+    torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
+    """
+
+    _FLOAT_MODULE = torch.nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        qconfig=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if not qconfig:
+            raise ValueError("qconfig must be provided for QAT module")
+        from triton_qat.qconfig import resolve_qconfig
+
+        self.qconfig = qconfig
+        resolved = resolve_qconfig(qconfig)
+        self.weight_fake_quant = resolved.weight().to(self.weight.device)
+        if resolved.quantize_input and resolved.activation is not None:
+            self.input_fake_quant = resolved.activation().to(self.weight.device)
+
+    def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
+        if type(fq) not in _WARNED_TYPES:
+            _WARNED_TYPES.add(type(fq))
+            warnings.warn(
+                f"triton_qat.nn.Linear: {role} fake quant {type(fq).__name__} is not one of "
+                "triton_qat's fake-quant modules (or its qparams do not fit the fused kernel); "
+                "it is called as a module, then F.linear runs unfused",
+                stacklevel=3,
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        wfq = self.weight_fake_quant
+        fused_w, w_qp = _fused_qparams(wfq, self.weight, weight=True)
+        weight = self.weight
+        if not fused_w:
+            self._warn_unfused(wfq, "weight")
+            weight = wfq(self.weight)
+
+        ifq = getattr(self, "input_fake_quant", None)
+        x_qp = None
+        if ifq is not None:
+            fused_x, x_qp = _fused_qparams(ifq, input, weight=False)
+            if not fused_x:
+                self._warn_unfused(ifq, "input")
+                input = ifq(input)
+
+        if fused_w and w_qp is not None:
+            return fq_linear(input, weight, self.bias, weight_qparams=w_qp, input_qparams=x_qp)
+        if x_qp is not None:
+            input = fake_quantize(input, x_qp)
+        return F.linear(input, weight, self.bias)
+
+    @classmethod
+    def from_float(cls, mod: torch.nn.Module, use_precomputed_fake_quant: bool = False) -> Linear:
+        """The QAT layer of a float nn.Linear with a `qconfig` attribute; shares its
+        Parameters (as torch.ao.nn.qat.Linear.from_float)."""
+        if type(mod) is not cls._FLOAT_MODULE:
+            raise TypeError(
+                f"{cls.__module__}.{cls.__name__}.from_float only works for "
+                f"{cls._FLOAT_MODULE.__name__}, got {type(mod).__name__}"
+            )
+        if not getattr(mod, "qconfig", None):
+            raise ValueError("Input float module must have a valid qconfig")
+        qat = cls(
+            mod.in_features,
+            mod.out_features,
+            bias=mod.bias is not None,
+            qconfig=mod.qconfig,
+            device=mod.weight.device,
+            dtype=mod.weight.dtype,
+        )
+        qat.weight = mod.weight
+        qat.bias = mod.bias
+        return qat
+
+    def to_float(self) -> torch.nn.Linear:
+        """A plain nn.Linear with this layer's (float, not fake-quantized) weights."""
+        linear = torch.nn.Linear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        linear.weight = torch.nn.Parameter(self.weight.detach())
+        if self.bias is not None:
+            linear.bias = torch.nn.Parameter(self.bias.detach())
+        linear.train(self.training)
+        return linear
