@@ -781,3 +781,36 @@ def test_works_without_torch_ao():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("qscheme", [torch.per_tensor_affine, torch.per_tensor_symmetric])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_per_token_matches_a_min_max_observer_per_row(qscheme, dtype):
+    """Each token: torch.ao's MinMaxObserver qparams on that row alone, then torch's op."""
+    from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
+
+    ao = pytest.importorskip("torch.ao.quantization")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 5, 16, generator=g) * torch.linspace(0.1, 10, 16)).to(dtype)
+    x[0, 0] = 0.0  # an all-zero token
+    x[1, 2] = x[1, 2].abs()  # an all-positive token
+    fq = DynamicPerTokenFakeQuantize(
+        dtype=torch.qint8, qscheme=qscheme, quant_min=-128, quant_max=127
+    )
+    xr = x.clone().requires_grad_()
+    got = fq(xr)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    got.backward(dy)
+    rows = x.reshape(-1, 16).float().requires_grad_()
+    expected = []
+    for row in rows:
+        obs = ao.MinMaxObserver(dtype=torch.qint8, qscheme=qscheme, quant_min=-128, quant_max=127)
+        obs(row.detach())
+        s, z = obs.calculate_qparams()
+        expected.append(torch.fake_quantize_per_tensor_affine(row, float(s), int(z), -128, 127))
+    expected = torch.stack(expected)
+    expected.backward(dy.reshape(-1, 16).float())
+    assert_bitwise_equal(got.reshape(-1, 16), expected.to(dtype), "per-token fake quant")
+    # Straight-through: the symmetric scale maps absmax to 127.5, which rounds to 128 and is
+    # clamped, so that element's gradient is 0, in torch's op as here.
+    assert_bitwise_equal(xr.grad.reshape(-1, 16), rows.grad.to(dtype), "per-token gradient")

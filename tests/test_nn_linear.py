@@ -153,7 +153,10 @@ def test_unknown_fake_quant_is_honoured_with_one_warning():
     torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight.round(), lin.bias))
 
 
-@pytest.mark.parametrize("name", ["int8_per_channel", "int8_per_tensor", "int4_per_group"])
+@pytest.mark.parametrize(
+    "name",
+    ["int8_per_channel", "int8_per_tensor", "int4_per_group", "w8a8_dynamic", "w4a8_dynamic"],
+)
 def test_prepare_then_convert(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))

@@ -58,7 +58,8 @@ def weight_only() -> QConfig:
 
 def constructor_state(fake_quant: torch.nn.Module) -> dict:
     """What a fake-quant module was built with, in terms both packages share."""
-    observer = fake_quant.activation_post_process
+    # A dynamic fake quant (per token) has no observer: its own attributes say it all.
+    observer = getattr(fake_quant, "activation_post_process", fake_quant)
     state = {"class": type(fake_quant).__name__, "observer": type(observer).__name__}
     for owner, obj in (("", fake_quant), ("observer.", observer)):
         for name in (
@@ -81,7 +82,8 @@ def constructor_state(fake_quant: torch.nn.Module) -> dict:
 def assert_triton_qat_module(module: torch.nn.Module) -> None:
     assert isinstance(module, tq_fake_quantize.FakeQuantizeBase), type(module)
     assert type(module).__module__ == tq_fake_quantize.__name__
-    assert type(module.activation_post_process).__module__ == tq_fake_quantize.__name__
+    observer = getattr(module, "activation_post_process", module)  # dynamic: no observer
+    assert type(observer).__module__ == tq_fake_quantize.__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ class QuantizedLinear(torch.nn.Module):
             self.input_range = (input_qparams.quant_min, input_qparams.quant_max)
         else:
             self.input_range = None
+        # (quant_min, quant_max, qscheme, dtype, eps) of a dynamic per-token input quantizer.
+        self.dynamic_input: tuple | None = None
 
     def weight_codes(self) -> Tensor:
         """The integer codes q, shape (out_features, in_features), int32."""
@@ -130,6 +132,10 @@ class QuantizedLinear(torch.nn.Module):
         return w.reshape(self.out_features, self.in_features).to(self.weight_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.dynamic_input is not None:
+            from triton_qat.fake_quantize import fake_quantize_per_token
+
+            input = fake_quantize_per_token(input, *self.dynamic_input)
         if self.input_range is not None:
             qmin, qmax = self.input_range
             input = fake_quantize(
@@ -156,9 +162,14 @@ class QuantizedLinear(torch.nn.Module):
         wfq.enable_fake_quant(was_enabled)
         assert wq is not None
         codes = quantize_codes(mod.weight.detach(), wq)
+        from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
+
         iq = None
         ifq = getattr(mod, "input_fake_quant", None)
-        if ifq is not None and hasattr(ifq, "qparams") and not getattr(ifq, "is_dynamic", False):
+        dynamic = None
+        if isinstance(ifq, DynamicPerTokenFakeQuantize) and ifq.fake_quant_enabled[0] == 1:
+            dynamic = (ifq.quant_min, ifq.quant_max, ifq.qscheme, ifq.dtype, ifq.eps)
+        elif ifq is not None and hasattr(ifq, "qparams") and not getattr(ifq, "is_dynamic", 0):
             iq = ifq.qparams()
             if iq is not None:
                 iq = QParams(
@@ -175,7 +186,7 @@ class QuantizedLinear(torch.nn.Module):
             axis=wq.axis,
             group_size=wq.group_size,
         )
-        return cls(
+        layer = cls(
             mod.in_features,
             mod.out_features,
             codes,
@@ -183,7 +194,9 @@ class QuantizedLinear(torch.nn.Module):
             mod.bias,
             iq,
             weight_dtype=mod.weight.dtype,
-        ).to(mod.weight.device)
+        )
+        layer.dynamic_input = dynamic
+        return layer.to(mod.weight.device)
 
 
 def quantize_codes(w: Tensor, qp: QParams) -> Tensor:

@@ -329,10 +329,9 @@ def _int8_per_tensor() -> QConfig:
     return QConfig(weight=weight)
 
 
-def _int4_per_group() -> QConfig:
-    fq = _fake_quantize_module()
+def _int4_per_group_weight(fq: ModuleType) -> Factory:
     # Groups of 32 along K (the last dim of the (N, K) weight); qparams of the current weight.
-    weight = fq.FakeQuantize.with_args(
+    return fq.FakeQuantize.with_args(
         observer=fq.PerGroupMinMaxObserver,
         quant_min=-8,
         quant_max=7,
@@ -340,14 +339,39 @@ def _int4_per_group() -> QConfig:
         qscheme=torch.per_channel_symmetric,
         group_size=32,
     )
-    return QConfig(weight=weight)
+
+
+def _int4_per_group() -> QConfig:
+    return QConfig(weight=_int4_per_group_weight(_fake_quantize_module()))
+
+
+def _per_token_int8(fq: ModuleType, qscheme: torch.qscheme) -> Factory:
+    return functools.partial(
+        fq.DynamicPerTokenFakeQuantize,
+        dtype=torch.qint8,
+        qscheme=qscheme,
+        quant_min=-128,
+        quant_max=127,
+    )
 
 
 def _w8a8_dynamic() -> QConfig:
+    # int8 per-channel weights; each input token fake-quantized with its own int8 symmetric
+    # qparams (torchao's int8 dynamic-activation recipe).
     fq = _fake_quantize_module()
-    # Missing piece: a dynamic per-token int8 fake quant of the input (qparams from each row
-    # of the current activation, none kept). Until triton_qat has one, weights only.
-    return QConfig(weight=_int8_per_channel_weight(fq), activation=None)
+    return QConfig(
+        weight=_int8_per_channel_weight(fq),
+        activation=_per_token_int8(fq, torch.per_tensor_symmetric),
+    )
+
+
+def _w4a8_dynamic() -> QConfig:
+    # int4 per-group weights with int8 asymmetric per-token activations (torchao's 8da4w).
+    fq = _fake_quantize_module()
+    return QConfig(
+        weight=_int4_per_group_weight(fq),
+        activation=_per_token_int8(fq, torch.per_tensor_affine),
+    )
 
 
 _PRESETS: dict[str, Callable[[], QConfig]] = {
@@ -355,6 +379,7 @@ _PRESETS: dict[str, Callable[[], QConfig]] = {
     "int8_per_tensor": _int8_per_tensor,
     "int4_per_group": _int4_per_group,
     "w8a8_dynamic": _w8a8_dynamic,
+    "w4a8_dynamic": _w4a8_dynamic,
     **{backend: functools.partial(get_default_qat_qconfig, backend) for backend in _BACKENDS},
 }
 _REGISTRY.update(_PRESETS)

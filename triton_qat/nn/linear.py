@@ -29,6 +29,7 @@ def _fused_qparams(
     if not isinstance(fq, (FakeQuantize, FusedMovingAvgObsFakeQuantize)):
         return False, None
     if getattr(fq, "is_dynamic", False):
+        # Dynamic (per-token) qparams are made per call: the module runs, then the GEMM.
         return False, None
     fq.observe(x.detach())
     qp = fq.qparams()
@@ -80,6 +81,10 @@ class Linear(torch.nn.Linear):
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 
     def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
+        from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
+
+        if isinstance(fq, DynamicPerTokenFakeQuantize):
+            return  # triton_qat's own, applied as a module by design (fused in a later kernel)
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))
             warnings.warn(
