@@ -110,32 +110,35 @@ EOF
     return $rc
 }
 export -f env_report # timeout runs programs, not shell functions
-run_step env 120 "$OUTDIR/env.txt" bash -c env_report
+run_step env 30 "$OUTDIR/env.txt" bash -c env_report
 
-# --- step 2: test suite on compiled CUDA kernels ------------------------------------------------
-# Later: fused linear (tq.fq_linear, tq.nn.Linear) tests join this run; nothing to add here.
-run_step pytest 300 "$OUTDIR/pytest.log" \
+# The split of the 460 s budget, most telling first: compiled-kernel tests (CPU-only parity
+# files left out), the headline fused-linear benchmark, the fake-quant bandwidth, the check
+# grid, autotuning of the headline shape. Each step gets at most what the earlier ones leave.
+
+# --- step 2: test suite on compiled CUDA kernels (one GEMM config: TRITON_QAT_AUTOTUNE=0) ----
+run_step pytest 160 "$OUTDIR/pytest.log" \
     env TRITON_QAT_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpu \
-    python -m pytest tests -q -p no:cacheprovider --junitxml="$OUTDIR/pytest.xml"
+    python -m pytest tests/test_rounding.py tests/test_kernels.py tests/test_fq_linear.py \
+    tests/test_fake_quantize.py tests/test_nn_linear.py tests/test_api.py \
+    -q -p no:cacheprovider --junitxml="$OUTDIR/pytest.xml"
 
-# --- step 3: `python -m triton_qat check` (later) -----------------------------------------------
-# When the check command lands, add here, and take its time from the pytest budget:
-#   run_step check 60 "$OUTDIR/check.log" \
-#       python -m triton_qat check --device cuda --json "$OUTDIR/check.json"
-
-# --- step 4: benchmarks --------------------------------------------------------------------------
-run_step bench_fake_quant 150 "$OUTDIR/bench_fake_quant.log" \
-    python bench/bench_fake_quant.py --out "$OUTDIR"
+# --- step 3: benchmarks --------------------------------------------------------------------------
 # The fused linear. Its own --budget-s, 20 s under the step's timeout, stops it starting new
 # shapes in time to print its table and exit; linear.json is rewritten after every shape.
-linear_t=$(step_timeout 180)
-run_step bench_linear 180 "$OUTDIR/bench_linear.log" \
+linear_t=$(step_timeout 120)
+run_step bench_linear 120 "$OUTDIR/bench_linear.log" \
     python bench/bench_linear.py --out "$OUTDIR" --budget-s $((linear_t > 40 ? linear_t - 20 : 20))
+run_step bench_fake_quant 70 "$OUTDIR/bench_fake_quant.log" \
+    python bench/bench_fake_quant.py --out "$OUTDIR" --quick
 
-# --- step 5: autotune (later) --------------------------------------------------------------------
-# When autotune lands: run_step autotune 90 "$OUTDIR/autotune.log" python -m triton_qat autotune ...
-# Adding steps means re-splitting BUDGET_S: the steps' own timeouts (120 + 300 + 150 + 180)
-# already add up to more than it, so the last steps get what the earlier ones leave.
+# --- step 4: every kernel against the reference at real sizes --------------------------------
+run_step check 40 "$OUTDIR/check.log" \
+    python -m triton_qat check --quick --device cuda --json "$OUTDIR/check.json"
+
+# --- step 5: autotune the headline shape ---------------------------------------------------------
+run_step autotune 40 "$OUTDIR/autotune.log" \
+    python -m triton_qat autotune --shapes 8192x4096x4096 --dtype bf16
 
 # --- summary -------------------------------------------------------------------------------------
 echo

@@ -10,6 +10,9 @@ import os
 TEST_DEVICE = os.environ.get("TRITON_QAT_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One GEMM config: tests check numerics, and tuning every odd test shape takes hours.
+    os.environ.setdefault("TRITON_QAT_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

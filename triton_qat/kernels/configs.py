@@ -6,6 +6,7 @@ Nothing here touches the GPU at import; device limits are read when a config is 
 from __future__ import annotations
 
 import functools
+import os
 
 import triton
 
@@ -42,10 +43,18 @@ def _cuda_configs() -> list[triton.Config]:
     return [_cfg(*s) for s in shapes]
 
 
+# TRITON_QAT_AUTOTUNE=0 pins the compiled kernels to this one config (tests on a GPU compile
+# every variant once instead of benchmarking eleven configs for each new shape).
+_UNTUNED_CUDA_CONFIG = (64, 64, 32, 4, 4)
+
+
 def gemm_configs() -> list[triton.Config]:
-    """The autotune space: one config under the interpreter, the CUDA list otherwise."""
+    """The autotune space: one config under the interpreter, or with TRITON_QAT_AUTOTUNE=0;
+    the CUDA list otherwise. Read when the kernels are first imported."""
     if COMPILED_AS_INTERPRETED:
         return [triton.Config(dict(_INTERPRETER_CONFIG), num_stages=1, num_warps=4)]
+    if os.environ.get("TRITON_QAT_AUTOTUNE", "1").strip() == "0":
+        return [_cfg(*_UNTUNED_CUDA_CONFIG)]
     return _cuda_configs()
 
 
