@@ -19,12 +19,9 @@ Nothing touches CUDA, or imports Triton, before main() has checked that a GPU is
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import importlib.util
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -32,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _gpu_run import EXIT_NO_CUDA, gpu_run_metadata
 from torch import Tensor
 
 DEVICE = "cuda"
 EXIT_MISMATCH = 1
-EXIT_NO_CUDA = 2
 
 QUANT_MIN, QUANT_MAX = -128, 127
 GROUP_SIZE = 128
@@ -327,38 +324,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def import_path_for_checkout() -> None:
-    """Let `import triton_qat` find the checkout when the package is not installed."""
-    if importlib.util.find_spec("triton_qat") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            f"bench_fake_quant: no CUDA device (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda}); this benchmark needs an NVIDIA GPU",
-            file=sys.stderr,
-        )
+    meta = gpu_run_metadata("bench_fake_quant")
+    if meta is None:
         return EXIT_NO_CUDA
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):
-        print(
-            "bench_fake_quant: TRITON_INTERPRET is set; unset it to time compiled kernels",
-            file=sys.stderr,
-        )
-        return EXIT_NO_CUDA
-    import triton
-
-    import_path_for_checkout()
-
-    gpu = torch.cuda.get_device_name()
-    meta = {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    gpu = meta["gpu"]
     timing = QUICK_TIMING if args.quick else FULL_TIMING
     shapes = QUICK_SHAPES if args.quick else SHAPES
     print(f"bench_fake_quant: {gpu}, torch {meta['torch']}, triton {meta['triton']}", flush=True)

@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import importlib.util
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -49,12 +46,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _gpu_run import EXIT_NO_CUDA, gpu_run_metadata
 from torch import Tensor
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
 EXIT_FAILED = 1
-EXIT_NO_CUDA = 2
 
 # (M, N, K), the headline first: a run cut short by the budget still has it.
 SHAPES: tuple[tuple[int, int, int], ...] = (
@@ -620,12 +617,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def import_path_for_checkout() -> None:
-    """Let `import triton_qat` find the checkout when the package is not installed."""
-    if importlib.util.find_spec("triton_qat") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
 def run(args: argparse.Namespace, meta: dict) -> int:
     """Every (shape, qconfig) in plan order; the device checks are main()'s."""
     timing = QUICK_TIMING if args.quick else FULL_TIMING
@@ -668,30 +659,10 @@ def run(args: argparse.Namespace, meta: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            f"bench_linear: no CUDA device (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda}); this benchmark needs an NVIDIA GPU",
-            file=sys.stderr,
-        )
+    meta = gpu_run_metadata("bench_linear")
+    if meta is None:
         return EXIT_NO_CUDA
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):
-        print(
-            "bench_linear: TRITON_INTERPRET is set; unset it to time compiled kernels",
-            file=sys.stderr,
-        )
-        return EXIT_NO_CUDA
-    import triton
-
-    import_path_for_checkout()
-
-    gpu = torch.cuda.get_device_name()
-    meta = {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    gpu = meta["gpu"]
     print(f"bench_linear: {gpu}, torch {meta['torch']}, triton {meta['triton']}", flush=True)
     rc = run(args, meta)
     print(f"commit figures under bench/results/{card_slug(gpu)}/ (see bench/README.md)")
