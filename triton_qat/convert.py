@@ -202,21 +202,9 @@ class QuantizedLinear(torch.nn.Module):
 def quantize_codes(w: Tensor, qp: QParams) -> Tensor:
     """The integer codes q = clamp(rne(w / scale) + zp) of the fake quant with `qp` (int32)."""
     from triton_qat.qparams import normalize
-    from triton_qat.reference import quantize_unclamped, reciprocal
+    from triton_qat.reference import quantized_codes_ref
 
-    nq = normalize(w, qp)
-    inv = reciprocal(nq.scale)
-    if nq.params_on_cols:
-        xv, view = w.reshape(nq.rows, nq.cols), (1, -1)
-    else:
-        xv, view = w.reshape(-1, nq.channels, nq.cols), (1, -1, 1)
-    qf = quantize_unclamped(
-        xv.float(), inv.view(view), nq.zero_point.view(view), nq.float_zero_point
-    )
-    q = torch.fmin(
-        torch.fmax(qf, qf.new_tensor(float(qp.quant_min))), qf.new_tensor(float(qp.quant_max))
-    )
-    return q.to(torch.int32).reshape(w.shape)
+    return quantized_codes_ref(w, normalize(w, qp))
 
 
 def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:

@@ -72,6 +72,13 @@ def straight_through_mask(qf: Tensor, quant_min: int, quant_max: int) -> Tensor:
     return (qf >= quant_min) & (qf <= quant_max)
 
 
+def clamp_quantized(qf: Tensor, quant_min: int, quant_max: int) -> Tensor:
+    """fmin(fmax(q, quant_min), quant_max): NaN lands on quant_min, as in torch."""
+    return torch.fmin(
+        torch.fmax(qf, qf.new_tensor(float(quant_min))), qf.new_tensor(float(quant_max))
+    )
+
+
 def fake_quant_core(
     xf: Tensor,
     inv_scale: Tensor,
@@ -89,7 +96,7 @@ def fake_quant_core(
     """
     qf = quantize_unclamped(xf, inv_scale, zero_point, float_zero_point)
     mask = straight_through_mask(qf, quant_min, quant_max)
-    q = torch.fmin(torch.fmax(qf, qf.new_tensor(float(quant_min))), qf.new_tensor(float(quant_max)))
+    q = clamp_quantized(qf, quant_min, quant_max)
     if float_zero_point:
         y = ((q.double() - zero_point.double()) * scale.double()).float()
     else:
@@ -121,6 +128,17 @@ def fake_quantize_ref(x: Tensor, nq: NormQParams) -> Tensor:
         nq.float_zero_point,
     )
     return y.to(x.dtype).reshape(x.shape)
+
+
+def quantized_codes_ref(x: Tensor, nq: NormQParams) -> Tensor:
+    """The integer codes clamp(q) behind fake_quantize_ref(x, nq), as int32, shaped as x."""
+    qf = quantize_unclamped(
+        _x_view(nq, x).to(torch.float32),
+        _param_view(nq, reciprocal(nq.scale)),
+        _param_view(nq, nq.zero_point),
+        nq.float_zero_point,
+    )
+    return clamp_quantized(qf, nq.quant_min, nq.quant_max).to(torch.int32).reshape(x.shape)
 
 
 def fake_quantize_mask_ref(x: Tensor, nq: NormQParams, inv_scale: Tensor | None = None) -> Tensor:

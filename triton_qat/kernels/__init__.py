@@ -28,6 +28,3 @@ if _is_interpreted(tl.cdiv) != INTERPRETED_KERNELS:
         "TRITON_INTERPRET changed between importing triton and loading triton_qat's kernels; "
         "set it before triton is first imported"
     )
-
-# Read by the kernels' constexpr switches.
-COMPILED_AS_INTERPRETED = INTERPRETED_KERNELS

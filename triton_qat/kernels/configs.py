@@ -10,7 +10,7 @@ import os
 
 import triton
 
-from triton_qat.kernels import COMPILED_AS_INTERPRETED
+from triton_qat.kernels import INTERPRETED_KERNELS
 
 # Under the interpreter autotuning cannot run (no GPU driver): exactly one config, kept
 # small so interpreted tiles stay cheap.
@@ -51,7 +51,7 @@ _UNTUNED_CUDA_CONFIG = (64, 64, 32, 4, 4)
 def gemm_configs() -> list[triton.Config]:
     """The autotune space: one config under the interpreter, or with TRITON_QAT_AUTOTUNE=0;
     the CUDA list otherwise. Read when the kernels are first imported."""
-    if COMPILED_AS_INTERPRETED:
+    if INTERPRETED_KERNELS:
         return [triton.Config(dict(_INTERPRETER_CONFIG), num_stages=1, num_warps=4)]
     if os.environ.get("TRITON_QAT_AUTOTUNE", "1").strip() == "0":
         return [_cfg(*_UNTUNED_CUDA_CONFIG)]

@@ -7,11 +7,11 @@ and at 0.49999997 (v + 0.5 rounds up to 1.0 in fp32).
 import triton
 import triton.language as tl
 
-from triton_qat.kernels import COMPILED_AS_INTERPRETED
+from triton_qat.kernels import INTERPRETED_KERNELS
 
 # The interpreter truncates fp32 -> bf16 casts and garbles bf16 subnormals on the way up;
 # compiled kernels do both exactly. Under the interpreter the helpers below use bit casts.
-INTERPRETED: tl.constexpr = tl.constexpr(COMPILED_AS_INTERPRETED)
+INTERPRETED: tl.constexpr = tl.constexpr(INTERPRETED_KERNELS)
 
 # fp32 values at or above this magnitude are integers already.
 TWO_POW_23: tl.constexpr = tl.constexpr(8388608.0)
