@@ -12,19 +12,16 @@ reference and the Triton kernels (the interpreter on the CPU, compiled on a GPU)
 from __future__ import annotations
 
 import re
-import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from _compare import assert_bitwise_equal
 
 import triton_qat as tq
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _compare import assert_bitwise_equal  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -235,12 +232,16 @@ CASES: list[Case] = [
     ),
     Case(
         "negative scale (per channel)",
-        lambda d: tq.fake_quantize_per_channel(_x(d), *_pc(d, [0.1, -0.1, 0.2, -1.0]), 0, -128, 127),
+        lambda d: tq.fake_quantize_per_channel(
+            _x(d), *_pc(d, [0.1, -0.1, 0.2, -1.0]), 0, -128, 127
+        ),
         Same(lambda d: _torch_pc(d, [0.1, -0.1, 0.2, -1.0]), "as torch (the sign flips q)"),
     ),
     Case(
         "NaN scale",
-        lambda d: tq.fake_quantize_per_channel(_x(d), *_pc(d, [0.1, float("nan"), 1, 1]), 0, -128, 127),
+        lambda d: tq.fake_quantize_per_channel(
+            _x(d), *_pc(d, [0.1, float("nan"), 1, 1]), 0, -128, 127
+        ),
         Same(lambda d: _torch_pc(d, [0.1, float("nan"), 1, 1]), "as torch: NaN in that channel"),
     ),
     Case(
@@ -289,7 +290,11 @@ CASES: list[Case] = [
     Case(
         "NaN / inf in the input",
         lambda d: tq.fake_quantize_per_tensor(
-            torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], device=d), 0.1, 3, -128, 127
+            torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], device=d),
+            0.1,
+            3,
+            -128,
+            127,
         ),
         Same(
             lambda d: torch.fake_quantize_per_tensor_affine(
@@ -316,7 +321,9 @@ CASES: list[Case] = [
     ),
     Case(
         "transposed (non-contiguous) input",
-        lambda d: tq.fake_quantize_per_channel(_x(d, 8, 4).t(), *_pc(d, [0.1, 0.2, 0.3, 0.4]), 0, -8, 7),
+        lambda d: tq.fake_quantize_per_channel(
+            _x(d, 8, 4).t(), *_pc(d, [0.1, 0.2, 0.3, 0.4]), 0, -8, 7
+        ),
         Same(
             lambda d: tq.fake_quantize_per_channel(
                 _x(d, 8, 4).t().contiguous(), *_pc(d, [0.1, 0.2, 0.3, 0.4]), 0, -8, 7
