@@ -210,9 +210,11 @@ def train(
     lr: float,
     seed: int,
     label: str,
+    losses: list[float] | None = None,
 ) -> float:
     """AdamW with a linear warmup and a cosine decay to lr / 10. Prints a progress line every
-    cfg.log_every steps; returns the median wall time of a training step, in ms."""
+    cfg.log_every steps; returns the median wall time of a training step, in ms. Each step's
+    loss is appended to `losses` when given."""
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -249,6 +251,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         value = loss.item()  # synchronizes with the device
+        if losses is not None:
+            losses.append(value)
         step_ms.append((time.perf_counter() - t0) * 1e3)
         running = value if running is None else 0.9 * running + 0.1 * value
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
