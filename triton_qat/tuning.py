@@ -40,7 +40,7 @@ import torch
 
 try:
     import fcntl
-except ImportError:  # not on Windows: writes stay atomic, concurrent merges may drop entries
+except ImportError:  # Windows: writes stay atomic, but concurrent merges may drop entries
     fcntl = None
 
 SCHEMA_VERSION = 1
