@@ -112,16 +112,18 @@ def _row_order(r: dict) -> tuple:
     return (r["bench"], str(r.get("qconfig")), -r["shape"][0], _shape(r), str(r.get("dtype")))
 
 
-def linear_table(records: list[dict]) -> list[str]:
-    """Markdown rows: bench, qconfig, shape, then `ms (ratio x)` per provider."""
-    rows = with_ratios(records)
+def _provider_table(rows: list[dict], shape_label: str, extra) -> list[str]:
+    """Markdown: one row per (bench, qconfig, shape, dtype), one column per provider holding
+    `ms` and, in parentheses, `extra(record)` when it returns text."""
     providers = _providers(rows)
     cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in sorted(rows, key=_row_order):
-        cells[(r["bench"], r.get("qconfig"), _shape(r), r.get("dtype"))][r["provider"]] = r
+        cells[(r["bench"], str(r.get("qconfig")), _shape(r), str(r.get("dtype")))][
+            r["provider"]
+        ] = r
     body = []
-    for (bench, qconfig, shape, dtype), by_provider in cells.items():
-        row = [bench, str(qconfig), shape, str(dtype)]
+    for labels, by_provider in cells.items():
+        row = list(labels)
         for p in providers:
             r = by_provider.get(p)
             if r is None:
@@ -129,33 +131,25 @@ def linear_table(records: list[dict]) -> list[str]:
             elif _ms(r) is None:
                 row.append("failed")
             else:
-                ratio = f" ({r['ratio']:.2f}x)" if r["ratio"] else ""
-                row.append(f"{_ms(r):.3f}{ratio}")
+                note = extra(r)
+                row.append(f"{_ms(r):.3f}" + (f" ({note})" if note else ""))
         body.append(row)
-    return _table(["bench", "qconfig", "M x N x K", "dtype", *providers], body)
+    return _table(["bench", "qconfig", shape_label, "dtype", *providers], body)
+
+
+def linear_table(records: list[dict]) -> list[str]:
+    """Markdown rows: bench, qconfig, shape, dtype, then `ms (ratio x)` per provider."""
+    return _provider_table(
+        with_ratios(records), "M x N x K", lambda r: r["ratio"] and f"{r['ratio']:.2f}x"
+    )
 
 
 def fake_quant_table(records: list[dict]) -> list[str]:
     """Markdown rows: bench, qconfig, shape, dtype, then `ms (% copy bandwidth)` per provider."""
     rows = [r for r in records if r["bench"] in FAKE_QUANT_BENCHES]
-    providers = _providers(rows)
-    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for r in sorted(rows, key=_row_order):
-        cells[(r["bench"], r.get("qconfig"), _shape(r), r.get("dtype"))][r["provider"]] = r
-    body = []
-    for (bench, qconfig, shape, dtype), by_provider in cells.items():
-        row = [bench, str(qconfig), shape, str(dtype)]
-        for p in providers:
-            r = by_provider.get(p)
-            pct = None if r is None else r.get("pct_copy_bw")
-            if r is None:
-                row.append("")
-            elif _ms(r) is None:
-                row.append("failed")
-            else:
-                row.append(f"{_ms(r):.3f}" + (f" ({pct:.0f} %)" if pct else ""))
-        body.append(row)
-    return _table(["bench", "qconfig", "shape", "dtype", *providers], body)
+    return _provider_table(
+        rows, "shape", lambda r: r.get("pct_copy_bw") and f"{r['pct_copy_bw']:.0f} %"
+    )
 
 
 def render_markdown(records: list[dict], plots: dict[str, str], skipped: list[str]) -> str:
