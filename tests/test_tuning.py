@@ -30,8 +30,8 @@ def _entries_in_file(cache: tuning.AutotuneCache) -> list[dict]:
 
 
 def test_store_then_hit_in_a_new_instance_and_misses(tmp_path):
+    cache = tuning.AutotuneCache(tmp_path)  # reads nothing yet: the file comes later
     tuning.AutotuneCache(tmp_path).store(GPU, "fwd", KEY, CONFIG, 1.5)
-    cache = tuning.AutotuneCache(tmp_path)
     entry = cache.lookup(GPU, "fwd", KEY)
     assert entry is not None and entry["config"] == CONFIG and entry["ms"] == 1.5
     assert entry["key"] == list(KEY)
@@ -237,6 +237,18 @@ def test_hook_does_not_store_an_untimed_choice(tmp_path, on_fake_gpu):
     tuner.run(torch.zeros(4), 16, 16)
     assert benched == [] and kernel.launches == [32]
     assert not (tmp_path / tuning.CACHE_FILE).exists()
+
+
+def test_gemm_autotune_decorator_attaches_the_cache_when_compiled(monkeypatch):
+    from triton_qat.kernels import configs
+
+    kernel = _FakeKernel()
+    kernel.arg_names = ("x_ptr", "w_ptr", "M", "N", "K", "W_GRAN")
+    monkeypatch.setattr(configs, "INTERPRETED_KERNELS", False)
+    decorate = configs.autotune("M", "N", "K", ("x_ptr", "w_ptr"), extra_key=("W_GRAN",))
+    tuner = decorate(kernel)
+    assert isinstance(tuner.cache, tuning.PersistentConfigs)
+    assert tuner.cache.kernel == "fake_gemm_kernel" and len(tuner.configs) > 1
 
 
 def test_gemm_tuners_are_plain_under_the_interpreter():
