@@ -230,8 +230,8 @@ def _tuning_source(tuner, before: tuple[int, int]) -> str:
 
 _TABLE_HEADER = (
     f"{'shape MxNxK':<18} {'dtype':<5} {'weights':<16} {'kernel':<7} {'BLOCK_M/N/K':<12} "
-    f"{'warps':>5} {'stages':>6} {'source':<6} {'ms':>8} {'TFLOP/s':>8} {'F.lin ms':>9} "
-    f"{'x F.lin':>8}"
+    f"{'warps':>5} {'stages':>6} {'source':<6} {'ms':>8} {'TFLOP/s':>8} {'torch ms':>9} "
+    f"{'x torch':>8}"
 )
 
 
@@ -324,8 +324,9 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
     space, or takes the winner from triton_qat's cache file (see `python -m triton_qat env`);
     one line per kernel on stderr says which. The winners are then timed with
     triton.testing.do_bench against the plain GEMM of the same shape in torch (F.linear for
-    the forward, dy @ w and dy^T @ x for the gradients), and new winners are stored in the
-    cache. --no-cache neither reads nor writes it (TRITON_QAT_AUTOTUNE_CACHE=0 does the same).
+    the forward, and F.linear's own backward GEMMs dy @ w and dy^T @ x for dX and dW: columns
+    "torch ms" and "x torch"), and new winners are stored in the cache. --no-cache neither
+    reads nor writes it (TRITON_QAT_AUTOTUNE_CACHE=0 does the same).
     """
     if _interpret_requested():
         return _fail_setup(

@@ -124,7 +124,8 @@ class AutotuneCache:
                 config = e["config"]
                 if not isinstance(config["kwargs"], dict):
                     raise ValueError("config kwargs is not an object")
-                int(config["num_warps"]), int(config["num_stages"])
+                if not all(isinstance(config[f], int) for f in ("num_warps", "num_stages")):
+                    raise ValueError("num_warps / num_stages are not ints")
                 entries[_index(e["gpu"], e["triton"], e["kernel"], list(e["key"]))] = e
             return entries
         except (ValueError, KeyError, TypeError) as e:
