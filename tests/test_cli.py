@@ -288,3 +288,6 @@ def test_autotune_jobs_from_model_and_shapes():
     ]
     with pytest.raises(SystemExit):
         parse(["autotune", "--shapes", "1x2x3", "--model", "m:f"])
+    for bad in (["--batch-tokens", "64"], ["--model", "m:f", "--batch-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            main(["autotune", *bad])

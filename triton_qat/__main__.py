@@ -457,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SETUP
     if getattr(args, "group_size", 1) <= 0:
         parser.error("--group-size must be positive")
-    if (getattr(args, "batch_tokens", None) or 1) <= 0:
-        parser.error("--batch-tokens must be positive")
+    if getattr(args, "batch_tokens", None) is not None:
+        if args.batch_tokens <= 0:
+            parser.error("--batch-tokens must be positive")
+        if not args.model:
+            parser.error("--batch-tokens goes with --model (--shapes give M themselves)")
     return args.func(args)
 
 
