@@ -98,10 +98,11 @@ def quick_check(tmp_path_factory):
     return proc, elapsed, rows
 
 
-def test_check_quick_cpu_passes_within_a_minute(quick_check):
-    proc, elapsed, _ = quick_check
+def test_check_quick_cpu_passes(quick_check):
+    # Its run time (under a minute on 2 idle cores) is a figure for the README, not a test:
+    # a timed assertion fails on a loaded machine and proves nothing on a fast one.
+    proc, _, _ = quick_check
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert elapsed < 60, f"check --quick --device cpu took {elapsed:.1f} s"
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("kind"))
     for column in ("qconfig", "shape", "dtype", "metric", "result", "status"):
