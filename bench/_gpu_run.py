@@ -1,17 +1,24 @@
 """What every GPU benchmark script does before it measures: refuse to run without compiled
-CUDA kernels (one line, exit code 2), find the checkout's triton_qat, and name the run."""
+CUDA kernels (one line, exit code 2), find the checkout's triton_qat, and name the run and
+its card's results folder."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 EXIT_NO_CUDA = 2
+
+
+def card_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the bench/results/<card> folder)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def import_path_for_checkout() -> None:

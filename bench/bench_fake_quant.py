@@ -22,14 +22,13 @@ import argparse
 import functools
 import json
 import math
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _gpu_run import EXIT_NO_CUDA, gpu_run_metadata
+from _gpu_run import EXIT_NO_CUDA, card_slug, gpu_run_metadata
 from torch import Tensor
 
 DEVICE = "cuda"
@@ -185,11 +184,6 @@ def time_ms(fn: Callable[[], object], grad_to_none: list, timing: dict) -> list[
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def card_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the bench/results/<card> folder)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def bench_shape_dtype(

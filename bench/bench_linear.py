@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import math
-import re
 import sys
 import time
 import warnings
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _gpu_run import EXIT_NO_CUDA, gpu_run_metadata
+from _gpu_run import EXIT_NO_CUDA, card_slug, gpu_run_metadata
 from torch import Tensor
 
 DEVICE = "cuda"
@@ -539,11 +538,6 @@ def add_ratios(records: list[dict]) -> None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def card_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the bench/results/<card> folder)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def finite(record: dict) -> dict:

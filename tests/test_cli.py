@@ -98,10 +98,11 @@ def quick_check(tmp_path_factory):
     return proc, elapsed, rows
 
 
-def test_check_quick_cpu_passes_within_a_minute(quick_check):
-    proc, elapsed, _ = quick_check
+def test_check_quick_cpu_passes(quick_check):
+    # Its run time (under a minute on 2 idle cores) is a figure for the README, not a test:
+    # a timed assertion fails on a loaded machine and proves nothing on a fast one.
+    proc, _, _ = quick_check
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert elapsed < 60, f"check --quick --device cpu took {elapsed:.1f} s"
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("kind"))
     for column in ("qconfig", "shape", "dtype", "metric", "result", "status"):
@@ -241,3 +242,53 @@ def test_check_cpu_after_compiled_triton_import_exits_2():
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "TRITON_INTERPRET" in lines[0]
+
+
+def test_env_shows_the_autotune_cache(tmp_path, monkeypatch, capsys):
+    from triton_qat.tuning import CACHE_FILE, AutotuneCache
+
+    cache = AutotuneCache(tmp_path)
+    for kernel in ("fq_linear_fwd_kernel", "fq_linear_dx_kernel"):
+        config = {"kwargs": {"BLOCK_M": 64}, "num_warps": 4, "num_stages": 3}
+        cache.store("NVIDIA H100", kernel, (64, 64, 64), config, 0.5)
+    monkeypatch.setenv("TRITON_QAT_CACHE_DIR", str(tmp_path))
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("autotune cache"))
+    assert str(tmp_path / CACHE_FILE) in line and "(2 entries" in line
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["autotune_cache_file"] == str(tmp_path / CACHE_FILE)
+    assert info["autotune_cache_entries"] == 2
+
+
+def test_autotune_model_without_compiled_cuda_exits_2(capsys):
+    """In this process the kernels are interpreted (and CPU-only machines have no CUDA):
+    exit 2 with one line, before the model is imported."""
+    code = main(["autotune", "--model", "no_such_module:factory", "--no-cache"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "autotune" in lines[0] and "no_such_module" not in lines[0]
+
+
+def test_autotune_jobs_from_model_and_shapes():
+    from triton_qat.__main__ import autotune_jobs, build_parser
+    from triton_qat.tuning import LinearShape
+
+    parse = build_parser().parse_args
+    args = parse(["autotune", "--model", "tests.test_tuning:build_block", "--batch-tokens", "512"])
+    jobs = autotune_jobs(args)
+    assert [(j.m, j.n, j.k, j.granularity) for j in jobs] == [
+        (512, 96, 64, "per_channel"),
+        (512, 64, 96, "per_group"),
+    ]
+    args = parse(["autotune", "--shapes", "64x32x256", "--granularity", "per_group"])
+    assert autotune_jobs(args) == [
+        LinearShape(64, 32, 256, "per_group", torch.bfloat16, group_size=128)
+    ]
+    with pytest.raises(SystemExit):
+        parse(["autotune", "--shapes", "1x2x3", "--model", "m:f"])
+    for bad in (["--batch-tokens", "64"], ["--model", "m:f", "--batch-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            main(["autotune", *bad])

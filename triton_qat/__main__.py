@@ -2,14 +2,17 @@
 
     python -m triton_qat env [--json]
         versions, platform, CUDA devices, the backend in force, whether kernels are
-        interpreted, torch's CPU capability, Triton's cache dir, triton_qat's cache path.
+        interpreted, torch's CPU capability, Triton's cache dir, triton_qat's autotune cache
+        file and its number of entries.
     python -m triton_qat check [--quick] [--device cpu|cuda] [--json PATH]
         every kernel against the eager reference and the reference against torch (see
         triton_qat.check); a table, exit 1 on any failure.
-    python -m triton_qat autotune [--shapes MxNxK ...] [--dtype bf16|fp16|fp32]
+    python -m triton_qat autotune [--shapes MxNxK ... | --model MODULE:FACTORY]
+                                  [--batch-tokens M] [--dtype bf16|fp16|fp32]
                                   [--granularity per_channel|per_tensor|per_group]
-                                  [--group-size 128]
-        run the fused linear's autotuner on a CUDA GPU and time each chosen config.
+                                  [--group-size 128] [--no-cache]
+        run the fused linear's autotuner on a CUDA GPU, store the winners in the autotune
+        cache (triton_qat.tuning) and time each against F.linear.
 
 Exit status: 0 success, 1 a failed check, 2 a setup problem (no CUDA, the interpreter in the
 wrong state, triton missing), reported on one stderr line. Only `env`, `check --device cuda`
@@ -29,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from triton_qat.tuning import AutotuneCache, autotune_cache_dir
+
 EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -47,17 +52,6 @@ def _interpret_requested() -> bool:
 
 
 # --- env -------------------------------------------------------------------------------------
-
-
-def autotune_cache_dir() -> Path:
-    """Where triton_qat keeps tuned configs: $TRITON_QAT_CACHE_DIR, else the user cache dir
-    ($XDG_CACHE_HOME/triton_qat, or ~/.cache/triton_qat)."""
-    explicit = os.environ.get("TRITON_QAT_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "triton_qat"
 
 
 def _triton_info() -> tuple[str, str | None, bool | None]:
@@ -80,6 +74,7 @@ def environment() -> dict:
     import triton_qat as tq
 
     triton_version, triton_cache, interpreted = _triton_info()
+    cache = AutotuneCache()
     if interpreted is None:
         interpreted = _interpret_requested()
     cuda = torch.cuda.is_available()
@@ -106,6 +101,8 @@ def environment() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "triton_cache_dir": triton_cache,
         "autotune_cache_dir": str(autotune_cache_dir()),
+        "autotune_cache_file": str(cache.path),
+        "autotune_cache_entries": len(cache),
     }
 
 
@@ -130,7 +127,11 @@ def _cmd_env(args: argparse.Namespace) -> int:
         ),
         ("cpu capability", info["cpu_capability"]),
         ("triton cache", info["triton_cache_dir"]),
-        ("autotune cache", info["autotune_cache_dir"]),
+        (
+            "autotune cache",
+            f"{info['autotune_cache_file']} ({info['autotune_cache_entries']} entries "
+            f"for triton {info['triton']})",
+        ),
     ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
@@ -216,10 +217,27 @@ def _config_text(config) -> tuple[str, int, int]:
     return f"{kw['BLOCK_M']}/{kw['BLOCK_N']}/{kw['BLOCK_K']}", config.num_warps, config.num_stages
 
 
-def _autotune_shape(
-    m: int, n: int, k: int, dtype: torch.dtype, granularity: str, group_size: int
-) -> None:
-    """Autotune the three GEMMs for one shape, then time each chosen config and print it."""
+def _tuning_source(tuner, before: tuple[int, int]) -> str:
+    """How the call that just ran got its config: "tuned" (benchmarked), "cache" (the file),
+    or "memory" (tuned earlier in this process, or one config left after pruning)."""
+    hits, tuned = getattr(tuner.cache, "hits", ()), getattr(tuner.cache, "tuned", ())
+    if len(tuned) > before[1]:
+        return "tuned"
+    if len(hits) > before[0]:
+        return "cache"
+    return "memory"
+
+
+_TABLE_HEADER = (
+    f"{'shape MxNxK':<18} {'dtype':<5} {'weights':<16} {'kernel':<7} {'BLOCK_M/N/K':<12} "
+    f"{'warps':>5} {'stages':>6} {'source':<6} {'ms':>8} {'TFLOP/s':>8} {'torch ms':>9} "
+    f"{'x torch':>8}"
+)
+
+
+def _autotune_shape(job, dtype_name: str) -> list[str]:
+    """Tune (or look up) the forward, dX and dW GEMMs of one LinearShape, time each chosen
+    config against the plain GEMM of the same shape, and return the table rows."""
     import torch.nn.functional as F
     import triton.testing
 
@@ -227,55 +245,88 @@ def _autotune_shape(
     from triton_qat import ops
     from triton_qat.kernels import fq_matmul
 
-    tuners = {
-        "forward": fq_matmul.fq_linear_fwd_kernel,
-        "dX": fq_matmul.fq_linear_dx_kernel,
-        "dW": fq_matmul.fq_linear_dw_kernel,
-    }
+    m, n, k = job.m, job.n, job.k
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn((m, k), generator=gen, device="cuda").to(dtype)
-    w = torch.randn((n, k), generator=gen, device="cuda").to(dtype)
-    b = torch.randn((n,), generator=gen, device="cuda").to(dtype)
-    dy = torch.randn((m, n), generator=gen, device="cuda").to(dtype)
-    wqp = _autotune_weight_qparams(w, granularity, group_size)
-    xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
-    start = time.monotonic()
-    with tq.use_backend("triton"):
-        tq.fq_linear(xi, wi, bi, weight_qparams=wqp).backward(dy)
-    torch.cuda.synchronize()
-    first_s = time.monotonic() - start
-    # Each Autotuner's best_config is the one its last launch (this shape's key) used.
-    chosen = {name: tuner.best_config for name, tuner in tuners.items()}
-    lq = ops.linear_quant(x, w, wqp, None)
+    x = torch.randn((m, k), generator=gen, device="cuda").to(job.dtype)
+    w = torch.randn((n, k), generator=gen, device="cuda").to(job.dtype)
+    b = torch.randn((n,), generator=gen, device="cuda").to(job.dtype)
+    dy = torch.randn((m, n), generator=gen, device="cuda").to(job.dtype)
+    wqp = _autotune_weight_qparams(w, job.granularity, job.group_size or 0)
+    xqp = None
+    if job.input_fq:
+        xqp = tq.QParams(max(x.float().abs().max().item(), 1e-8) / 127, 0, -128, 127)
+    lq = ops.linear_quant(x, w, wqp, xqp)
     runs = {
-        "forward": (lambda: fq_matmul.fq_linear_forward(x, w, b, lq), lambda: F.linear(x, w, b)),
-        "dX": (lambda: fq_matmul.fq_linear_grad_input(dy, x, w, lq), lambda: dy @ w),
-        "dW": (lambda: fq_matmul.fq_linear_grad_weight(dy, x, w, lq), lambda: dy.t() @ x),
+        "forward": (
+            fq_matmul.fq_linear_fwd_kernel,
+            lambda: fq_matmul.fq_linear_forward(x, w, b, lq),
+            lambda: F.linear(x, w, b),
+        ),
+        "dX": (
+            fq_matmul.fq_linear_dx_kernel,
+            lambda: fq_matmul.fq_linear_grad_input(dy, x, w, lq),
+            lambda: dy @ w,
+        ),
+        "dW": (
+            fq_matmul.fq_linear_dw_kernel,
+            lambda: fq_matmul.fq_linear_grad_weight(dy, x, w, lq),
+            lambda: dy.t() @ x,
+        ),
     }
     shape = f"{m}x{n}x{k}"
     flops = 2.0 * m * n * k
-    for name, (kernel_fn, torch_fn) in runs.items():
-        ms = triton.testing.do_bench(kernel_fn, quantiles=[0.5, 0.2, 0.8])[0]
-        torch_ms = triton.testing.do_bench(torch_fn, quantiles=[0.5, 0.2, 0.8])[0]
-        blocks, warps, stages = _config_text(chosen[name])
+    rows = []
+    for name, (tuner, kernel_fn, torch_fn) in runs.items():
+        before = (len(getattr(tuner.cache, "hits", ())), len(getattr(tuner.cache, "tuned", ())))
+        start = time.monotonic()
+        kernel_fn()  # the first launch of this key tunes, or finds the cached winner
+        torch.cuda.synchronize()
+        first_s = time.monotonic() - start
+        source = _tuning_source(tuner, before)
         print(
-            f"{shape:<18} {name:<8} {blocks:<12} {warps:>5} {stages:>6} {ms:>8.3f} "
-            f"{flops / ms / 1e9:>8.1f} {torch_ms:>9.3f} {ms / torch_ms:>8.2f}",
+            f"autotune {shape} {dtype_name} {job.weights} {name}: {source} in {first_s:.1f} s",
+            file=sys.stderr,
             flush=True,
         )
-    print(f"{shape:<18} first forward+backward (compile + autotune): {first_s:.1f} s", flush=True)
+        blocks, warps, stages = _config_text(tuner.best_config)
+        ms = triton.testing.do_bench(kernel_fn, quantiles=[0.5, 0.2, 0.8])[0]
+        torch_ms = triton.testing.do_bench(torch_fn, quantiles=[0.5, 0.2, 0.8])[0]
+        rows.append(
+            f"{shape:<18} {dtype_name:<5} {job.weights:<16} {name:<7} {blocks:<12} {warps:>5} "
+            f"{stages:>6} {source:<6} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {torch_ms:>9.3f} "
+            f"{ms / torch_ms:>8.2f}"
+        )
+    return rows
+
+
+def autotune_jobs(args: argparse.Namespace) -> list:
+    """The LinearShapes `autotune` tunes: collected from --model, else --shapes with --dtype,
+    --granularity and --group-size."""
+    from triton_qat import tuning
+
+    if args.model:
+        model, sample = tuning.load_model(args.model)
+        return tuning.collect_linear_shapes(model, sample, batch_tokens=args.batch_tokens)
+    group = args.group_size if args.granularity == "per_group" else None
+    return [
+        tuning.LinearShape(m, n, k, args.granularity, DTYPES[args.dtype], group_size=group)
+        for m, n, k in args.shapes
+    ]
 
 
 def _cmd_autotune(args: argparse.Namespace) -> int:
     """Autotune the fused linear's forward, dX and dW GEMMs for each shape, and time them.
 
-    One forward + backward of tq.fq_linear (backend "triton") per shape triggers Triton's
-    autotuner for the three kernels; each kernel's chosen config is then read from its
-    Autotuner (`.best_config`, keyed in `.cache`) and timed with triton.testing.do_bench
-    against the plain GEMM of the same shape in torch (F.linear for the forward, dy @ w and
-    dy^T @ x for the gradients). The choice lives in Triton's in-process autotuner cache:
-    it is reported here and is gone when the process exits. triton_qat writes no file (Triton
-    itself still caches the compiled kernels in its cache dir).
+    Shapes come from --shapes (with --dtype, --granularity, --group-size), or from a model:
+    --model module:factory calls factory(), which returns (model, sample batch), runs the
+    batch through it and records each triton_qat.nn.Linear's (M, N, K), weight granularity
+    and dtype (--batch-tokens sets M). Each kernel's first launch benchmarks its autotune
+    space, or takes the winner from triton_qat's cache file (see `python -m triton_qat env`);
+    one line per kernel on stderr says which. The winners are then timed with
+    triton.testing.do_bench against the plain GEMM of the same shape in torch (F.linear for
+    the forward, and F.linear's own backward GEMMs dy @ w and dy^T @ x for dX and dW: columns
+    "torch ms" and "x torch"), and new winners are stored in the cache. --no-cache neither
+    reads nor writes it (TRITON_QAT_AUTOTUNE_CACHE=0 does the same).
     """
     if _interpret_requested():
         return _fail_setup(
@@ -296,30 +347,38 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
 
     if INTERPRETED_KERNELS:
         return _fail_setup("autotune", "triton_qat's kernels were loaded interpreted")
+    if args.no_cache:
+        os.environ["TRITON_QAT_AUTOTUNE_CACHE"] = "0"
+    try:
+        jobs = autotune_jobs(args)
+    except (ValueError, TypeError) as e:
+        return _fail_setup("autotune", str(e))
+    bad = [(j.m, j.n, j.k) for j in jobs if j.group_size and j.k % j.group_size]
+    if bad:
+        return _fail_setup("autotune", f"--group-size {args.group_size} does not divide K of {bad}")
 
+    from triton_qat import tuning
     from triton_qat.kernels import fq_matmul
 
-    dtype = DTYPES[args.dtype]
-    if args.granularity == "per_group":
-        bad = [s for s in args.shapes if s[2] % args.group_size]
-        if bad:
-            return _fail_setup(
-                "autotune", f"--group-size {args.group_size} does not divide K of {bad}"
-            )
-    gpu = torch.cuda.get_device_name()
-    qdesc = args.granularity + (f"({args.group_size})" if args.granularity == "per_group" else "")
+    names = {v: k for k, v in DTYPES.items()}
+    cache = tuning.default_cache() if tuning.cache_enabled() else None
+    where = f"cache {cache.path}" if cache is not None else "no cache"
     print(
-        f"triton_qat autotune on {gpu}: {args.dtype}, weights {qdesc}, "
-        f"fp32 dot precision {fq_matmul.input_precision(dtype)}",
+        f"triton_qat autotune on {torch.cuda.get_device_name()}: {len(jobs)} shape(s), {where}",
+        file=sys.stderr,
         flush=True,
     )
-    header = (
-        f"{'shape':<18} {'kernel':<8} {'BLOCK_M/N/K':<12} {'warps':>5} {'stages':>6} "
-        f"{'ms':>8} {'TFLOP/s':>8} {'torch ms':>9} {'x torch':>8}"
-    )
-    print(header)
-    for m, n, k in args.shapes:
-        _autotune_shape(m, n, k, dtype, args.granularity, args.group_size)
+    rows = []
+    for job in jobs:
+        dtype_name = names.get(job.dtype, str(job.dtype).removeprefix("torch."))
+        rows += _autotune_shape(job, dtype_name)
+    if any(job.dtype == torch.float32 for job in jobs):
+        print(f"fp32 dot precision {fq_matmul.input_precision(torch.float32)}")
+    print(_TABLE_HEADER)
+    for row in rows:
+        print(row)
+    if cache is not None:
+        print(f"{len(cache)} entries in {cache.path}")
     return EXIT_OK
 
 
@@ -356,13 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
         description=_cmd_autotune.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tune.add_argument(
+    source = tune.add_mutually_exclusive_group()
+    source.add_argument(
         "--shapes",
         nargs="+",
         type=_shape,
         default=[(8192, 4096, 4096), (1024, 4096, 4096)],
         metavar="MxNxK",
         help="x (M, K) times weight (N, K)^T (default: 8192x4096x4096 1024x4096x4096)",
+    )
+    source.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="tune the shapes of this model's tq.nn.Linear layers; factory() returns "
+        "(model, sample batch)",
+    )
+    tune.add_argument(
+        "--batch-tokens", type=int, default=None, help="with --model: M of every GEMM"
     )
     tune.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     tune.add_argument(
@@ -372,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight fake quant: int8 per channel / per tensor, int4 per group",
     )
     tune.add_argument("--group-size", type=int, default=128, help="for per_group (default 128)")
+    tune.add_argument(
+        "--no-cache", action="store_true", help="neither read nor write the autotune cache"
+    )
     tune.set_defaults(func=_cmd_autotune)
     return parser
 
@@ -385,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SETUP
     if getattr(args, "group_size", 1) <= 0:
         parser.error("--group-size must be positive")
+    if getattr(args, "batch_tokens", None) is not None:
+        if args.batch_tokens <= 0:
+            parser.error("--batch-tokens must be positive")
+        if not args.model:
+            parser.error("--batch-tokens goes with --model (--shapes give M themselves)")
     return args.func(args)
 
 

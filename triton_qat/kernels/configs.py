@@ -97,8 +97,12 @@ def prune_configs(
 
 def autotune(rows: str, cols: str, loop: str, operands: tuple[str, str], extra_key=()):
     """triton.autotune over gemm_configs(), keyed on the problem's extents and `extra_key`
-    (granularity flags); tensor dtypes are part of Triton's key already."""
-    return triton.autotune(
+    (granularity flags); tensor dtypes are part of Triton's key already.
+
+    Compiled, the tuner is backed by triton_qat's on-disk cache (triton_qat.tuning): a key
+    tuned by an earlier process is not benchmarked again. The file is read on first use.
+    """
+    tune = triton.autotune(
         configs=gemm_configs(),
         key=[rows, cols, loop, *extra_key],
         prune_configs_by={
@@ -107,3 +111,13 @@ def autotune(rows: str, cols: str, loop: str, operands: tuple[str, str], extra_k
             )
         },
     )
+
+    def decorator(fn):
+        tuner = tune(fn)
+        if INTERPRETED_KERNELS:
+            return tuner  # one config: Triton never consults its cache
+        from triton_qat.tuning import attach_cache
+
+        return attach_cache(tuner)
+
+    return decorator
