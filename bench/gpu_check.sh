@@ -9,10 +9,18 @@
 # recorded in OUTDIR/summary.txt and the later steps still run; the script exits 1 if any
 # step failed, timed out or was skipped for lack of time.
 #
+# Steps come in two groups. "core" (the default): tests, autotune, benchmarks, check, report.
+# "reliability": hypothesis fuzzing of the compiled kernels with statistics (fuzz), bitwise
+# repeatability and checkpoint resume on the GPU (determinism), tensors past 2**31 elements
+# (scale), and the 2,000-step fused-vs-eager QAT run (stability). Each group fits one call:
+#   GPU_CHECK_STEPS=reliability bash bench/gpu_check.sh OUTDIR
+# GPU_CHECK_STEPS takes "core", "reliability", "all" or step names (env always runs).
+#
 # Outputs in OUTDIR: env.txt, pytest.log, pytest.xml (JUnit), autotune.log,
 # autotune_cache/autotune.json (the tuned configs), bench_linear.log, linear.json,
 # bench_fake_quant.log, fake_quant.json, check.log, check.json, report.log, README.md (the
-# rendered summary) and <card>/linear.png (with matplotlib), summary.txt.
+# rendered summary) and <card>/linear.png (with matplotlib), summary.txt; reliability:
+# fuzz.log, determinism.log, scale.log, stability.log, stability.json, stability.png.
 
 set -u
 
@@ -29,6 +37,8 @@ export PYTHONUNBUFFERED=1
 export TRITON_QAT_CACHE_DIR=$OUTDIR/autotune_cache
 
 BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
+GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-core}
+RELIABILITY_STEPS="fuzz determinism scale stability"
 KILL_GRACE_S=5 # timeout sends KILL this long after TERM; counted against the deadline
 MIN_STEP_S=10  # a step that would get less than this is skipped, not started
 SUMMARY=$OUTDIR/summary.txt
@@ -56,11 +66,24 @@ record() {
     printf '%-18s rc=%-4s %-8s %4ss\n' "$name" "$rc" "$status" "$secs" | tee -a "$SUMMARY"
 }
 
-# run_step NAME WANTED_S LOGFILE CMD...: CMD under timeout, output shown and saved to LOGFILE.
+# selected NAME: whether GPU_CHECK_STEPS asks for step NAME (by its name or its group).
+selected() {
+    local group=core want
+    [[ $1 == env ]] && return 0
+    [[ " $RELIABILITY_STEPS " == *" $1 "* ]] && group=reliability
+    for want in $GPU_CHECK_STEPS; do
+        [[ $want == all || $want == "$group" || $want == "$1" ]] && return 0
+    done
+    return 1
+}
+
+# run_step NAME WANTED_S LOGFILE CMD...: CMD under timeout, output shown and saved to LOGFILE;
+# nothing at all when the step is not selected.
 run_step() {
     local name=$1 wanted=$2 log=$3
     shift 3
     local t start rc
+    selected "$name" || return 0
     t=$(step_timeout "$wanted")
     echo
     echo "=== $name (timeout ${t}s) ==="
@@ -151,6 +174,21 @@ run_step check 30 "$OUTDIR/check.log" \
 
 # --- step 6: the report: OUTDIR/README.md and OUTDIR/<card>/linear.png -----------------------
 run_step report 10 "$OUTDIR/report.log" python bench/report.py --results "$OUTDIR"
+
+# --- reliability (GPU_CHECK_STEPS=reliability) ---------------------------------------------------
+# Hypothesis on compiled kernels: every property test, the "gpu" profile (400 examples each);
+# the statistics (examples tried, passing, failing) go to fuzz.log.
+run_step fuzz 150 "$OUTDIR/fuzz.log" \
+    env TRITON_QAT_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpu \
+    python -m pytest tests -k property -q -p no:cacheprovider --hypothesis-show-statistics
+# Bitwise repeatability (for one GEMM config, as the autotuner fixes it) and mid-QAT checkpoints
+# resumed in a new process, on the GPU.
+run_step determinism 60 "$OUTDIR/determinism.log" \
+    env TRITON_QAT_TEST_DEVICE=cuda \
+    python -m pytest tests/test_determinism.py tests/test_checkpoint.py -q -p no:cacheprovider
+run_step scale 60 "$OUTDIR/scale.log" python bench/scale_check.py
+run_step stability 180 "$OUTDIR/stability.log" \
+    python bench/stability.py --steps 2000 --out "$OUTDIR"
 
 # --- summary -------------------------------------------------------------------------------------
 echo
