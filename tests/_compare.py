@@ -32,3 +32,20 @@ def assert_bitwise_equal(actual: Tensor, expected: Tensor, what: str = "") -> No
         raise AssertionError(
             f"{what}: {n} of {diff.numel()} elements differ bitwise\n" + "\n".join(rows)
         )
+
+
+def fresh_view(t: Tensor | None, requires_grad: bool) -> Tensor | None:
+    """A fresh leaf copy of t in t's memory layout. A view (transposed, sliced, expanded) is
+    rebuilt on a copy of its (contiguous) base with the same strides; with requires_grad its
+    gradient is the one flowing into the view (retain_grad), in the view's shape."""
+    if t is None:
+        return None
+    base = t._base
+    if base is None:
+        return t.detach().clone().requires_grad_(requires_grad)
+    assert base.is_contiguous() and base.storage_offset() == 0
+    leaf = base.detach().clone().requires_grad_(requires_grad)
+    view = leaf.as_strided(t.size(), t.stride(), t.storage_offset())
+    if requires_grad:
+        view.retain_grad()
+    return view

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _compare import fresh_view
 from torch import Tensor
 
 import triton_qat as tq
@@ -106,16 +107,17 @@ def _fused(wqp, xqp):
 
 
 def _run(fn, backend: str, x, w, b, dy, requires=(True, True, True)):
-    """fn(x, w, b) and its gradients under `backend`, on fresh leaves: (y, [dx, dw, db])."""
-    leaves = [
-        None if t is None else t.detach().clone().requires_grad_(r)
-        for t, r in zip((x, w, b), requires, strict=True)
-    ]
+    """fn(x, w, b) and its gradients under `backend`, on fresh leaves: (y, [dx, dw, db]).
+
+    A view (transposed, sliced, expanded) is rebuilt on a fresh copy of its base with the
+    same strides, so the kernels see that layout; its gradient is the one flowing into the
+    view (retain_grad), in the view's shape."""
+    inputs = [fresh_view(t, r) for t, r in zip((x, w, b), requires, strict=True)]
     with tq.use_backend(backend):
-        y = fn(*leaves)
+        y = fn(*inputs)
         if y.requires_grad:
             y.backward(dy)
-    return y.detach(), [None if t is None else t.grad for t in leaves]
+    return y.detach(), [None if t is None else t.grad for t in inputs]
 
 
 def _ste_mask(t: Tensor, fq) -> Tensor:
@@ -737,13 +739,31 @@ if given is not None:
             draw(st.booleans()),  # bias
             gran != "tensor" and draw(st.booleans()),  # float weight zero point
             draw(st.integers(0, 2**31 - 1)),  # seed
+            draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded", "3-D"])),
+            draw(st.booleans()),  # weight transposed (a (K, N) buffer seen as (N, K))
         )
+
+    def _strided_input(layout: str, m: int, k: int, dtype, device, seed: int) -> Tensor:
+        """An (m, k) input (or (2, m, k) for "3-D") in the given memory layout."""
+        if layout == "transposed":
+            return _randn((k, m), dtype, device, seed, spread=1.5).t()
+        if layout == "sliced":  # every other column of a wider buffer
+            return _randn((m, 2 * k), dtype, device, seed, spread=1.5)[:, ::2]
+        if layout == "expanded":  # one row seen m times: stride 0, overlapping
+            return _randn((1, k), dtype, device, seed, spread=1.5).expand(m, k)
+        if layout == "3-D":
+            return _randn((2, m, k), dtype, device, seed, spread=1.5)
+        return _randn((m, k), dtype, device, seed, spread=1.5)
 
     @given(_linear_cases())
     def test_property_kernel_equals_eager(device, case):
-        m, n, k, gran, group, qrange, dtype, x_fq, bias, float_zp, seed = case
-        x = _randn((m, k), dtype, device, seed, spread=1.5)
-        w = _randn((n, k), dtype, device, seed + 1)
+        m, n, k, gran, group, qrange, dtype, x_fq, bias, float_zp, seed, x_layout, w_t = case
+        x = _strided_input(x_layout, m, k, dtype, device, seed)
+        w = (
+            _randn((k, n), dtype, device, seed + 1).t()
+            if w_t
+            else _randn((n, k), dtype, device, seed + 1)
+        )
         b = _randn((n,), dtype, device, seed + 2) if bias else None
         wqp = _weight_qparams(
             gran, n, k, device, group=group, float_zp=float_zp, qrange=qrange, seed=seed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import assert_bitwise_equal
+from _compare import assert_bitwise_equal, fresh_view
 
 import triton_qat as tq
 
@@ -27,7 +27,7 @@ def _both(fn, x: torch.Tensor, grad: torch.Tensor | None = None):
     """fn(x) and d(fn)/dx under the triton and the eager backend: ((y_t, g_t), (y_e, g_e))."""
     out = []
     for backend in ("triton", "eager"):
-        xi = x.detach().clone().requires_grad_(grad is not None)
+        xi = fresh_view(x, grad is not None)
         with tq.use_backend(backend):
             y = fn(xi)
             if grad is not None:
@@ -284,7 +284,8 @@ if given is not None:
         seed = draw(st.integers(0, 2**31 - 1))
         log_scale = draw(st.floats(-4, 2))
         spread = draw(st.floats(0.1, 1000))
-        transpose = ndim >= 2 and draw(st.booleans())
+        layout = draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]))
+        specials = draw(st.booleans())  # NaN, +-inf, huge and tiny values in x
         return (
             qmin,
             qmax,
@@ -297,8 +298,22 @@ if given is not None:
             seed,
             log_scale,
             spread,
-            transpose,
+            layout,
+            specials,
         )
+
+    def _layout(layout: str, shape: tuple) -> tuple[tuple, object]:
+        """(base shape, view of a base) giving `shape` in `layout`: transposed (same shape,
+        other strides), sliced (every other element of a longer last dim) or expanded (dim 0
+        of stride 0: overlapping)."""
+        if layout == "sliced":
+            return (*shape[:-1], 2 * shape[-1]), lambda b: b[..., ::2]
+        if layout == "expanded":
+            return (1, *shape[1:]), lambda b: b.expand(shape)
+        if layout == "transposed" and len(shape) >= 2:
+            flipped = (shape[-1], *shape[1:-1], shape[0])
+            return flipped, lambda b: b.transpose(0, -1)
+        return tuple(shape), lambda b: b
 
     @given(_cases())
     def test_property_kernel_equals_reference(device, case):
@@ -314,12 +329,18 @@ if given is not None:
             seed,
             log_scale,
             spread,
-            transpose,
+            layout,
+            specials,
         ) = case
         g = torch.Generator().manual_seed(seed)
-        x = (torch.randn(shape, generator=g) * spread).to(dtype).to(device)
-        if transpose:
-            x = x.transpose(0, -1).contiguous().transpose(0, -1)  # same shape, other strides
+        base_shape, view = _layout(layout, shape)
+        base = torch.randn(base_shape, generator=g) * spread
+        if specials:
+            flat = base.view(-1)
+            picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 8),), generator=g)
+            values = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38, -1e-40, 0.0])
+            flat[picks] = values[torch.arange(len(picks)) % len(values)]
+        x = view(base.to(dtype).to(device))
         if gran == "tensor":
             pshape = (1,)
         elif gran == "channel":
