@@ -1344,6 +1344,19 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         zero_point = self.zero_point.detach().round().clamp(self.quant_min, self.quant_max).long()
         return scale, zero_point
 
+    def qparams(self) -> QParams | None:
+        """The qparams the next forward applies (scale clamped to eps, zero point rounded and
+        clamped, as int32), detached; None when fake quantization is disabled (for convert)."""
+        if self.fake_quant_enabled[0] == 0:
+            return None
+        scale = self.scale.detach().clamp(min=self.eps.item())
+        zero_point = self.zero_point.detach()
+        if self.qscheme in _SYMMETRIC:
+            zero_point = torch.zeros_like(zero_point)
+        zero_point = zero_point.round().clamp(self.quant_min, self.quant_max).to(torch.int32)
+        axis = self.ch_axis if self.qscheme in _PER_CHANNEL else None
+        return QParams(scale, zero_point, self.quant_min, self.quant_max, axis=axis)
+
     def _set_param(self, param: nn.Parameter, value: Tensor) -> None:
         value = value.to(device=param.device, dtype=param.dtype)
         if param.shape != value.shape:

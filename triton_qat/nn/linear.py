@@ -81,10 +81,12 @@ class Linear(torch.nn.Linear):
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 
     def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
-        from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
+        from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize, LearnableFakeQuantize
 
-        if isinstance(fq, DynamicPerTokenFakeQuantize):
-            return  # triton_qat's own, applied as a module by design (fused in a later kernel)
+        if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize)):
+            # triton_qat's own, applied as a module by design: per-token qparams are made per
+            # call; learnable qparams need gradients, which the fused GEMM does not produce.
+            return
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))
             warnings.warn(
