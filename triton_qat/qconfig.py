@@ -9,6 +9,7 @@ torch.ao is optional: this module imports and works without it.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -407,7 +408,9 @@ def _learnable_factory(factory: Any, use_grad_scaling: bool, role: str) -> Any:
         )
     keywords = dict(unwrapped[2])  # type: ignore[index]
     # One module built to read what the keywords leave to defaults (observer, range).
-    probe = factory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its reduce_range warning: the range is passed on
+        probe = factory()
     if probe.group_size is not None:
         raise ValueError(f"learnable_qconfig: per-group {role} qparams cannot be learned")
     observer = keywords.pop("observer", type(probe.activation_post_process))
