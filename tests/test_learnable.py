@@ -40,25 +40,29 @@ def _data(shape, seed, spread=3.0):
     return torch.randn(shape, generator=g) * spread, torch.randn(shape, generator=g)
 
 
-def _torch_learnable(x, dy, scale, zp, axis, qmin, qmax, gf):
+def _grads(per_tensor, per_channel, x, dy, scale, zp, axis, qmin, qmax, gf):
+    """(y, dx, dscale, dzp) of a learnable fake-quant op pair."""
     xx, s, z = (t.clone().requires_grad_() for t in (x, scale, zp))
     if axis is None:
-        y = torch._fake_quantize_learnable_per_tensor_affine(xx, s, z, qmin, qmax, gf)
+        y = per_tensor(xx, s, z, qmin, qmax, gf)
     else:
-        y = torch._fake_quantize_learnable_per_channel_affine(xx, s, z, axis, qmin, qmax, gf)
+        y = per_channel(xx, s, z, axis, qmin, qmax, gf)
     y.backward(dy)
     return y.detach(), xx.grad, s.grad, z.grad
 
 
-def _ours(x, dy, scale, zp, axis, qmin, qmax, gf, backend):
-    xx, s, z = (t.clone().requires_grad_() for t in (x, scale, zp))
+def _torch_learnable(*args):
+    return _grads(
+        torch._fake_quantize_learnable_per_tensor_affine,
+        torch._fake_quantize_learnable_per_channel_affine,
+        *args,
+    )
+
+
+def _ours(*args):
+    *args, backend = args
     with tq.use_backend(backend):
-        if axis is None:
-            y = ops.fake_quantize_learnable(xx, s, z, qmin, qmax, gf)
-        else:
-            y = ops.fake_quantize_learnable_per_channel(xx, s, z, axis, qmin, qmax, gf)
-        y.backward(dy)
-    return y.detach(), xx.grad, s.grad, z.grad
+        return _grads(ops.fake_quantize_learnable, ops.fake_quantize_learnable_per_channel, *args)
 
 
 def _backward_norm(x, scale, zp, axis, qmin, qmax):
@@ -256,26 +260,12 @@ def test_module_matches_torch_ao(observer_name, qscheme, kwargs):
 
 
 def test_module_channel_len_from_observer_and_state_dict():
-    fq = tfq.LearnableFakeQuantize(
-        tfq.PerChannelMinMaxObserver,
-        quant_min=-8,
-        quant_max=7,
-        dtype=torch.qint8,
-        qscheme=torch.per_channel_affine,
-        ch_axis=0,
-        init_from_observer=True,
-    )
+    kwargs = dict(quant_min=-8, quant_max=7, dtype=torch.qint8, qscheme=torch.per_channel_affine)
+    fq = tfq.LearnableFakeQuantize(tfq.PerChannelMinMaxObserver, init_from_observer=True, **kwargs)
     fq(torch.randn(5, 3))
     assert fq.scale.shape == (5,) and fq.learning_enabled.item() == 1
     assert fq.static_enabled.item() == 0 and fq.scale.requires_grad
-    fresh = tfq.LearnableFakeQuantize(
-        tfq.PerChannelMinMaxObserver,
-        quant_min=-8,
-        quant_max=7,
-        dtype=torch.qint8,
-        qscheme=torch.per_channel_affine,
-        ch_axis=0,
-    )
+    fresh = tfq.LearnableFakeQuantize(tfq.PerChannelMinMaxObserver, **kwargs)
     fresh.load_state_dict(fq.state_dict())
     assert_bitwise_equal(fresh.scale.detach(), fq.scale.detach(), "scale")
     assert isinstance(fresh.scale, torch.nn.Parameter)
