@@ -9,10 +9,9 @@ import torch
 from _compare import assert_bitwise_equal
 
 import triton_qat as tq
+from triton_qat import check, ops, reference
 from triton_qat import fake_quantize as tfq
-from triton_qat import ops, reference
 from triton_qat.qconfig import learnable_qconfig
-from triton_qat.qparams import QParams, normalize
 
 # torch's learnable backward computes zp + x * inv and (q - zp) * scale - x as fused
 # multiply-adds in its AVX2 / AVX-512 builds (the compiler contracts them); its DEFAULT build
@@ -21,8 +20,6 @@ torch_fma_build = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
     reason="torch's DEFAULT CPU build does not fuse the multiply-adds of its learnable backward",
 )
-
-FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def _qparams(shape, axis, zp_center, seed):
@@ -40,35 +37,17 @@ def _data(shape, seed, spread=3.0):
     return torch.randn(shape, generator=g) * spread, torch.randn(shape, generator=g)
 
 
-def _grads(per_tensor, per_channel, x, dy, scale, zp, axis, qmin, qmax, gf):
-    """(y, dx, dscale, dzp) of a learnable fake-quant op pair."""
+def _torch_learnable(x, dy, scale, zp, axis, qmin, qmax, gf):
     xx, s, z = (t.clone().requires_grad_() for t in (x, scale, zp))
     if axis is None:
-        y = per_tensor(xx, s, z, qmin, qmax, gf)
+        y = torch._fake_quantize_learnable_per_tensor_affine(xx, s, z, qmin, qmax, gf)
     else:
-        y = per_channel(xx, s, z, axis, qmin, qmax, gf)
+        y = torch._fake_quantize_learnable_per_channel_affine(xx, s, z, axis, qmin, qmax, gf)
     y.backward(dy)
     return y.detach(), xx.grad, s.grad, z.grad
 
 
-def _torch_learnable(*args):
-    return _grads(
-        torch._fake_quantize_learnable_per_tensor_affine,
-        torch._fake_quantize_learnable_per_channel_affine,
-        *args,
-    )
-
-
-def _ours(*args):
-    *args, backend = args
-    with tq.use_backend(backend):
-        return _grads(ops.fake_quantize_learnable, ops.fake_quantize_learnable_per_channel, *args)
-
-
-def _backward_norm(x, scale, zp, axis, qmin, qmax):
-    zpf = reference.learnable_zero_point(zp, qmin, qmax, trunc=axis is None)
-    qp = QParams(scale, zpf.to(torch.int32), qmin, qmax, axis=axis)
-    return normalize(x, qp)._replace(zero_point=zpf, float_zero_point=True)
+_ours = check.learnable_grads
 
 
 def test_learnable_zero_point_rounding():
@@ -133,17 +112,6 @@ def test_reference_terms_at_ties_and_saturation(zp_offset):
     assert 0 < int(saturated.sum()) < x.numel()  # both branches exercised
 
 
-def _sum_bound(terms: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact (float64) sum of fp32 terms and the error bound of ANY fp32 summation order:
-    |fl(sum) - sum| <= (n - 1) * u * sum(|t|) (Higham, Accuracy and Stability, eq. 4.4)."""
-    n = 1
-    for d in dims:
-        n *= terms.shape[d]
-    exact = terms.double().sum(dims).reshape(-1)
-    bound = (n - 1) * FP32_UNIT_ROUNDOFF * terms.double().abs().sum(dims).reshape(-1)
-    return exact, bound
-
-
 KERNEL_CASES = [
     # more than one tile along the reduction in each layout (tiles hold 4096 elements)
     ((50, 90), None, (-128, 127), -1.5),
@@ -157,8 +125,8 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_reference(device, shape, axis, qrange, zp_center, dtype):
     """Forward and dx bit for bit; dscale / dzp: the kernel sums the reference's terms in
-    another order (tiles, then partials), so each is within the summation bound of the exact
-    sum. Two runs give the same bits (no atomics)."""
+    another order (tiles, then partials), so each is within (n - 1) * 2**-24 * sum|terms| of
+    the exact sum, the bound of any fp32 summation order. Two runs give the same bits."""
     x, dy = _data(shape, seed=7)
     x, dy = x.to(dtype).to(device), dy.to(dtype).to(device)
     scale, zp = (t.to(device) for t in _qparams(shape, axis, zp_center, seed=2))
@@ -170,13 +138,12 @@ def test_kernel_equals_reference(device, shape, axis, qrange, zp_center, dtype):
     assert_bitwise_equal(got[1], want[1], "dx")
     for a, b in zip(got, again, strict=True):
         assert_bitwise_equal(a, b, "rerun")
-    nq = _backward_norm(x.cpu(), scale.cpu(), zp.cpu(), axis, *qrange)
+    nq = ops.learnable_backward_norm(x.cpu(), scale.cpu(), zp.cpu(), *qrange, axis)
     _, ds_terms, dz_terms = reference.learnable_grad_terms_ref(x.cpu(), dy.cpu(), nq, gf)
     dims = reference.learnable_reduce_dims(x.shape, axis)
     for name, grad, terms in (("dscale", got[2], ds_terms), ("dzp", got[3], dz_terms)):
-        exact, bound = _sum_bound(terms, dims)
-        err = (grad.cpu().double() - exact).abs()
-        assert bool((err <= bound).all()), f"{name}: error {err.max()} above {bound.max()}"
+        rel, bound = check.summation_error(grad, terms, dims)
+        assert rel <= bound, f"{name}: relative error {rel} above the summation bound {bound}"
     assert bool((dz_terms != 0).any()) and bool((dz_terms == 0).any())
 
 

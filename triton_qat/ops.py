@@ -444,6 +444,17 @@ def _learnable_norm(
     return normalize(x, QParams(scale, zp.to(torch.int32), qmin, qmax, axis=axis))
 
 
+def learnable_backward_norm(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None
+) -> NormQParams:
+    """The normalized qparams of the backward: the zero point as an fp32 integer value,
+    trunc(clamp(zp + 0.5)) per tensor (torch's quirk), clamp(rne(zp)) per channel."""
+    zp = reference.learnable_zero_point(zero_point, qmin, qmax, trunc=axis is None)
+    return _learnable_norm(x, scale, zero_point, qmin, qmax, axis)._replace(
+        zero_point=zp.reshape(-1), float_zero_point=True
+    )
+
+
 class _LearnableFakeQuantizeFunction(torch.autograd.Function):
     """torch._fake_quantize_learnable_per_{tensor,channel}_affine: fake quant with a rounded
     zero point forward; dx, dscale and dzp (LSQ, scaled by grad_factor) backward. Saves x and
@@ -460,11 +471,7 @@ class _LearnableFakeQuantizeFunction(torch.autograd.Function):
     def backward(ctx, grad_y):  # type: ignore[override]
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax, axis, grad_factor = ctx.args
-        # torch's per-tensor backward rounds the zero point as trunc(zp + 0.5), unlike its forward.
-        zp = reference.learnable_zero_point(zero_point, qmin, qmax, trunc=axis is None)
-        nq = _learnable_norm(x, scale, zero_point, qmin, qmax, axis)._replace(
-            zero_point=zp.reshape(-1), float_zero_point=True
-        )
+        nq = learnable_backward_norm(x, scale, zero_point, qmin, qmax, axis)
         if use_triton(x.device):
             from triton_qat.kernels.learnable import learnable_fake_quant_backward
 
