@@ -279,6 +279,9 @@ def test_linear_with_learnable_qconfig_trains_saves_and_is_deterministic():
         assert_bitwise_equal(value, sa[key], f"reloaded {key}")
     x = torch.randn(3, 16)
     assert_bitwise_equal(fresh(x), a(x), "output after reload")
+    # convert freezes the learned qparams: integer weights, the QAT model's outputs.
+    with torch.no_grad():
+        assert_bitwise_equal(tq.convert(a)(x), a(x), "converted output")
 
 
 def test_learnable_qconfig_derivation():
