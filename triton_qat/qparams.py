@@ -339,3 +339,21 @@ class LinearQuant(NamedTuple):
             1,
             False,
         )
+
+
+def check_learnable_qparams(x: Tensor, scale: object, zero_point: object) -> None:
+    """Learnable qparams: float32 tensors (nn.Parameters, usually) of one shape, on x's
+    device. Their shape against x is checked by `normalize`."""
+    check_float_tensor(x, "x")
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"learnable {name} must be a float32 tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"learnable {name} must be a float32 tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+    if scale.shape != zero_point.shape:  # type: ignore[union-attr]
+        raise ValueError(
+            f"zero_point must have scale's shape {tuple(scale.shape)}, "  # type: ignore[union-attr]
+            f"got {tuple(zero_point.shape)}"  # type: ignore[union-attr]
+        )
