@@ -67,6 +67,22 @@ _INT32_LIMIT = 2**31 - 1
 
 
 @triton.jit
+def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows rm and cols rn (int64) of this program's output tile, and their in-range masks."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < M, rn < N
+
+
+@triton.jit
+def _load_tile(ptr, r, c, r_ok, c_ok, stride_r, stride_c):
+    """The (len(r), len(c)) tile at rows r, cols c; 0 outside the matrix."""
+    ok = r_ok[:, None] & c_ok[None, :]
+    return tl.load(ptr + r[:, None] * stride_r + c[None, :] * stride_c, mask=ok, other=0)
+
+
+@triton.jit
 def _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, qmin, PACKED: tl.constexpr):
     """int32 weight codes q of rows rn (BN,) and cols k (BK,); 0 outside the matrix."""
     ok = n_ok[:, None] & k_ok[None, :]
@@ -75,8 +91,7 @@ def _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, qmin, PACKED: tl
         nibble = (byte.to(tl.int32) >> ((k & 1) * 4).to(tl.int32)[None, :]) & 0xF
         q = tl.where(ok, nibble + qmin, 0)
     else:
-        q = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :] * stride_wk, mask=ok, other=0)
-        q = q.to(tl.int32)
+        q = _load_tile(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk).to(tl.int32)
     return q
 
 
@@ -121,7 +136,7 @@ def quantize_rows_kernel(
         for k0 in range(0, tl.cdiv(K, BLOCK_K)):
             k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
             ok = m_ok[:, None] & (k < K)[None, :]
-            x = to_fp32(tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk, mask=ok))
+            x = to_fp32(_load_tile(x_ptr, rm, k, m_ok, k < K, stride_xm, stride_xk))
             lo = tl.minimum(lo, tl.min(tl.where(ok, x, float("inf")), axis=1))
             hi = tl.maximum(hi, tl.max(tl.where(ok, x, float("-inf")), axis=1))
         # torch.ao's _calculate_qparams; every division rounds once, as torch's.
@@ -149,7 +164,7 @@ def quantize_rows_kernel(
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
         ok = m_ok[:, None] & (k < K)[None, :]
-        x = to_fp32(tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk, mask=ok))
+        x = to_fp32(_load_tile(x_ptr, rm, k, m_ok, k < K, stride_xm, stride_xk))
         qf = quantize_unclamped(x, inv[:, None], zp[:, None], False)
         c = tl.where(ok, _clamp_codes(qf, qmin, qmax) - shift, 0.0).to(tl.int32)
         tl.store(q_ptr + rm[:, None] * stride_qm + k[None, :], c.to(tl.int8), mask=ok)
@@ -187,11 +202,7 @@ def int_weight_matmul_kernel(
     GROUP_M: tl.constexpr,
 ):
     """Weight-only: y = x @ ((q - zp) * scale)^T + b, fp32 accumulation, x's dtype out."""
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     dtype = y_ptr.dtype.element_ty
     if W_GRAN == 0:
         zp = tl.load(zp_ptr)
@@ -201,11 +212,7 @@ def int_weight_matmul_kernel(
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
         k_ok = k < K
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
+        x = _load_tile(x_ptr, rm, k, m_ok, k_ok, stride_xm, stride_xk)
         q = _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, w_qmin, PACKED)
         if W_GRAN == 2:
             _, scale, zpf = _weight_params(
@@ -265,11 +272,7 @@ def int8_matmul_kernel(
 ):
     """y = sx * sw * sum_k (cx - zx)(cw - zw) + b from int8 codes: tl.dot with int32
     accumulation; X_ZP False when every row's effective zero point zx - x_shift is 0."""
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_zp = tl.load(x_zp_ptr + rm, mask=m_ok, other=0) - x_shift
     x_scale = tl.load(x_scale_ptr + rm, mask=m_ok, other=1.0)
     if W_GRAN == 2:
@@ -284,11 +287,7 @@ def int8_matmul_kernel(
                 kg = tl.arange(0, GROUP_CHUNK) + c0 * GROUP_CHUNK
                 k_ok = kg < group_size
                 k = kg.to(tl.int64) + gi * group_size
-                cx = tl.load(
-                    x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :],
-                    other=0,
-                )
+                cx = _load_tile(x_ptr, rm, k, m_ok, k_ok, stride_xm, stride_xk)
                 q = _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, w_qmin, PACKED)
                 # cw - zw lies within +-(quant_max - quant_min) <= 127: an int8 operand.
                 wd = tl.where(k_ok[None, :], q - w_zp[:, None], 0)
@@ -306,11 +305,7 @@ def int8_matmul_kernel(
         for k0 in range(0, tl.cdiv(K, BLOCK_K)):
             k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
             k_ok = k < K
-            cx = tl.load(
-                x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
-                mask=m_ok[:, None] & k_ok[None, :],
-                other=0,
-            )
+            cx = _load_tile(x_ptr, rm, k, m_ok, k_ok, stride_xm, stride_xk)
             q = _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, w_qmin, PACKED)
             acc = tl.dot(cx, tl.trans(q.to(tl.int8)), acc, out_dtype=tl.int32)
             if X_ZP:
