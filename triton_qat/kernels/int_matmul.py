@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton_qat.kernels.configs import autotune
+from triton_qat.kernels.configs import autotune, int_gemm_configs
 from triton_qat.kernels.fake_quant import quantize_unclamped
 from triton_qat.kernels.fq_matmul import _grid, _grouped_pid, _weight_params, input_precision
 from triton_qat.kernels.rounding import cast_rne, dot_operand, round_half_even, to_fp32
@@ -172,7 +172,14 @@ def quantize_rows_kernel(
     tl.store(sum_ptr + rm, total, mask=m_ok)
 
 
-@autotune(rows="M", cols="N", loop="K", operands=("x_ptr", "w_ptr"), extra_key=("W_GRAN",))
+@autotune(
+    rows="M",
+    cols="N",
+    loop="K",
+    operands=("x_ptr", "w_ptr"),
+    extra_key=("W_GRAN",),
+    configs=int_gemm_configs(),
+)
 @triton.jit
 def int_weight_matmul_kernel(
     x_ptr,
@@ -236,7 +243,14 @@ def int_weight_matmul_kernel(
     )
 
 
-@autotune(rows="M", cols="N", loop="K", operands=("x_ptr", "w_ptr"), extra_key=("W_GRAN",))
+@autotune(
+    rows="M",
+    cols="N",
+    loop="K",
+    operands=("x_ptr", "w_ptr"),
+    extra_key=("W_GRAN",),
+    configs=int_gemm_configs(),
+)
 @triton.jit
 def int8_matmul_kernel(
     x_ptr,
@@ -513,8 +527,8 @@ def int8_linear(
         PACKED=wt.packed,
         X_ZP=xq.may_have_zero_point,
         HAS_BIAS=bias is not None,
-        # A K chunk within one group: a power of two >= 16 (tl.dot), masked at the group's end.
-        GROUP_CHUNK=max(16, min(triton.next_power_of_2(g), 128)),
+        # K chunk within a group: a power of two >= 32 (int8 tl.dot), masked at the group end.
+        GROUP_CHUNK=max(32, min(triton.next_power_of_2(g), 128)),
         enable_fp_fusion=False,
     )
     return y
