@@ -201,7 +201,9 @@ class QuantizedLinear(torch.nn.Module):
         return y.reshape(*input.shape[:-1], self.out_features)
 
     def forward(self, input: Tensor) -> Tensor:
-        if use_triton(input.device):
+        # The integer GEMMs have no backward: a gradient through the input takes the eager path.
+        needs_grad = torch.is_grad_enabled() and input.requires_grad
+        if not needs_grad and use_triton(input.device):
             y = self._forward_triton(input)
             if y is not None:
                 return y
