@@ -66,6 +66,18 @@ from triton_qat.qparams import (
 _INT32_LIMIT = 2**31 - 1
 
 
+def _int_gemm_autotune():
+    """The autotuner of an integer GEMM over (M, N, K) with operands x_ptr and w_ptr."""
+    return autotune(
+        rows="M",
+        cols="N",
+        loop="K",
+        operands=("x_ptr", "w_ptr"),
+        extra_key=("W_GRAN",),
+        configs=int_gemm_configs(),
+    )
+
+
 @triton.jit
 def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Rows rm and cols rn (int64) of this program's output tile, and their in-range masks."""
@@ -172,14 +184,7 @@ def quantize_rows_kernel(
     tl.store(sum_ptr + rm, total, mask=m_ok)
 
 
-@autotune(
-    rows="M",
-    cols="N",
-    loop="K",
-    operands=("x_ptr", "w_ptr"),
-    extra_key=("W_GRAN",),
-    configs=int_gemm_configs(),
-)
+@_int_gemm_autotune()
 @triton.jit
 def int_weight_matmul_kernel(
     x_ptr,
@@ -243,14 +248,7 @@ def int_weight_matmul_kernel(
     )
 
 
-@autotune(
-    rows="M",
-    cols="N",
-    loop="K",
-    operands=("x_ptr", "w_ptr"),
-    extra_key=("W_GRAN",),
-    configs=int_gemm_configs(),
-)
+@_int_gemm_autotune()
 @triton.jit
 def int8_matmul_kernel(
     x_ptr,
