@@ -18,9 +18,10 @@
 #
 # Outputs in OUTDIR: env.txt, pytest.log, pytest.xml (JUnit), autotune.log,
 # autotune_cache/autotune.json (the tuned configs), bench_linear.log, linear.json,
-# bench_fake_quant.log, fake_quant.json, check.log, check.json, report.log, README.md (the
-# rendered summary) and <card>/linear.png (with matplotlib), summary.txt; reliability:
-# fuzz.log, determinism.log, scale.log, stability.log, stability.json, stability.png.
+# bench_int.log, int_linear.json, bench_fake_quant.log, fake_quant.json, check.log,
+# check.json, report.log, README.md (the rendered summary) and <card>/linear.png (with
+# matplotlib), summary.txt; reliability: fuzz.log, determinism.log, scale.log, stability.log,
+# stability.json, stability.png.
 
 set -u
 
@@ -141,35 +142,41 @@ export -f env_report # timeout runs programs, not shell functions
 run_step env 20 "$OUTDIR/env.txt" bash -c env_report
 
 # The split of the 460 s budget (wanted seconds per step; each gets at most what the earlier
-# ones leave): env 20, pytest 145, autotune 120, bench_linear 90, bench_fake_quant 45,
-# check 30, report 10 = 460. Most telling first: compiled-kernel tests (CPU-only parity files
-# left out), then tuning the headline shapes, whose cached winners spare bench_linear its
-# tuning of those shapes, then the benchmarks, the check grid and the rendered report.
+# ones leave): env 20, pytest 135, autotune 100, bench_linear 85, bench_int 50,
+# bench_fake_quant 35, check 25, report 10 = 460. Most telling first: compiled-kernel tests
+# (CPU-only parity files left out), then tuning the headline shapes, whose cached winners
+# spare bench_linear its tuning of those shapes, then the benchmarks, the check grid and the
+# rendered report.
 
 # --- step 2: test suite on compiled CUDA kernels (one GEMM config: TRITON_QAT_AUTOTUNE=0) ----
-run_step pytest 145 "$OUTDIR/pytest.log" \
+run_step pytest 135 "$OUTDIR/pytest.log" \
     env TRITON_QAT_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpu \
     python -m pytest tests/test_rounding.py tests/test_kernels.py tests/test_fq_linear.py \
-    tests/test_fake_quantize.py tests/test_nn_linear.py tests/test_api.py \
+    tests/test_int_matmul.py tests/test_fake_quantize.py tests/test_nn_linear.py \
+    tests/test_api.py \
     -q -p no:cacheprovider --junitxml="$OUTDIR/pytest.xml"
 
 # --- step 3: autotune the headline shapes into OUTDIR/autotune_cache -------------------------
 # forward, dX and dW of 8192x4096x4096 and 8192x14336x4096, bf16, int8 per-channel weights.
-run_step autotune 120 "$OUTDIR/autotune.log" \
+run_step autotune 100 "$OUTDIR/autotune.log" \
     python -m triton_qat autotune --shapes 8192x4096x4096 8192x14336x4096 --dtype bf16 \
     --granularity per_channel
 
 # --- step 4: benchmarks --------------------------------------------------------------------------
 # The fused linear. Its own --budget-s, 20 s under the step's timeout, stops it starting new
 # shapes in time to print its table and exit; linear.json is rewritten after every shape.
-linear_t=$(step_timeout 90)
-run_step bench_linear 90 "$OUTDIR/bench_linear.log" \
+linear_t=$(step_timeout 85)
+run_step bench_linear 85 "$OUTDIR/bench_linear.log" \
     python bench/bench_linear.py --out "$OUTDIR" --budget-s $((linear_t > 40 ? linear_t - 20 : 20))
-run_step bench_fake_quant 45 "$OUTDIR/bench_fake_quant.log" \
+# The integer GEMMs at 8192x4096x4096 bf16; --budget-s 10 s under the step's timeout.
+int_t=$(step_timeout 50)
+run_step bench_int 50 "$OUTDIR/bench_int.log" \
+    python bench/bench_int.py --out "$OUTDIR" --quick --budget-s $((int_t > 20 ? int_t - 10 : 10))
+run_step bench_fake_quant 35 "$OUTDIR/bench_fake_quant.log" \
     python bench/bench_fake_quant.py --out "$OUTDIR" --quick
 
 # --- step 5: every kernel against the reference at real sizes --------------------------------
-run_step check 30 "$OUTDIR/check.log" \
+run_step check 25 "$OUTDIR/check.log" \
     python -m triton_qat check --quick --device cuda --json "$OUTDIR/check.json"
 
 # --- step 6: the report: OUTDIR/README.md and OUTDIR/<card>/linear.png -----------------------

@@ -1,7 +1,7 @@
 """`python -m triton_qat check`: every kernel against the eager reference, and the reference
 against torch, over a grid of qconfigs x shapes x dtypes.
 
-Three kinds of rows (`CheckResult`), one per (case, metric):
+Four kinds of rows (`CheckResult`), one per (case, metric):
 
 - ``fake_quant``: the Triton fake-quant kernels (backend "triton") against the eager
   reference (backend "eager"), forward ``y`` and input gradient ``dx``, bit for bit (NaN
@@ -20,6 +20,13 @@ Three kinds of rows (`CheckResult`), one per (case, metric):
   accumulation, ~K * 2**-24, and one rounding to the dtype, <= u per element), and 1e-5 for
   fp32 (TF32 off for the whole check). The row also reports the max abs difference and the
   SQNR of the kernels against the eager composition.
+
+- ``learnable``: the learnable (LSQ) ops on the Triton kernels against the eager reference,
+  per tensor and per channel (axis 0 and the last axis), fp32 / bf16, float zero points on
+  and off halves: ``y`` and ``dx`` bit for bit; ``dscale`` and ``dzp`` (sums of per-element
+  terms that the kernels add up in another order) pass when, per channel,
+  ``|got - exact| / sum|terms|`` is at most ``(n - 1) * 2**-24``, the error bound of any
+  fp32 summation order of n terms, against the float64 sum of the reference's terms.
 
 Sizes (`grid_size`): --quick uses tiny odd shapes (seconds under the interpreter); the full
 grid uses real sizes on CUDA (fake quant 4096x4096, linear M = 1000..8192 with N, K ~ 4096)
@@ -48,7 +55,7 @@ import triton_qat as tq
 from triton_qat import ops, reference
 from triton_qat.qparams import QParams, normalize
 
-KINDS = ("fake_quant", "reference_vs_torch", "fq_linear")
+KINDS = ("fake_quant", "reference_vs_torch", "fq_linear", "learnable")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 QUANT_RANGES = (("int8", -128, 127), ("uint8", 0, 255), ("int4", -8, 7))
@@ -60,10 +67,11 @@ LINEAR_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16:
 class CheckResult:
     """One row of the check: a comparison of one metric of one case.
 
-    kind: "fake_quant", "reference_vs_torch" or "fq_linear"; qconfig: granularity, range and
-    zero-point kind (or the weight / input quantizers of a linear); shape: the input's shape,
-    or (M, N, K) for a linear; dtype: "fp32", "fp16" or "bf16"; metric: "y", "dx", "dw" or
-    "db"; result: the human-readable outcome; passed / status ("PASS" or "FAIL").
+    kind: "fake_quant", "reference_vs_torch", "fq_linear" or "learnable"; qconfig:
+    granularity, range and zero-point kind (or the weight / input quantizers of a linear);
+    shape: the input's shape, or (M, N, K) for a linear; dtype: "fp32", "fp16" or "bf16";
+    metric: "y", "dx", "dw", "db", "dscale" or "dzp"; result: the human-readable outcome;
+    passed / status ("PASS" or "FAIL").
     tolerance is None where bit-exactness is required (then mismatches counts differing
     elements), else the bound on rel_err.
     max_abs_err and sqnr_db compare the Triton kernels with the eager composition (sqnr_db
@@ -533,6 +541,91 @@ def check_reference_vs_torch(case: FakeQuantCase, seed: int = 0) -> list[CheckRe
     ]
 
 
+# --- learnable qparams (LSQ) -------------------------------------------------------------------
+
+FP32_UNIT_ROUNDOFF = 2.0**-24
+# The learnable ops' grad_factor in the check: not a power of two, so its rounding shows.
+_LEARNABLE_GRAD_FACTOR = 0.3
+
+
+def learnable_cases(size: str) -> list[FakeQuantCase]:
+    """Per tensor and per channel (axis 0, last axis) x fp32 / bf16 x int8 (and uint8 beyond
+    the quick grid)."""
+    cases = []
+    for gran, shape, axis, _ in _granularities(size)[:3]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for qrange in QUANT_RANGES[: 1 if size == "tiny" else 2]:
+                cases.append(FakeQuantCase(gran, shape, dtype, qrange, True, axis))
+    return cases
+
+
+def _learnable_qparams(case: FakeQuantCase, device: str, gen: torch.Generator):
+    """(scale, float zero point) of shape (1,) or (channels,); every other zero point on a
+    half, where the forward's and the per-tensor backward's roundings differ."""
+    _, qmin, qmax = case.qrange
+    n = 1 if case.axis is None else case.shape[case.axis]
+    scale = _scales((n,), gen, device)
+    zp = _zero_points((n,), qmin, qmax, True, gen, device)
+    even = torch.arange(n, device=device) % 2 == 0
+    return scale, torch.where(even, zp.floor() + 0.5, zp)
+
+
+def learnable_grads(x, dy, scale, zero_point, axis, qmin, qmax, grad_factor, backend):
+    """(y, dx, dscale, dzp) of the learnable op (per tensor when axis is None) on `backend`."""
+    xi, si, zi = (t.detach().clone().requires_grad_() for t in (x, scale, zero_point))
+    with tq.use_backend(backend):
+        if axis is None:
+            y = ops.fake_quantize_learnable(xi, si, zi, qmin, qmax, grad_factor)
+        else:
+            y = ops.fake_quantize_learnable_per_channel(xi, si, zi, axis, qmin, qmax, grad_factor)
+        y.backward(dy)
+    return y.detach(), xi.grad, si.grad, zi.grad
+
+
+def summation_error(got: Tensor, terms: Tensor, dims: list[int]) -> tuple[float, float]:
+    """(max over channels of |got - exact| / sum|terms|, (n - 1) * 2**-24): got, an fp32 sum of
+    the fp32 `terms` over `dims` in any order, is within the second of the exact (float64)
+    sum (Higham, Accuracy and Stability of Numerical Algorithms, eq. 4.4)."""
+    n = math.prod(terms.shape[d] for d in dims)
+    exact = terms.double().sum(dims).reshape(-1)
+    magnitude = terms.double().abs().sum(dims).reshape(-1)
+    err = (got.detach().double().cpu().reshape(-1) - exact.cpu()).abs()
+    rel = torch.where(magnitude > 0, err / magnitude, err)  # no terms: any error is one
+    return float(rel.max()) if rel.numel() else 0.0, (n - 1) * FP32_UNIT_ROUNDOFF
+
+
+def check_learnable(case: FakeQuantCase, device: str, seed: int = 0) -> list[CheckResult]:
+    """Learnable kernels vs reference: y and dx bit for bit, dscale and dzp within the
+    summation-order bound of the exact sum of the reference's per-element terms."""
+    gen = _gen(device, seed)
+    _, qmin, qmax = case.qrange
+    scale, zp = _learnable_qparams(case, device, gen)
+    view = [1] * len(case.shape)
+    if case.axis is not None:
+        view[case.axis] = -1
+    zp_fwd = reference.learnable_zero_point(zp, qmin, qmax, trunc=False)
+    full = [t.reshape(view).expand(case.shape) for t in (scale, zp_fwd)]
+    x = _fq_input(*full, qmin, qmax, case.dtype, gen, specials=False)
+    dy = torch.randn(case.shape, generator=gen, device=device).to(case.dtype)
+    gf = _LEARNABLE_GRAD_FACTOR
+    got = learnable_grads(x, dy, scale, zp, case.axis, qmin, qmax, gf, "triton")
+    want = learnable_grads(x, dy, scale, zp, case.axis, qmin, qmax, gf, "eager")
+    args = ("learnable", case.label, case.shape, DTYPE_NAMES[case.dtype])
+    rows = [
+        _bit_exact_row(*args, "y", got[0], want[0]),
+        _bit_exact_row(*args, "dx", got[1], want[1]),
+    ]
+    nq = ops.learnable_backward_norm(x, scale, zp, qmin, qmax, case.axis)
+    _, ds_terms, dz_terms = reference.learnable_grad_terms_ref(x, dy, nq, gf)
+    dims = reference.learnable_reduce_dims(x.shape, case.axis)
+    for metric, grad, terms in (("dscale", got[2], ds_terms), ("dzp", got[3], dz_terms)):
+        rel, bound = summation_error(grad, terms, dims)
+        passed = rel <= bound
+        result = f"rel err {rel:.2e} {'<=' if passed else '>'} bound {bound:.2e}"
+        rows.append(CheckResult(*args, metric, result, passed, tolerance=bound, rel_err=rel))
+    return rows
+
+
 # --- fused linear ------------------------------------------------------------------------------
 
 
@@ -688,6 +781,11 @@ def run_check(
             jobs.append(
                 ("fq_linear", c, lambda c=c: check_linear(c, device), ("y", "dx", "dw", "db"))
             )
+
+    if "learnable" in selected:
+        for c in learnable_cases(size):
+            metrics = ("y", "dx", "dscale", "dzp")
+            jobs.append(("learnable", c, lambda c=c: check_learnable(c, device), metrics))
 
     results: list[CheckResult] = []
     gemm_pin = _one_gemm_config() if device == "cuda" else contextlib.nullcontext()

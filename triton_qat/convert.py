@@ -9,9 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from triton_qat._backend import use_triton
 from triton_qat.nn.linear import Linear as QATLinear
 from triton_qat.ops import fake_quantize
-from triton_qat.qparams import QParams
+from triton_qat.qparams import (
+    IntWeight,
+    QParams,
+    RowQuant,
+    check_float_tensor,
+    int_weight,
+    row_quant,
+    static_row_quant,
+)
 
 
 def _swap_modules(model: torch.nn.Module, make) -> None:
@@ -70,6 +79,13 @@ class QuantizedLinear(torch.nn.Module):
     and zero point; the forward dequantizes them exactly as the QAT layer's fake quant did,
     so the eval output equals the QAT model's eval output. A static input quantizer is
     applied as fake quant (W8A8 numerics). No fake-quant modules are left.
+
+    Where triton_qat._backend.use_triton(device) holds, the forward runs the integer GEMMs
+    of triton_qat.kernels.int_matmul instead: weight-only (float input times int8 / packed
+    int4 codes) without an input quantizer, else the input quantized to int8 codes (per token
+    or per tensor) and one int8 GEMM with int32 sums. Its output equals the eager forward's
+    to matmul rounding. Layouts without a kernel (int16 codes, float zero points, per-channel
+    qparams along in_features, input ranges over 256 values) take the eager path.
     """
 
     def __init__(
@@ -131,7 +147,66 @@ class QuantizedLinear(torch.nn.Module):
             w = (q - zp.to(torch.float32)) * scale
         return w.reshape(self.out_features, self.in_features).to(self.weight_dtype)
 
+    def int_weight(self) -> IntWeight | None:
+        """The stored codes as the integer GEMMs take them, or None where they cannot
+        (codes wider than int8, a float zero point, per-channel qparams along in_features)."""
+        if self.qweight.dtype not in (torch.int8, torch.uint8):
+            return None
+        if self.weight_zero_point.is_floating_point():
+            return None
+        if self.axis is not None and self.axis not in (0, -2):
+            return None
+        return int_weight(
+            self.qweight,
+            self.weight_scale,
+            self.weight_zero_point,
+            self.quant_min,
+            self.quant_max,
+            self.in_features,
+            self.group_size,
+        )
+
+    def _input_row_quant(self) -> RowQuant | None:
+        """How the integer GEMM quantizes the input; None: the input stays float."""
+        if self.dynamic_input is not None:
+            return row_quant(*self.dynamic_input)
+        if self.input_range is not None:
+            qmin, qmax = self.input_range
+            if (
+                self.input_scale.numel() != 1
+                or self.input_zero_point.is_floating_point()
+                or qmax - qmin > 255
+            ):
+                return None
+            return static_row_quant(self.input_scale, self.input_zero_point, qmin, qmax)
+        return None
+
+    def _forward_triton(self, input: Tensor) -> Tensor | None:
+        """The Triton integer GEMMs, or None where this layer's layout has no kernel."""
+        from triton_qat.kernels import int_matmul
+
+        wt = self.int_weight()
+        if wt is None:
+            return None
+        check_float_tensor(input, "input")
+        bias = None if self.bias is None else self.bias.to(input.dtype)
+        quantized_input = self.dynamic_input is not None or self.input_range is not None
+        if not quantized_input:
+            return int_matmul.weight_only_linear(input, wt, bias)
+        rq = self._input_row_quant()
+        if rq is None or not int_matmul.int8_linear_supports(wt, rq):
+            return None
+        x2d = input.reshape(-1, self.in_features)
+        y = int_matmul.int8_linear(int_matmul.quantize_rows(x2d, rq), wt, bias, input.dtype)
+        return y.reshape(*input.shape[:-1], self.out_features)
+
     def forward(self, input: Tensor) -> Tensor:
+        # The integer GEMMs have no backward: a gradient through the input takes the eager path.
+        needs_grad = torch.is_grad_enabled() and input.requires_grad
+        if not needs_grad and use_triton(input.device):
+            y = self._forward_triton(input)
+            if y is not None:
+                return y
         if self.dynamic_input is not None:
             from triton_qat.fake_quantize import fake_quantize_per_token
 

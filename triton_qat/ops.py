@@ -9,7 +9,14 @@ from torch import Tensor
 
 from triton_qat import reference
 from triton_qat._backend import use_triton
-from triton_qat.qparams import LinearQuant, NormQParams, QParams, check_float_tensor, normalize
+from triton_qat.qparams import (
+    LinearQuant,
+    NormQParams,
+    QParams,
+    check_float_tensor,
+    check_learnable_qparams,
+    normalize,
+)
 
 # torch's CPU per-channel op converts q to int64 before clamping; below this bound on x / scale
 # nothing wraps, and its results equal the reference's (tests/test_reference.py).
@@ -424,3 +431,111 @@ def linear_quant(
         weight_qparams.group_size or 0,
         *x_args,
     )
+
+
+# --- learnable scale / zero point (LSQ) ---------------------------------------------------------
+
+
+def _learnable_norm(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None
+) -> NormQParams:
+    """The normalized qparams of the forward: zero point clamp(rne(zp)), as int32."""
+    zp = reference.learnable_zero_point(zero_point, qmin, qmax, trunc=False)
+    return normalize(x, QParams(scale, zp.to(torch.int32), qmin, qmax, axis=axis))
+
+
+def learnable_backward_norm(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None
+) -> NormQParams:
+    """The normalized qparams of the backward: the zero point as an fp32 integer value,
+    trunc(clamp(zp + 0.5)) per tensor (torch's quirk), clamp(rne(zp)) per channel."""
+    zp = reference.learnable_zero_point(zero_point, qmin, qmax, trunc=axis is None)
+    return _learnable_norm(x, scale, zero_point, qmin, qmax, axis)._replace(
+        zero_point=zp.reshape(-1), float_zero_point=True
+    )
+
+
+class _LearnableFakeQuantizeFunction(torch.autograd.Function):
+    """torch._fake_quantize_learnable_per_{tensor,channel}_affine: fake quant with a rounded
+    zero point forward; dx, dscale and dzp (LSQ, scaled by grad_factor) backward. Saves x and
+    copies of scale and zero point (an optimizer step before backward changes nothing)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor):  # type: ignore[override]
+        nq = _learnable_norm(x, scale, zero_point, qmin, qmax, axis)
+        ctx.save_for_backward(x, scale.detach().clone(), zero_point.detach().clone())
+        ctx.args = (qmin, qmax, axis, grad_factor)
+        return _forward(x, nq, reference.reciprocal(nq.scale))
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, axis, grad_factor = ctx.args
+        nq = learnable_backward_norm(x, scale, zero_point, qmin, qmax, axis)
+        if use_triton(x.device):
+            from triton_qat.kernels.learnable import learnable_fake_quant_backward
+
+            dx, dscale, dzp = learnable_fake_quant_backward(
+                x, grad_y, nq, reference.reciprocal(nq.scale), grad_factor
+            )
+        else:
+            dx, dscale, dzp = reference.fake_quantize_learnable_backward_ref(
+                x, grad_y, nq, axis, grad_factor
+            )
+        dscale, dzp = dscale.reshape(scale.shape), dzp.reshape(zero_point.shape)
+        return dx, dscale, dzp, None, None, None, None
+
+
+def _fake_quantize_learnable(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    axis: int | None,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float,
+) -> Tensor:
+    check_learnable_qparams(x, scale, zero_point)
+    if isinstance(grad_factor, bool) or not isinstance(grad_factor, (int, float)):
+        raise TypeError(f"grad_factor must be a float, got {type(grad_factor).__name__}")
+    if axis is not None and not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} is out of range for an input with {x.dim()} dims")
+    axis = None if axis is None else axis % x.dim()
+    needs_grad = x.requires_grad or scale.requires_grad or zero_point.requires_grad
+    if torch.is_grad_enabled() and needs_grad:
+        return _LearnableFakeQuantizeFunction.apply(
+            x, scale, zero_point, quant_min, quant_max, axis, float(grad_factor)
+        )
+    nq = _learnable_norm(x, scale, zero_point, quant_min, quant_max, axis)
+    return _forward(x, nq, reference.reciprocal(nq.scale))
+
+
+def fake_quantize_learnable(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float = 1.0,
+) -> Tensor:
+    """torch._fake_quantize_learnable_per_tensor_affine: differentiable in x, scale and
+    zero_point (LSQ). scale and zero_point: float32 tensors of one element (nn.Parameters);
+    the zero point is rounded (half to even) and clamped in the forward. The gradients of
+    scale and zero point are scaled by grad_factor (1 / sqrt(numel * quant_max) in LSQ)."""
+    return _fake_quantize_learnable(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
+
+
+def fake_quantize_learnable_per_channel(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float = 1.0,
+) -> Tensor:
+    """torch._fake_quantize_learnable_per_channel_affine: as fake_quantize_learnable with one
+    float32 scale and zero point per index along `axis` (shape (x.shape[axis],))."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    return _fake_quantize_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)

@@ -9,6 +9,7 @@ torch.ao is optional: this module imports and works without it.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -374,12 +375,66 @@ def _w4a8_dynamic() -> QConfig:
     )
 
 
+def learnable_qconfig(qconfig: object, *, use_grad_scaling: bool = True) -> QConfig:
+    """The qconfig `qconfig` (a name, a QConfig or a torch.ao QConfig) with learnable qparams.
+
+    Each (weight and activation) fake quant becomes a LearnableFakeQuantize with the same
+    observer, range, dtype and qscheme: its scale and zero point are nn.Parameters, set by the
+    observer on the first forward, then trained (init_from_observer; LSQ gradient scaling
+    1 / sqrt(numel * quant_max) with use_grad_scaling). Dynamic per-token activations stay as
+    they are (their qparams belong to each input); per-group weights are a ValueError.
+    """
+    base = resolve_qconfig(qconfig)
+    return QConfig(
+        weight=_learnable_factory(base.weight, use_grad_scaling, "weight"),
+        activation=_learnable_factory(base.activation, use_grad_scaling, "activation"),
+        quantize_input=base.quantize_input,
+    )
+
+
+def _learnable_factory(factory: Any, use_grad_scaling: bool, role: str) -> Any:
+    if factory is None:
+        return None
+    fq = _fake_quantize_module()
+    unwrapped = _unwrap_factory(factory)
+    cls = None if unwrapped is None else unwrapped[0]
+    kept_as_is = (fq.LearnableFakeQuantize, fq.DynamicPerTokenFakeQuantize)
+    if cls is not None and issubclass(cls, kept_as_is):
+        return factory
+    if cls is None or not issubclass(cls, fq.FakeQuantize) or unwrapped[1]:  # type: ignore[index]
+        raise TypeError(
+            f"learnable_qconfig: the {role} factory must build a triton_qat FakeQuantize "
+            f"(with keyword arguments), got {factory!r}"
+        )
+    keywords = dict(unwrapped[2])  # type: ignore[index]
+    # One module built to read what the keywords leave to defaults (observer, range).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its reduce_range warning: the range is passed on
+        probe = factory()
+    if probe.group_size is not None:
+        raise ValueError(f"learnable_qconfig: per-group {role} qparams cannot be learned")
+    observer = keywords.pop("observer", type(probe.activation_post_process))
+    # The range goes to the observer explicitly: reduce_range has been applied to it already.
+    for key in ("quant_min", "quant_max", "is_dynamic", "reduce_range"):
+        keywords.pop(key, None)
+    return fq.LearnableFakeQuantize.with_args(
+        observer=observer,
+        quant_min=probe.activation_post_process.quant_min,
+        quant_max=probe.activation_post_process.quant_max,
+        use_grad_scaling=use_grad_scaling,
+        init_from_observer=True,
+        **keywords,
+    )
+
+
 _PRESETS: dict[str, Callable[[], QConfig]] = {
     "int8_per_channel": _int8_per_channel,
     "int8_per_tensor": _int8_per_tensor,
     "int4_per_group": _int4_per_group,
     "w8a8_dynamic": _w8a8_dynamic,
     "w4a8_dynamic": _w4a8_dynamic,
+    # int8 per-channel symmetric weights whose scales are learned (LSQ), observer-initialised.
+    "int8_per_channel_lsq": lambda: learnable_qconfig(_int8_per_channel()),
     **{backend: functools.partial(get_default_qat_qconfig, backend) for backend in _BACKENDS},
 }
 _REGISTRY.update(_PRESETS)

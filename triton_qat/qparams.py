@@ -339,3 +339,185 @@ class LinearQuant(NamedTuple):
             1,
             False,
         )
+
+
+def check_learnable_qparams(x: Tensor, scale: object, zero_point: object) -> None:
+    """Learnable qparams: float32 tensors (nn.Parameters, usually) of one shape, on x's
+    device. Their shape against x is checked by `normalize`."""
+    check_float_tensor(x, "x")
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"learnable {name} must be a float32 tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"learnable {name} must be a float32 tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+    if scale.shape != zero_point.shape:  # type: ignore[union-attr]
+        raise ValueError(
+            f"zero_point must have scale's shape {tuple(scale.shape)}, "  # type: ignore[union-attr]
+            f"got {tuple(zero_point.shape)}"  # type: ignore[union-attr]
+        )
+
+
+# --- integer GEMM operands --------------------------------------------------------------------
+
+INT8_RANGE = (-128, 127)
+
+
+class IntWeight(NamedTuple):
+    """Checked integer weight codes of a linear, as the integer GEMM kernels take them.
+
+    codes: (N, K) int8, or (N, ceil(K / 2)) uint8 when `packed` (two 4-bit codes q - quant_min
+    per byte, low nibble first). scale: fp32, zero_point: int32, both contiguous with 1
+    (per tensor), N (per output channel) or N * K // group_size (per group) elements.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    quant_min: int
+    quant_max: int
+    in_features: int
+    group_size: int  # 0 unless per group
+    packed: bool
+
+    @property
+    def gran(self) -> int:
+        if self.group_size > 0:
+            return PER_GROUP
+        return PER_TENSOR if self.scale.numel() == 1 else PER_CHANNEL
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+
+def int_weight(
+    codes: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    quant_min: int,
+    quant_max: int,
+    in_features: int,
+    group_size: int | None = None,
+) -> IntWeight:
+    """Check integer weight codes and their qparams; uint8 codes are read as packed 4-bit."""
+    check_quant_range(quant_min, quant_max)
+    if not isinstance(codes, Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    packed = codes.dtype == torch.uint8
+    if codes.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(f"codes must be int8 (or uint8, 4-bit packed), got {codes.dtype}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D (out_features, ...), got shape {tuple(codes.shape)}")
+    k = in_features
+    expected_cols = (k + 1) // 2 if packed else k
+    if codes.shape[1] != expected_cols:
+        raise ValueError(
+            f"codes must have {expected_cols} columns for in_features={k}"
+            f"{' (two 4-bit codes per byte)' if packed else ''}, got shape {tuple(codes.shape)}"
+        )
+    if packed and quant_max - quant_min > 15:
+        raise ValueError(
+            f"packed 4-bit codes need quant_max - quant_min <= 15, got [{quant_min}, {quant_max}]"
+        )
+    if not packed and (quant_min < INT8_RANGE[0] or quant_max > INT8_RANGE[1]):
+        raise ValueError(
+            f"int8 codes need a range within {INT8_RANGE}, got [{quant_min}, {quant_max}]"
+        )
+    n = codes.shape[0]
+    g = group_size or 0
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if k % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features ({k})")
+    count = n * k // g if g else None
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != codes.device:
+            raise ValueError(f"{name} is on {t.device} but codes are on {codes.device}")
+        allowed = (count,) if g else (1, n)
+        if t.numel() not in allowed:
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} elements, got {t.numel()}"
+            )
+    if scale.dtype != torch.float32:
+        raise TypeError(f"scale must be float32, got {scale.dtype}")
+    if zero_point.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"zero_point must be an integer tensor for integer GEMMs, got {zero_point.dtype}"
+        )
+    if scale.numel() != zero_point.numel():
+        raise ValueError(
+            f"scale and zero_point must have as many elements, got {scale.numel()} and "
+            f"{zero_point.numel()}"
+        )
+    return IntWeight(
+        codes.contiguous(),
+        scale.detach().reshape(-1).contiguous(),
+        zero_point.detach().reshape(-1).to(torch.int32).contiguous(),
+        quant_min,
+        quant_max,
+        k,
+        g,
+        packed,
+    )
+
+
+class RowQuant(NamedTuple):
+    """How a GEMM's input rows become int8 codes: dynamically per row (token) from its min /
+    max with torch.ao's observer formulas, or with one static per-tensor (scale, zero_point)."""
+
+    quant_min: int
+    quant_max: int
+    symmetric: bool = True
+    symmetric_zero_point: int = 0  # the zero point of a symmetric scheme
+    eps: float = float(torch.finfo(torch.float32).eps)
+    scale: Tensor | None = None  # static per-tensor qparams (shape (1,)) instead of dynamic
+    zero_point: Tensor | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.scale is None
+
+
+def row_quant(
+    quant_min: int,
+    quant_max: int,
+    qscheme: torch.qscheme = torch.per_tensor_symmetric,
+    dtype: torch.dtype = torch.qint8,
+    eps: float = float(torch.finfo(torch.float32).eps),
+) -> RowQuant:
+    """The dynamic per-token quantizer of triton_qat.fake_quantize.fake_quantize_per_token."""
+    from triton_qat.fake_quantize import per_token_qparams
+
+    check_quant_range(quant_min, quant_max)
+    if quant_max - quant_min > 255:
+        raise ValueError(
+            f"8-bit codes need quant_max - quant_min <= 255, got {quant_max - quant_min}"
+        )
+    symmetric = qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+    # A symmetric scheme's zero point does not depend on the data: read it off a zero row.
+    _, zp = per_token_qparams(torch.zeros(1, 1), quant_min, quant_max, qscheme, dtype, eps)
+    return RowQuant(quant_min, quant_max, symmetric, int(zp[0]), float(eps))
+
+
+def static_row_quant(scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int) -> RowQuant:
+    """A static per-tensor input quantizer (one scale and zero point for every row)."""
+    check_quant_range(quant_min, quant_max)
+    if quant_max - quant_min > 255:
+        raise ValueError(
+            f"8-bit codes need quant_max - quant_min <= 255, got {quant_max - quant_min}"
+        )
+    if scale.numel() != 1 or zero_point.numel() != 1:
+        raise ValueError("static input qparams must be per tensor (one scale, one zero point)")
+    if zero_point.is_floating_point():
+        raise TypeError(f"zero_point must be an integer tensor, got {zero_point.dtype}")
+    return RowQuant(
+        quant_min,
+        quant_max,
+        scale=scale.detach().reshape(1).to(torch.float32).contiguous(),
+        zero_point=zero_point.detach().reshape(1).to(torch.int32).contiguous(),
+    )

@@ -244,3 +244,74 @@ def fq_linear_backward_ref(
     """Gradients of fq_linear_ref, the operands recomputed from x and weight."""
     ops = fq_linear_operands(x, weight, lq, fake_quant)
     return linear_grads_of_operands(grad_y, ops, weight.dtype, need_dx, need_dw)
+
+
+# --- learnable scale / zero point (LSQ) ---------------------------------------------------------
+
+
+def learnable_zero_point(zero_point: Tensor, quant_min: int, quant_max: int, trunc: bool) -> Tensor:
+    """The integer-valued fp32 zero point torch's learnable ops use for a float `zero_point`.
+
+    clamp(rne(zp), qmin, qmax) in every forward and in the per-channel backward; torch's
+    per-tensor backward instead truncates: trunc(clamp(zp + 0.5, qmin, qmax)) (`trunc` True),
+    which differs at negative halves and below -0.5 (zp = -1.5 -> -1, -0.7 -> 0).
+    """
+    zp = zero_point.detach().to(torch.float32)
+    if trunc:
+        return clamp_quantized(zp + 0.5, quant_min, quant_max).trunc()
+    return clamp_quantized(torch.round(zp), quant_min, quant_max)
+
+
+def learnable_grad_terms_ref(
+    x: Tensor, grad_y: Tensor, nq: NormQParams, grad_factor: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-element gradients of torch._fake_quantize_learnable_per_*_affine: (dx, dscale_terms,
+    dzp_terms), each shaped as x; dx in grad_y's dtype, the terms in fp32.
+
+    nq.zero_point holds the backward's integer-valued fp32 zero point (learnable_zero_point).
+    As torch's CPU kernel (AVX2 / AVX-512 builds) computes them, with one fp32 rounding per
+    operation and two fused multiply-adds:
+        xq = rne(fma(x, inv, zp))                         (zp added before rounding)
+        dx = dy * [qmin <= xq <= qmax]
+        dscale = gf * (xq < qmin ? dy * (qmin - zp) : xq > qmax ? dy * (qmax - zp)
+                                 : (dy * fma(clamp(xq) - zp, scale, -x)) * inv)
+        dzp    = gf * (saturated ? -dy * scale : 0)
+    NaN counts as below quant_min, as torch's int64 conversion makes it; +inf as above
+    quant_max (torch's conversion sends it below: the forward's saturation is kept instead).
+    """
+    shape = x.shape
+    xf = _x_view(nq, x).to(torch.float32)
+    dy = _x_view(nq, grad_y).to(torch.float32)
+    scale = _param_view(nq, nq.scale)
+    inv = _param_view(nq, reciprocal(nq.scale))
+    zp = _param_view(nq, nq.zero_point.to(torch.float32))
+    gf = torch.tensor(grad_factor, dtype=torch.float32, device=x.device)
+    xq = quantize_unclamped(xf, inv, zp, float_zero_point=True)
+    keep = straight_through_mask(xq, nq.quant_min, nq.quant_max)
+    below = ~(xq >= nq.quant_min)
+    q = clamp_quantized(xq, nq.quant_min, nq.quant_max)
+    q_minus_zp, scale_b, x_b = torch.broadcast_tensors(q - zp, scale, xf)
+    in_range = (dy * fma_fp32(q_minus_zp, scale_b, -x_b)) * inv
+    saturated = torch.where(below, dy * (nq.quant_min - zp), dy * (nq.quant_max - zp))
+    dscale = torch.where(keep, in_range, saturated) * gf
+    dzp = torch.where(keep, torch.zeros_like(dy), (dy * -scale) * gf)
+    dx = grad_y * keep.reshape(shape)
+    return dx, dscale.reshape(shape), dzp.reshape(shape)
+
+
+def learnable_reduce_dims(shape: torch.Size, axis: int | None) -> list[int]:
+    """The dims torch's learnable ops sum the per-element qparam gradients over."""
+    if axis is None:
+        return list(range(len(shape)))
+    return [d for d in range(len(shape)) if d != axis % len(shape)]
+
+
+def fake_quantize_learnable_backward_ref(
+    x: Tensor, grad_y: Tensor, nq: NormQParams, axis: int | None, grad_factor: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dscale, dzp) of the learnable fake quant: the per-element terms summed as torch
+    sums them (over the whole tensor, or over every dim but `axis`); dscale and dzp have
+    nq.scale's shape (channels,)."""
+    dx, ds, dz = learnable_grad_terms_ref(x, grad_y, nq, grad_factor)
+    dims = learnable_reduce_dims(x.shape, axis)
+    return dx, ds.sum(dims).reshape(-1), dz.sum(dims).reshape(-1)

@@ -95,15 +95,36 @@ def prune_configs(
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def autotune(rows: str, cols: str, loop: str, operands: tuple[str, str], extra_key=()):
-    """triton.autotune over gemm_configs(), keyed on the problem's extents and `extra_key`
-    (granularity flags); tensor dtypes are part of Triton's key already.
+# Integer GEMMs: int8 operands take twice the K per byte of shared memory, and a short list
+# keeps the first call's tuning short.
+_INT_CUDA_CONFIGS = [
+    (128, 256, 128, 3, 8),
+    (128, 128, 128, 4, 8),
+    (128, 128, 64, 4, 4),
+    (64, 128, 128, 4, 4),
+    (64, 64, 64, 4, 4),
+]
+
+
+def int_gemm_configs() -> list[triton.Config]:
+    """gemm_configs() for the integer GEMMs: the same interpreter and pinned configs, a shorter
+    CUDA list."""
+    if INTERPRETED_KERNELS or os.environ.get("TRITON_QAT_AUTOTUNE", "1").strip() == "0":
+        return gemm_configs()
+    return [_cfg(*s) for s in _INT_CUDA_CONFIGS]
+
+
+def autotune(
+    rows: str, cols: str, loop: str, operands: tuple[str, str], extra_key=(), configs=None
+):
+    """triton.autotune over `configs` (default gemm_configs()), keyed on the problem's extents
+    and `extra_key` (granularity flags); tensor dtypes are part of Triton's key already.
 
     Compiled, the tuner is backed by triton_qat's on-disk cache (triton_qat.tuning): a key
     tuned by an earlier process is not benchmarked again. The file is read on first use.
     """
     tune = triton.autotune(
-        configs=gemm_configs(),
+        configs=gemm_configs() if configs is None else configs,
         key=[rows, cols, loop, *extra_key],
         prune_configs_by={
             "early_config_prune": functools.partial(

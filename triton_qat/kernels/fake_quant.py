@@ -51,7 +51,18 @@ def fake_quant_values(xf, inv_scale, scale, zp, qmin, qmax, FLOAT_ZP: tl.constex
 
 
 @triton.jit
-def _tile(
+def tile_coords(pid, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(pid_r, pid_c, rows r, cols c) of program `pid`'s tile, row blocks outermost."""
+    n_col_blocks = tl.cdiv(cols, BLOCK_C)
+    pid_r = pid // n_col_blocks
+    pid_c = pid % n_col_blocks
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_r, pid_c, r, c
+
+
+@triton.jit
+def tile(
     pid,
     rows,
     cols,
@@ -61,11 +72,7 @@ def _tile(
     BLOCK_C: tl.constexpr,
 ):
     """Offsets, element mask, param index and param mask of program `pid`'s tile (int64)."""
-    n_col_blocks = tl.cdiv(cols, BLOCK_C)
-    pid_r = pid // n_col_blocks
-    pid_c = pid % n_col_blocks
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    _, _, r, c = tile_coords(pid, cols, BLOCK_R, BLOCK_C)
     r_ok = r < rows
     c_ok = c < cols
     offs = r[:, None] * cols + c[None, :]
@@ -80,7 +87,7 @@ def _tile(
 
 
 @triton.jit
-def _load_param(ptr, pidx, p_ok, other, PARAMS_ON_COLS: tl.constexpr):
+def load_param(ptr, pidx, p_ok, other, PARAMS_ON_COLS: tl.constexpr):
     p = tl.load(ptr + pidx, mask=p_ok, other=other).to(tl.float32)
     if PARAMS_ON_COLS:
         return p[None, :]
@@ -106,10 +113,10 @@ def fake_quant_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs, mask, pidx, p_ok = _tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
-    inv = _load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    scale = _load_param(scale_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    zp = _load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
+    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
+    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
+    scale = load_param(scale_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
+    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
     x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     y, _ = fake_quant_values(x, inv, scale, zp, qmin, qmax, FLOAT_ZP)
     tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
@@ -133,9 +140,9 @@ def fake_quant_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs, mask, pidx, p_ok = _tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
-    inv = _load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    zp = _load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
+    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
+    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
+    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
     x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     dy = to_fp32(tl.load(dy_ptr + offs, mask=mask, other=0.0))
     qf = quantize_unclamped(x, inv, zp, FLOAT_ZP)
@@ -145,15 +152,17 @@ def fake_quant_bwd_kernel(
     tl.store(dx_ptr + offs, cast_rne(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(nq: NormQParams) -> tuple[int, int, int]:
+def blocks(nq: NormQParams) -> tuple[int, int, int]:
     block_c = min(triton.next_power_of_2(max(nq.cols, 1)), _MAX_BLOCK_COLS)
     block_r = max(1, min(triton.next_power_of_2(max(nq.rows, 1)), _TILE_ELEMENTS // block_c))
     n_programs = triton.cdiv(nq.rows, block_r) * triton.cdiv(nq.cols, block_c)
     return block_r, block_c, n_programs
 
 
-def _launch(kernel, tensors: tuple[Tensor, ...], nq: NormQParams) -> None:
-    block_r, block_c, n_programs = _blocks(nq)
+def launch(kernel, tensors: tuple[Tensor, ...], nq: NormQParams, scalars: tuple = ()) -> None:
+    """One program per (BLOCK_R, BLOCK_C) tile of blocks(nq): kernel(*tensors, rows, cols,
+    channels, qmin, qmax, *scalars, PARAMS_ON_COLS, FLOAT_ZP, BLOCK_R, BLOCK_C)."""
+    block_r, block_c, n_programs = blocks(nq)
     kernel[(n_programs,)](
         *tensors,
         nq.rows,
@@ -161,6 +170,7 @@ def _launch(kernel, tensors: tuple[Tensor, ...], nq: NormQParams) -> None:
         nq.channels,
         float(nq.quant_min),
         float(nq.quant_max),
+        *scalars,
         PARAMS_ON_COLS=nq.params_on_cols,
         FLOAT_ZP=nq.float_zero_point,
         BLOCK_R=block_r,
@@ -176,7 +186,7 @@ def fake_quant_forward(x: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        _launch(fake_quant_fwd_kernel, (x, y, inv_scale, nq.scale, nq.zero_point), nq)
+        launch(fake_quant_fwd_kernel, (x, y, inv_scale, nq.scale, nq.zero_point), nq)
     return y
 
 
@@ -186,5 +196,5 @@ def fake_quant_backward(x: Tensor, grad_y: Tensor, nq: NormQParams, inv_scale: T
     grad_y = grad_y.contiguous()
     grad_x = torch.empty_like(grad_y)
     if x.numel():
-        _launch(fake_quant_bwd_kernel, (x, grad_y, grad_x, inv_scale, nq.zero_point), nq)
+        launch(fake_quant_bwd_kernel, (x, grad_y, grad_x, inv_scale, nq.zero_point), nq)
     return grad_x

@@ -52,6 +52,11 @@ class Linear(torch.nn.Linear):
     operand tiles as it loads them (forward and backward). Any other fake-quant module is
     still honoured: called on the weight, then F.linear, with a one-time warning.
 
+    Learnable qparams (LearnableFakeQuantize, e.g. the "int8_per_channel_lsq" qconfig or
+    triton_qat.qconfig.learnable_qconfig(...)) need gradients of scale and zero point, which
+    the fused GEMM does not produce: the learnable fake quant runs on the weight (and input)
+    as a module, then F.linear. Its scale and zero point are Parameters of the layer.
+
     Input fake quant (a triton_qat.QConfig with an activation and quantize_input=True) is
     fused into the GEMM's prologue: the same numerics as torch.ao's activation_post_process
     on the previous layer's output, one fewer pass over memory. A torch.ao QConfig keeps
@@ -81,10 +86,12 @@ class Linear(torch.nn.Linear):
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 
     def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
-        from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
+        from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize, LearnableFakeQuantize
 
-        if isinstance(fq, DynamicPerTokenFakeQuantize):
-            return  # triton_qat's own, applied as a module by design (fused in a later kernel)
+        if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize)):
+            # triton_qat's own, applied as a module by design: per-token qparams are made per
+            # call; learnable qparams need gradients, which the fused GEMM does not produce.
+            return
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))
             warnings.warn(

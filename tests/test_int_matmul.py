@@ -1,0 +1,329 @@
+"""Integer GEMMs (triton_qat.kernels.int_matmul) against exact integer / float64 references.
+
+Tolerances are worst-case rounding bounds, not fitted: with u the unit roundoff of a format
+(2**-24 fp32, 2**-11 fp16, 2**-8 bf16), a sum of K products accumulated in fp32 is off by at
+most K * u32 * sum|products|, each further fp32 operation adds u32 of its operands, a weight
+rounded to the input dtype u_in of its term, and the final cast u_out of the result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _compare import assert_bitwise_equal
+
+import triton_qat as tq
+from triton_qat.convert import QuantizedLinear, _pack_int4
+from triton_qat.fake_quantize import fake_quantize_per_token, per_token_qparams
+from triton_qat.kernels import int_matmul as im
+from triton_qat.qparams import QParams, int_weight, normalize, row_quant, static_row_quant
+from triton_qat.reference import quantized_codes_ref
+
+U32 = 2.0**-24
+UNIT = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str):
+    """|actual - expected| <= bound elementwise; reports the worst element."""
+    err = (actual.double() - expected).abs()
+    excess = err - bound
+    worst = int(excess.argmax())
+    assert bool((excess <= 0).all()), (
+        f"{what}: {int((excess > 0).sum())} of {err.numel()} elements over the bound; "
+        f"worst error {err.flatten()[worst].item():.3g} "
+        f"vs bound {bound.flatten()[worst].item():.3g}"
+    )
+
+
+def _weight(n, k, gran, qrange, packed, seed, group_size=None, with_zp=True):
+    """Random codes (N, K) int32 with qparams, and the IntWeight the kernels take."""
+    gen = torch.Generator().manual_seed(seed)
+    qmin, qmax = qrange
+    q = torch.randint(qmin, qmax + 1, (n, k), generator=gen, dtype=torch.int32)
+    count = {"tensor": 1, "channel": n, "group": n * k // (group_size or 1)}[gran]
+    scale = torch.rand(count, generator=gen) * 0.02 + 0.001
+    if with_zp:
+        zp = torch.randint(qmin, qmax + 1, (count,), generator=gen, dtype=torch.int32)
+    else:
+        zp = torch.zeros(count, dtype=torch.int32)
+    stored = _pack_int4(q, qmin) if packed else q.to(torch.int8)
+    wt = int_weight(stored, scale, zp, qmin, qmax, k, group_size if gran == "group" else None)
+    return q, scale, zp, wt
+
+
+def _expand(t: torch.Tensor, n: int, k: int, group_size: int | None) -> torch.Tensor:
+    """Per-tensor / per-channel / per-group qparams as an (N, K) float64 table."""
+    t = t.double()
+    if t.numel() == 1:
+        return t.expand(n, k)
+    if t.numel() == n:
+        return t.view(n, 1).expand(n, k)
+    return t.view(n, -1).repeat_interleave(group_size, dim=1)
+
+
+def _dequantized64(q, scale, zp, group_size):
+    n, k = q.shape
+    return (q.double() - _expand(zp, n, k, group_size)) * _expand(scale, n, k, group_size)
+
+
+# (M, N, K), granularity, code range, packed 4-bit, group size, input dtype, bias, 3-D input
+WEIGHT_ONLY_CASES = [
+    ((1, 33, 70), "tensor", (-128, 127), False, None, torch.float32, True, False),
+    ((17, 33, 70), "channel", (-128, 127), False, None, torch.bfloat16, False, True),
+    ((17, 17, 70), "channel", (-8, 7), True, None, torch.float32, True, False),
+    ((33, 17, 64), "group", (0, 15), True, 32, torch.float16, True, False),
+    ((17, 33, 70), "group", (-8, 7), True, 35, torch.bfloat16, True, True),
+]
+
+
+@pytest.mark.parametrize("case", WEIGHT_ONLY_CASES, ids=lambda c: f"{c[1]}-{c[4]}-{c[5]}")
+def test_weight_only_matches_float64(case, device):
+    (m, n, k), gran, qrange, packed, g, dtype, has_bias, three_d = case
+    q, scale, zp, wt = _weight(n, k, gran, qrange, packed, seed=m + n + k, group_size=g)
+    wt = wt._replace(**{f: getattr(wt, f).to(device) for f in ("codes", "scale", "zero_point")})
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    xin = x.unsqueeze(1) if three_d else x
+    y = im.weight_only_linear(xin.to(device), wt, None if bias is None else bias.to(device))
+    assert y.shape == (*xin.shape[:-1], n) and y.dtype == dtype
+    w64 = _dequantized64(q, scale, zp, g)
+    b64 = torch.zeros(n, dtype=torch.float64) if bias is None else bias.double()
+    ref = x.double() @ w64.T + b64
+    mag = x.double().abs() @ w64.abs().T + b64.abs()
+    # Per group the weight is rounded to the input dtype (u_in); per channel / tensor the
+    # integer (q - zp) is exact and the scale is one more fp32 rounding. K + 2 fp32 steps.
+    u_w = UNIT[dtype] if gran == "group" else 0.0
+    bound = (u_w + (k + 2) * U32) * mag + UNIT[dtype] * ref.abs()
+    _assert_within(y.cpu().reshape(m, n), ref, bound, "weight-only GEMM")
+
+
+@pytest.mark.parametrize(
+    "dtype,qrange,qscheme",
+    [
+        (torch.float32, (-128, 127), torch.per_tensor_symmetric),
+        (torch.bfloat16, (-128, 127), torch.per_tensor_affine),
+        (torch.float16, (0, 255), torch.per_tensor_affine),
+    ],
+)
+def test_quantize_rows_matches_per_token_fake_quant(dtype, qrange, qscheme, device):
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(17, 70, generator=gen) * 3).to(dtype)
+    x[3] = 0.0  # scale falls back to eps
+    x[5] = x[5].abs()  # no negative value: min clamps to 0
+    x[6, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 127.0, -128.0]).to(dtype)  # ties
+    qmin, qmax = qrange
+    qdtype = torch.quint8 if qmin == 0 else torch.qint8
+    xq = im.quantize_rows(x.to(device), row_quant(qmin, qmax, qscheme, qdtype))
+    scale, zp = per_token_qparams(x, qmin, qmax, qscheme, qdtype)
+    assert_bitwise_equal(xq.scale.cpu(), scale, "row scales")
+    assert_bitwise_equal(xq.zero_point.cpu(), zp, "row zero points")
+    codes = quantized_codes_ref(x, normalize(x, QParams(scale, zp, qmin, qmax, axis=0)))
+    assert_bitwise_equal(xq.codes.cpu().to(torch.int32) + xq.shift, codes, "row codes")
+    assert_bitwise_equal(xq.code_sum.cpu(), (codes - xq.shift).sum(1, dtype=torch.int32), "sums")
+    # The codes are those of the fake quant the QAT layer runs: (q - zp) * scale gives it back.
+    y = ((codes - zp[:, None]).float() * scale[:, None]).to(dtype)
+    rows = fake_quantize_per_token(x, qmin, qmax, qscheme, qdtype)
+    assert_bitwise_equal(y, rows, "dequantized codes")
+
+
+def test_quantize_rows_static_per_tensor(device):
+    x = torch.randn(33, 17, generator=torch.Generator().manual_seed(3))
+    scale, zp = torch.tensor([0.02]), torch.tensor([7], dtype=torch.int32)
+    xq = im.quantize_rows(x.to(device), static_row_quant(scale.to(device), zp.to(device), 0, 255))
+    codes = quantized_codes_ref(x, normalize(x, QParams(scale, zp, 0, 255)))
+    assert_bitwise_equal(xq.codes.cpu().to(torch.int32) + xq.shift, codes, "static codes")
+    assert bool((xq.scale.cpu() == scale).all()) and bool((xq.zero_point.cpu() == 7).all())
+
+
+def _int_reference(xq, q, wscale, wzp, group_size, bias):
+    """Exact int64 sums per group, scaled in float64: (sum_g sx * sw_g * D_g + b, magnitude
+    sum_g |sx * sw_g * D_g| + |b|)."""
+    cx = xq.codes.cpu().long() + xq.shift - xq.zero_point.cpu().long()[:, None]
+    n, k = q.shape
+    g = group_size or k
+    cw = q.long() - _expand(wzp, n, k, group_size).long()
+    sw = _expand(wscale, n, k, group_size)[:, ::g]  # (N, groups)
+    sx = xq.scale.cpu().double()[:, None]
+    terms = torch.stack(
+        [
+            (cx[:, j * g : (j + 1) * g] @ cw[:, j * g : (j + 1) * g].T).double()
+            for j in range(k // g)
+        ]
+    )  # (groups, M, N), exact integers
+    scaled = terms * sw.T[:, None, :] * sx
+    b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.double()
+    return scaled.sum(0) + b, scaled.abs().sum(0) + b.abs(), k // g
+
+
+# (M, N, K), input (qscheme or "static"), input range, weight granularity, weight range,
+# packed, group size, dtype, bias
+INT8_CASES = [
+    ((17, 33, 70), torch.per_tensor_symmetric, (-128, 127), "channel", (-127, 127), False, None,
+     torch.bfloat16, True),
+    ((1, 17, 70), torch.per_tensor_affine, (-128, 127), "channel", (-128, 127), False, None,
+     torch.float32, False),
+    ((33, 17, 33), "static", (0, 255), "tensor", (-128, 127), False, None, torch.float16, True),
+    ((17, 17, 70), torch.per_tensor_affine, (-128, 127), "channel", (-8, 7), True, None,
+     torch.float32, True),
+    ((17, 33, 64), torch.per_tensor_affine, (-128, 127), "group", (0, 15), True, 32,
+     torch.float32, True),
+    ((17, 17, 70), torch.per_tensor_symmetric, (-128, 127), "group", (-8, 7), True, 35,
+     torch.bfloat16, False),
+    ((1, 33, 70), torch.per_tensor_affine, (-128, 127), "group", (-64, 63), False, 35,
+     torch.float16, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"{c[3]}-{c[6]}-{c[7]}")
+def test_int8_linear_is_the_integer_sum(case, device):
+    (m, n, k), scheme, xrange, gran, wrange, packed, g, dtype, has_bias = case
+    q, wscale, wzp, wt = _weight(n, k, gran, wrange, packed, seed=7 * m + n, group_size=g)
+    wt = wt._replace(**{f: getattr(wt, f).to(device) for f in ("codes", "scale", "zero_point")})
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(m, k, generator=gen) + 0.3).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    if scheme == "static":
+        s, z = torch.tensor([0.01]), torch.tensor([120], dtype=torch.int32)
+        rq = static_row_quant(s.to(device), z.to(device), *xrange)
+    else:
+        rq = row_quant(*xrange, scheme)
+    xq = im.quantize_rows(x.to(device), rq)
+    y = im.int8_linear(xq, wt, None if bias is None else bias.to(device), dtype).cpu()
+    ref, mag, groups = _int_reference(xq, q, wscale, wzp, g, bias)
+    # The int32 sums are exact; per group (groups + 2) fp32 steps (D_g * s_g accumulated,
+    # times sx, plus bias); otherwise D to fp32, times sx, times sw, plus bias: 4 roundings.
+    steps = groups + 3 if g else 4
+    _assert_within(y, ref, steps * U32 * mag + UNIT[dtype] * ref.abs(), "int8 GEMM vs int64")
+    # And it is the fake-quant float path F.linear(fq(x), fq(w)): fq(x) rounded to x's
+    # dtype (u_in) and the fp32 products (q - zp) * s rounded once (u32) per operand.
+    fq_x = (xq.codes.cpu().float() + xq.shift - xq.zero_point.cpu()[:, None]) * xq.scale.cpu()[
+        :, None
+    ]
+    fq_x = fq_x.to(dtype).double()
+    fq_w = _dequantized64(q, wscale, wzp, g).float().double()
+    fq_ref = fq_x @ fq_w.T + (0 if bias is None else bias.double())
+    fq_mag = fq_x.abs() @ fq_w.abs().T + (0 if bias is None else bias.double().abs())
+    bound = (UNIT[dtype] + 2 * U32) * fq_mag + steps * U32 * mag + UNIT[dtype] * ref.abs()
+    _assert_within(y, fq_ref, bound, "int8 GEMM vs fake-quant float64")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_equals_fake_quant_linear(dtype, device):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 70, generator=gen).to(dtype)
+    w = (torch.randn(33, 70, generator=gen) * 0.1).to(dtype)
+    b = torch.randn(33, generator=gen).to(dtype)
+    wscale = w.float().abs().amax(1) / 127
+    wqp = QParams(wscale, torch.zeros(33, dtype=torch.int32), -128, 127, axis=0)
+    rq = row_quant(-128, 127, torch.per_tensor_symmetric)
+    y = im.w8a8_linear(
+        x.to(device),
+        w.to(device),
+        b.to(device),
+        weight_qparams=QParams(wscale.to(device), wqp.zero_point.to(device), -128, 127, axis=0),
+        input_quant=rq,
+    )
+    assert y.shape == (2, 9, 33) and y.dtype == dtype
+    with tq.use_backend("eager"):
+        fq_x = fake_quantize_per_token(x, -128, 127, torch.per_tensor_symmetric).double()
+        fq_w = tq.fake_quantize_per_channel(w, wscale, wqp.zero_point, 0, -128, 127).double()
+    ref = F.linear(fq_x, fq_w, b.double())
+    mag = F.linear(fq_x.abs(), fq_w.abs(), b.double().abs())
+    # fq operands rounded to the input dtype (2 u_in), 4 fp32 steps, the output cast.
+    bound = (2 * UNIT[dtype] + 4 * U32) * mag + UNIT[dtype] * ref.abs()
+    _assert_within(y.cpu(), ref, bound, "w8a8_linear")
+
+
+def _qat_layer(name: str, dtype: torch.dtype, k: int = 64, n: int = 17) -> torch.nn.Module:
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n)).to(dtype)
+    qat = tq.prepare_qat(model, name)
+    with tq.use_backend("eager"):
+        qat(torch.randn(8, k, dtype=dtype))  # observers see data once
+    return qat.eval()
+
+
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("w8a8_dynamic", torch.float32),
+        ("w4a8_dynamic", torch.bfloat16),
+        ("int4_per_group", torch.float32),
+        ("int8_per_channel", torch.bfloat16),
+        ("x86", torch.float32),
+    ],
+)
+def test_quantized_linear_kernel_path_matches_eager(name, dtype, device):
+    qat = _qat_layer(name, dtype)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    with torch.no_grad(), tq.use_backend("eager"):
+        y_qat = qat(x)
+        converted = tq.convert(qat)
+        layer = converted[0]
+        assert isinstance(layer, QuantizedLinear)
+        y_eager = converted(x)
+        # The eager layer's operands, for the rounding bound.
+        if layer.dynamic_input is not None:
+            xin = fake_quantize_per_token(x, *layer.dynamic_input)
+        elif layer.input_range is not None:
+            xin = tq.fake_quantize_per_tensor(
+                x, layer.input_scale, layer.input_zero_point, *layer.input_range
+            )
+        else:
+            xin = x
+        w = layer.dequantized_weight().to(dtype)
+    assert layer.int_weight() is not None
+    converted.to(device)
+    with torch.no_grad(), tq.use_backend("triton"):
+        y = converted(x.to(device)).cpu()
+    assert y.shape == y_eager.shape and y.dtype == dtype
+    b = layer.bias.double().abs()
+    mag = xin.double().abs() @ w.double().abs().T + b
+    # Either side rounds its operands to the input dtype (2 u_in) and accumulates K = 64
+    # products in fp32 plus a few epilogue steps; both round the result to the input dtype.
+    bound = (2 * UNIT[dtype] + 70 * U32) * mag + 2 * UNIT[dtype] * y_eager.double().abs()
+    _assert_within(y, y_eager.double(), bound, f"{name}: kernel vs eager QuantizedLinear")
+    _assert_within(y, y_qat.double(), bound, f"{name}: kernel vs QAT eval")
+
+
+def test_kernel_path_runs_only_on_the_triton_backend(monkeypatch, device):
+    qat = _qat_layer("w8a8_dynamic", torch.float32)
+    converted = tq.convert(qat).to(device)
+    calls = []
+    monkeypatch.setattr(im, "int8_linear", lambda *a: calls.append(a) or torch.zeros(2, 17))
+    x = torch.randn(2, 64, device=device)
+    with torch.no_grad(), tq.use_backend("eager"):
+        converted(x)
+    assert not calls
+    with torch.no_grad(), tq.use_backend("triton"):
+        converted(x)
+    assert len(calls) == 1
+    # A gradient through the input needs the eager path (the integer GEMMs have no backward).
+    with tq.use_backend("triton"):
+        y = converted(x.requires_grad_())
+    assert len(calls) == 1 and y.grad_fn is not None
+
+
+def test_bad_codes_and_groups_are_rejected():
+    scale, zp = torch.ones(4), torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="codes must be int8"):
+        int_weight(torch.zeros(4, 8, dtype=torch.int16), scale, zp, -128, 127, 8)
+    with pytest.raises(TypeError, match="codes must be int8"):
+        int_weight(torch.zeros(4, 8), scale, zp, -128, 127, 8)
+    with pytest.raises(ValueError, match="group_size 3 does not divide in_features"):
+        int_weight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(8), torch.zeros(8), -8, 7, 8, 3)
+    with pytest.raises(ValueError, match="packed 4-bit codes"):
+        int_weight(torch.zeros(4, 4, dtype=torch.uint8), scale, zp, -128, 127, 8)
+    with pytest.raises(TypeError, match="zero_point must be an integer"):
+        int_weight(torch.zeros(4, 8, dtype=torch.int8), scale, zp.float(), -128, 127, 8)
+    with pytest.raises(ValueError, match="scale must have 1 or 4 elements"):
+        int_weight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), zp, -128, 127, 8)
+
+
+def test_wide_per_group_codes_are_rejected(device):
+    _, _, _, wt = _weight(4, 64, "group", (-128, 127), False, seed=0, group_size=32)
+    xq = im.quantize_rows(torch.randn(2, 64, device=device), row_quant(-128, 127))
+    with pytest.raises(ValueError, match="at most 127 wide"):
+        im.int8_linear(xq, wt, None, torch.float32)

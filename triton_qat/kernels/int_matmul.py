@@ -1,0 +1,564 @@
+"""Integer GEMMs for quantized linears: weight-only, W8A8 and int4-group x int8.
+
+    weight_only_linear(x, wt, bias)       y = x @ dequant(wt)^T + b    x float, wt int codes
+    quantize_rows(x2d, rq)                 int8 codes of the input rows + row scale / zp / sum
+    int8_linear(xq, wt, bias, out_dtype)   y = sx * sw * sum((cx - zx)(cw - zw)) + b, tl.dot on
+                                           int8 operands with int32 accumulation
+    w8a8_linear(x, w, bias, weight_qparams=..., input_quant=...)
+                                           the forward of the QAT linear with 8-bit weights
+                                           (per tensor / per output channel) and 8-bit
+                                           per-token (or static per-tensor) activations
+
+Weights arrive as a checked triton_qat.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
+(N, ceil(K / 2)) holding two 4-bit codes q - quant_min, low nibble first (unpacked in
+registers), with an fp32 scale and int32 zero point per tensor, per output channel or per
+group of `group_size` along K.
+
+Weight-only: per tensor / per channel the K loop sums x * (q - zp), exact small integers in
+the input dtype, and the scale multiplies the fp32 sum in the epilogue; per group each tile is
+dequantized in registers, ((q - zp) * scale) in fp32 cast to the input dtype, exactly as
+QuantizedLinear.dequantized_weight, before tl.dot. Both forms agree with dequantize-then-matmul
+within the matmul's rounding (for fp16 / bf16 the epilogue form skips the weight's rounding to
+the input dtype; tests/test_int_matmul.py bounds both against float64).
+
+Integer paths: input rows are quantized by quantize_rows with the numerics of
+triton_qat.fake_quantize.fake_quantize_per_token (same codes, scales and zero points); codes
+outside int8 (e.g. 0..255) are stored shifted by `shift` (code - shift fits int8). With
+per-tensor / per-channel weights the int32 sum S = sum cx * cw gets the zero-point
+corrections in the epilogue, D = S - zx * sum_k cw - zw * sum_k cx + K * zx * zw (exact in
+int32 while |D| < 2**31, wrap-around in between does no harm), then y = (D * sx) * sw + b in
+fp32. Per group, each group's int32 sum over cx * (cw - zw) (a code difference that fits int8
+for ranges up to 127 wide) is corrected by zx * sum(cw - zw), scaled by the group's scale into
+an fp32 accumulator inside the K loop, and multiplied by sx in the epilogue. The result is the
+fake-quant float path's F.linear(fq(x), fq(w)) up to the rounding of these final float steps.
+
+w8a8_linear interface (for the fused QAT forward): x (..., K) float, w (N, K) float weights,
+bias (N,) or None, weight_qparams per tensor or per channel along axis 0 with an integer zero
+point and a range within int8, input_quant a RowQuant (triton_qat.qparams.row_quant for
+per-token, static_row_quant for per tensor). Returns y (..., N) in x's dtype. No autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from triton_qat.kernels.configs import autotune, int_gemm_configs
+from triton_qat.kernels.fake_quant import quantize_unclamped
+from triton_qat.kernels.fq_matmul import _grid, _grouped_pid, _weight_params, input_precision
+from triton_qat.kernels.rounding import cast_rne, dot_operand, round_half_even, to_fp32
+from triton_qat.qparams import (
+    INT8_RANGE,
+    PER_GROUP,
+    IntWeight,
+    QParams,
+    RowQuant,
+    int_weight,
+    normalize,
+)
+
+# The largest |D| an int32 accumulator holds.
+_INT32_LIMIT = 2**31 - 1
+
+
+def _int_gemm_autotune():
+    """The autotuner of an integer GEMM over (M, N, K) with operands x_ptr and w_ptr."""
+    return autotune(
+        rows="M",
+        cols="N",
+        loop="K",
+        operands=("x_ptr", "w_ptr"),
+        extra_key=("W_GRAN",),
+        configs=int_gemm_configs(),
+    )
+
+
+@triton.jit
+def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows rm and cols rn (int64) of this program's output tile, and their in-range masks."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < M, rn < N
+
+
+@triton.jit
+def _load_tile(ptr, r, c, r_ok, c_ok, stride_r, stride_c):
+    """The (len(r), len(c)) tile at rows r, cols c; 0 outside the matrix."""
+    ok = r_ok[:, None] & c_ok[None, :]
+    return tl.load(ptr + r[:, None] * stride_r + c[None, :] * stride_c, mask=ok, other=0)
+
+
+@triton.jit
+def _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, qmin, PACKED: tl.constexpr):
+    """int32 weight codes q of rows rn (BN,) and cols k (BK,); 0 outside the matrix."""
+    ok = n_ok[:, None] & k_ok[None, :]
+    if PACKED:
+        byte = tl.load(w_ptr + rn[:, None] * stride_wn + (k // 2)[None, :] * stride_wk, mask=ok)
+        nibble = (byte.to(tl.int32) >> ((k & 1) * 4).to(tl.int32)[None, :]) & 0xF
+        q = tl.where(ok, nibble + qmin, 0)
+    else:
+        q = _load_tile(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk).to(tl.int32)
+    return q
+
+
+@triton.jit
+def _clamp_codes(qf, qmin, qmax):
+    """clamp(q, qmin, qmax) of integer-valued fp32 q; NaN lands on qmin, as in the fake quant."""
+    return tl.where(qf > qmax, qmax, tl.where(qf >= qmin, qf, qmin))
+
+
+@triton.jit
+def quantize_rows_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    zp_ptr,
+    sum_ptr,
+    static_scale_ptr,
+    static_zp_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_qm,
+    param_stride,
+    qmin,
+    qmax,
+    half_range,
+    eps,
+    sym_zp,
+    shift,
+    DYNAMIC: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Codes q - shift (int8), scale (fp32), zero point (int32) and code sum (int32) per row."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    if DYNAMIC:
+        lo = tl.full((BLOCK_R,), float("inf"), tl.float32)
+        hi = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
+            ok = m_ok[:, None] & (k < K)[None, :]
+            x = to_fp32(_load_tile(x_ptr, rm, k, m_ok, k < K, stride_xm, stride_xk))
+            lo = tl.minimum(lo, tl.min(tl.where(ok, x, float("inf")), axis=1))
+            hi = tl.maximum(hi, tl.max(tl.where(ok, x, float("-inf")), axis=1))
+        # torch.ao's _calculate_qparams; every division rounds once, as torch's.
+        min_neg = tl.minimum(lo, 0.0)
+        max_pos = tl.maximum(hi, 0.0)
+        if SYMMETRIC:
+            scale = tl.math.div_rn(tl.maximum(-min_neg, max_pos), tl.zeros_like(lo) + half_range)
+            scale = tl.maximum(scale, eps)
+            zp = tl.zeros_like(scale) + sym_zp
+        else:
+            scale = tl.math.div_rn(max_pos - min_neg, tl.zeros_like(lo) + (qmax - qmin))
+            scale = tl.maximum(scale, eps)
+            zp = qmin - round_half_even(tl.math.div_rn(min_neg, scale))
+            zp = tl.minimum(tl.maximum(zp, qmin), qmax)
+        tl.store(scale_ptr + rm, scale, mask=m_ok)
+        tl.store(zp_ptr + rm, zp.to(tl.int32), mask=m_ok)
+    else:
+        # Given qparams: one for every row (param_stride 0) or one per row (param_stride 1).
+        scale = tl.load(static_scale_ptr + rm * param_stride, mask=m_ok, other=1.0)
+        zp = tl.load(static_zp_ptr + rm * param_stride, mask=m_ok, other=0).to(tl.float32)
+        tl.store(scale_ptr + rm, scale, mask=m_ok)
+        tl.store(zp_ptr + rm, zp.to(tl.int32), mask=m_ok)
+    inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)  # fp32 1 / scale, as torch's
+    total = tl.zeros((BLOCK_R,), tl.int32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
+        ok = m_ok[:, None] & (k < K)[None, :]
+        x = to_fp32(_load_tile(x_ptr, rm, k, m_ok, k < K, stride_xm, stride_xk))
+        qf = quantize_unclamped(x, inv[:, None], zp[:, None], False)
+        c = tl.where(ok, _clamp_codes(qf, qmin, qmax) - shift, 0.0).to(tl.int32)
+        tl.store(q_ptr + rm[:, None] * stride_qm + k[None, :], c.to(tl.int8), mask=ok)
+        total += tl.sum(c, axis=1)
+    tl.store(sum_ptr + rm, total, mask=m_ok)
+
+
+@_int_gemm_autotune()
+@triton.jit
+def int_weight_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    scale_ptr,
+    zp_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    w_qmin,
+    W_GRAN: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Weight-only: y = x @ ((q - zp) * scale)^T + b, fp32 accumulation, x's dtype out."""
+    rm, rn, m_ok, n_ok = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    dtype = y_ptr.dtype.element_ty
+    if W_GRAN == 0:
+        zp = tl.load(zp_ptr)
+    elif W_GRAN == 1:
+        zp = tl.load(zp_ptr + rn, mask=n_ok, other=0)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
+        k_ok = k < K
+        x = _load_tile(x_ptr, rm, k, m_ok, k_ok, stride_xm, stride_xk)
+        q = _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, w_qmin, PACKED)
+        if W_GRAN == 2:
+            _, scale, zpf = _weight_params(
+                scale_ptr, scale_ptr, zp_ptr, rn, k, n_ok, k_ok, K, group_size, W_GRAN
+            )
+            w = cast_rne((q.to(tl.float32) - zpf) * scale, dtype)
+        else:
+            # |q - zp| <= 255: exact in every input dtype; the scale waits for the epilogue.
+            w = (q - zp).to(tl.float32).to(dtype)
+        acc = tl.dot(dot_operand(x), tl.trans(dot_operand(w)), acc, input_precision=INPUT_PRECISION)
+    if W_GRAN == 0:
+        acc = acc * tl.load(scale_ptr)
+    elif W_GRAN == 1:
+        acc = acc * tl.load(scale_ptr + rn, mask=n_ok, other=1.0)[None, :]
+    if HAS_BIAS:
+        acc += to_fp32(tl.load(b_ptr + rn, mask=n_ok, other=0.0))[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+        cast_rne(acc, dtype),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@_int_gemm_autotune()
+@triton.jit
+def int8_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    x_scale_ptr,
+    x_zp_ptr,
+    x_sum_ptr,
+    w_scale_ptr,
+    w_zp_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    x_shift,
+    w_qmin,
+    W_GRAN: tl.constexpr,
+    PACKED: tl.constexpr,
+    X_ZP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUP_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y = sx * sw * sum_k (cx - zx)(cw - zw) + b from int8 codes: tl.dot with int32
+    accumulation; X_ZP False when every row's effective zero point zx - x_shift is 0."""
+    rm, rn, m_ok, n_ok = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    x_zp = tl.load(x_zp_ptr + rm, mask=m_ok, other=0) - x_shift
+    x_scale = tl.load(x_scale_ptr + rm, mask=m_ok, other=1.0)
+    if W_GRAN == 2:
+        accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n_groups = K // group_size
+        for gi in range(0, n_groups):
+            gidx = rn * n_groups + gi
+            w_zp = tl.load(w_zp_ptr + gidx, mask=n_ok, other=0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
+            for c0 in range(0, tl.cdiv(group_size, GROUP_CHUNK)):
+                kg = tl.arange(0, GROUP_CHUNK) + c0 * GROUP_CHUNK
+                k_ok = kg < group_size
+                k = kg.to(tl.int64) + gi * group_size
+                cx = _load_tile(x_ptr, rm, k, m_ok, k_ok, stride_xm, stride_xk)
+                q = _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, w_qmin, PACKED)
+                # cw - zw lies within +-(quant_max - quant_min) <= 127: an int8 operand.
+                wd = tl.where(k_ok[None, :], q - w_zp[:, None], 0)
+                acc = tl.dot(cx, tl.trans(wd.to(tl.int8)), acc, out_dtype=tl.int32)
+                if X_ZP:
+                    w_sum += tl.sum(wd, axis=1)
+            if X_ZP:
+                acc -= x_zp[:, None] * w_sum[None, :]
+            w_scale = tl.load(w_scale_ptr + gidx, mask=n_ok, other=1.0)
+            accf += acc.to(tl.float32) * w_scale[None, :]
+        out = accf * x_scale[:, None]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
+            k_ok = k < K
+            cx = _load_tile(x_ptr, rm, k, m_ok, k_ok, stride_xm, stride_xk)
+            q = _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, w_qmin, PACKED)
+            acc = tl.dot(cx, tl.trans(q.to(tl.int8)), acc, out_dtype=tl.int32)
+            if X_ZP:
+                w_sum += tl.sum(q, axis=1)
+        if W_GRAN == 0:
+            w_zp = tl.load(w_zp_ptr) + tl.zeros((BLOCK_N,), tl.int32)
+            w_scale = tl.load(w_scale_ptr) + tl.zeros((BLOCK_N,), tl.float32)
+        else:
+            w_zp = tl.load(w_zp_ptr + rn, mask=n_ok, other=0)
+            w_scale = tl.load(w_scale_ptr + rn, mask=n_ok, other=1.0)
+        # sum (cx - zx)(cw - zw) = S - zw * sum cx - zx * sum cw + K * zx * zw, in int32.
+        x_sum = tl.load(x_sum_ptr + rm, mask=m_ok, other=0)
+        acc -= w_zp[None, :] * x_sum[:, None]
+        if X_ZP:
+            acc -= x_zp[:, None] * w_sum[None, :]
+            acc += (K * x_zp)[:, None] * w_zp[None, :]
+        out = (acc.to(tl.float32) * x_scale[:, None]) * w_scale[None, :]
+    if HAS_BIAS:
+        out += to_fp32(tl.load(b_ptr + rn, mask=n_ok, other=0.0))[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+        cast_rne(out, y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+# Rows per program and the K chunk of quantize_rows; the interpreter prefers fewer, larger steps.
+_ROWS_PER_PROGRAM = 4
+_MAX_ROW_CHUNK = 1024
+
+
+class QuantizedRows(NamedTuple):
+    """A GEMM input as int8 codes (M, K), stored as code - shift, with per-row scale (fp32),
+    zero point (int32, unshifted) and sum of the stored codes (int32)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    code_sum: Tensor
+    shift: int
+    may_have_zero_point: bool  # False: every row's zero point equals shift
+
+
+def code_shift(quant_min: int, quant_max: int) -> int:
+    """What to subtract from codes in [quant_min, quant_max] (at most 256 values) to fit int8."""
+    if INT8_RANGE[0] <= quant_min and quant_max <= INT8_RANGE[1]:
+        return 0
+    return quant_min - INT8_RANGE[0]
+
+
+def quantize_rows(x2d: Tensor, rq: RowQuant) -> QuantizedRows:
+    """Quantize each row of x2d (M, K) with `rq`: the codes, scales and zero points of
+    fake_quantize_per_token (dynamic) or of the static per-tensor fake quant."""
+    m, k = x2d.shape
+    dev = x2d.device
+    codes = torch.empty((m, k), dtype=torch.int8, device=dev)
+    scale = torch.empty(m, dtype=torch.float32, device=dev)
+    zp = torch.empty(m, dtype=torch.int32, device=dev)
+    total = torch.empty(m, dtype=torch.int32, device=dev)
+    shift = code_shift(rq.quant_min, rq.quant_max)
+    if m:
+        block_k = min(triton.next_power_of_2(max(k, 1)), _MAX_ROW_CHUNK)
+        static_scale = scale if rq.dynamic else rq.scale
+        static_zp = zp if rq.dynamic else rq.zero_point
+        quantize_rows_kernel[(triton.cdiv(m, _ROWS_PER_PROGRAM),)](
+            x2d,
+            codes,
+            scale,
+            zp,
+            total,
+            static_scale,
+            static_zp,
+            m,
+            k,
+            x2d.stride(0),
+            x2d.stride(1),
+            codes.stride(0),
+            0 if rq.dynamic or rq.scale.numel() == 1 else 1,
+            float(rq.quant_min),
+            float(rq.quant_max),
+            float(rq.quant_max - rq.quant_min) / 2,
+            float(rq.eps),
+            float(rq.symmetric_zero_point),
+            float(shift),
+            DYNAMIC=rq.dynamic,
+            SYMMETRIC=rq.symmetric,
+            BLOCK_R=_ROWS_PER_PROGRAM,
+            BLOCK_K=block_k,
+            num_warps=4,
+            # x * inv + 1.5 * 2**23 must not become one FMA: it would round the exact product.
+            enable_fp_fusion=False,
+        )
+    zero_zp = rq.dynamic and rq.symmetric and rq.symmetric_zero_point == shift
+    return QuantizedRows(codes, scale, zp, total, shift, not zero_zp)
+
+
+def _flatten(x: Tensor, k: int) -> Tensor:
+    return x.reshape(math.prod(x.shape[:-1]), k)
+
+
+def weight_only_linear(x: Tensor, wt: IntWeight, bias: Tensor | None) -> Tensor:
+    """x (..., K) fp32 / fp16 / bf16 times the dequantized integer weight, plus bias; x's dtype."""
+    k, n = wt.in_features, wt.out_features
+    x2d = _flatten(x, k)
+    m = x2d.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        if k == 0:
+            y.zero_()
+            if bias is not None:
+                y += bias.to(x.dtype)
+        else:
+            int_weight_matmul_kernel[_grid(m, n)](
+                x2d,
+                wt.codes,
+                y if bias is None else bias.contiguous(),
+                y,
+                wt.scale,
+                wt.zero_point,
+                m,
+                n,
+                k,
+                max(wt.group_size, 1),
+                x2d.stride(0),
+                x2d.stride(1),
+                wt.codes.stride(0),
+                wt.codes.stride(1),
+                y.stride(0),
+                y.stride(1),
+                wt.quant_min,
+                W_GRAN=wt.gran,
+                PACKED=wt.packed,
+                HAS_BIAS=bias is not None,
+                INPUT_PRECISION=input_precision(x.dtype),
+                enable_fp_fusion=False,
+            )
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _int32_reach(wt: IntWeight, x_span: int) -> int:
+    """A bound on |sum (cx - zx)(cw - zw)| over one int32 sum (all of K, or one group)."""
+    return (wt.group_size or wt.in_features) * x_span * max(wt.quant_max - wt.quant_min, 1)
+
+
+def int8_linear_supports(wt: IntWeight, rq: RowQuant) -> bool:
+    """Whether int8_linear takes these weights with inputs quantized by `rq`."""
+    if wt.gran == PER_GROUP and wt.quant_max - wt.quant_min > 127:
+        return False
+    return _int32_reach(wt, rq.quant_max - rq.quant_min) <= _INT32_LIMIT
+
+
+def int8_linear(
+    xq: QuantizedRows, wt: IntWeight, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """y (M, N) = sx * sw * sum_k (cx - zx)(cw - zw) + b in out_dtype, from quantize_rows'
+    output and integer weights (per tensor, per channel, or per group with a range at most
+    127 wide, e.g. int4)."""
+    m, k = xq.codes.shape
+    n = wt.out_features
+    if wt.gran == PER_GROUP and wt.quant_max - wt.quant_min > 127:
+        raise ValueError(
+            "per-group integer GEMM needs weight codes at most 127 wide (e.g. int4), got "
+            f"[{wt.quant_min}, {wt.quant_max}]"
+        )
+    if k != wt.in_features:
+        raise ValueError(f"input codes have {k} columns, the weight in_features={wt.in_features}")
+    # |cx - zx| <= 255, or 128 when every zero point is 0.
+    if _int32_reach(wt, 255 if xq.may_have_zero_point else 128) > _INT32_LIMIT:
+        raise ValueError(
+            f"in_features={k} is too large for an int32 accumulator of these 8-bit products"
+        )
+    dev = xq.codes.device
+    y = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if not (m and n):
+        return y
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(out_dtype)
+        return y
+    g = max(wt.group_size, 1)
+    int8_matmul_kernel[_grid(m, n)](
+        xq.codes,
+        wt.codes,
+        y if bias is None else bias.contiguous(),
+        y,
+        xq.scale,
+        xq.zero_point,
+        xq.code_sum,
+        wt.scale,
+        wt.zero_point,
+        m,
+        n,
+        k,
+        g,
+        xq.codes.stride(0),
+        xq.codes.stride(1),
+        wt.codes.stride(0),
+        wt.codes.stride(1),
+        y.stride(0),
+        y.stride(1),
+        xq.shift,
+        wt.quant_min,
+        W_GRAN=wt.gran,
+        PACKED=wt.packed,
+        X_ZP=xq.may_have_zero_point,
+        HAS_BIAS=bias is not None,
+        # K chunk within a group: a power of two >= 32 (int8 tl.dot), masked at the group end.
+        GROUP_CHUNK=max(32, min(triton.next_power_of_2(g), 128)),
+        enable_fp_fusion=False,
+    )
+    return y
+
+
+def w8a8_linear(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    *,
+    weight_qparams: QParams,
+    input_quant: RowQuant,
+) -> Tensor:
+    """F.linear(fq_rows(x), fq(w), bias) through int8 codes: both operands quantized by
+    quantize_rows, one int8 GEMM. x (..., K), w (N, K) float; y (..., N) in x's dtype."""
+    n, k = w.shape
+    nq = normalize(w, weight_qparams)
+    if nq.granularity == "per_group" or nq.float_zero_point:
+        raise ValueError("w8a8_linear takes per-tensor or per-channel (axis 0) integer qparams")
+    if nq.granularity == "per_channel" and weight_qparams.axis not in (0, -2):
+        raise ValueError(f"weight_qparams per channel must use axis 0, got {weight_qparams.axis}")
+    # Each weight row quantized with its channel's (or the one) scale and zero point.
+    rq = RowQuant(nq.quant_min, nq.quant_max, scale=nq.scale, zero_point=nq.zero_point)
+    wq = quantize_rows(w, rq)
+    wt = int_weight(
+        wq.codes,
+        nq.scale,
+        nq.zero_point - wq.shift,
+        nq.quant_min - wq.shift,
+        nq.quant_max - wq.shift,
+        k,
+    )
+    x2d = _flatten(x, k)
+    y = int8_linear(quantize_rows(x2d, input_quant), wt, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], n)
