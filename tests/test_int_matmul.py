@@ -327,3 +327,52 @@ def test_wide_per_group_codes_are_rejected(device):
     xq = im.quantize_rows(torch.randn(2, 64, device=device), row_quant(-128, 127))
     with pytest.raises(ValueError, match="at most 127 wide"):
         im.int8_linear(xq, wt, None, torch.float32)
+
+
+# --- property: random problems (the fuzz budget: conftest's hypothesis profiles) -----------
+
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    given = None
+
+
+if given is not None:
+    _DIM = st.integers(1, 40)
+    _DTYPE = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+
+    @st.composite
+    def _weight_codes(draw, *, int8_gemm: bool):
+        """(n, k, granularity, range, packed, group size) of a random integer weight. The int8
+        GEMM keeps group sums in int32 lanes of at most 127-wide codes (see its check)."""
+        gran = draw(st.sampled_from(["tensor", "channel", "group"]))
+        packed = draw(st.booleans())
+        if packed:
+            wrange = draw(st.sampled_from([(-8, 7), (0, 15), (-4, 3)]))
+        elif gran == "group" and int8_gemm:
+            wrange = draw(st.sampled_from([(-64, 63), (-8, 7), (0, 100)]))
+        else:
+            wrange = draw(st.sampled_from([(-128, 127), (-127, 127), (-64, 63)]))  # int8 codes
+        g = draw(st.sampled_from([8, 32, 35])) if gran == "group" else None
+        k = g * draw(st.integers(1, 3)) if g else draw(_DIM)
+        return draw(_DIM), k, gran, wrange, packed, g
+
+    @given(_weight_codes(int8_gemm=False), _DIM, _DTYPE, st.booleans(), st.booleans())
+    def test_property_weight_only_matches_float64(device, weight, m, dtype, bias, three_d):
+        n, k, gran, wrange, packed, g = weight
+        case = ((m, n, k), gran, wrange, packed, g, dtype, bias, three_d)
+        test_weight_only_matches_float64(case, device)
+
+    @given(
+        _weight_codes(int8_gemm=True),
+        _DIM,
+        st.sampled_from([torch.per_tensor_symmetric, torch.per_tensor_affine, "static"]),
+        _DTYPE,
+        st.booleans(),
+    )
+    def test_property_int8_linear_is_the_integer_sum(device, weight, m, scheme, dtype, bias):
+        n, k, gran, wrange, packed, g = weight
+        xrange = (0, 255) if scheme == "static" else (-128, 127)
+        case = ((m, n, k), scheme, xrange, gran, wrange, packed, g, dtype, bias)
+        test_int8_linear_is_the_integer_sum(case, device)

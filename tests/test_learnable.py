@@ -124,9 +124,15 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("shape,axis,qrange,zp_center", KERNEL_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_reference(device, shape, axis, qrange, zp_center, dtype):
+    dz_terms = _check_kernel(device, shape, axis, qrange, zp_center, dtype)
+    assert bool((dz_terms != 0).any()) and bool((dz_terms == 0).any())  # both branches
+
+
+def _check_kernel(device, shape, axis, qrange, zp_center, dtype):
     """Forward and dx bit for bit; dscale / dzp: the kernel sums the reference's terms in
     another order (tiles, then partials), so each is within (n - 1) * 2**-24 * sum|terms| of
-    the exact sum, the bound of any fp32 summation order. Two runs give the same bits."""
+    the exact sum, the bound of any fp32 summation order. Two runs give the same bits.
+    Returns the reference's zero-point terms."""
     x, dy = _data(shape, seed=7)
     x, dy = x.to(dtype).to(device), dy.to(dtype).to(device)
     scale, zp = (t.to(device) for t in _qparams(shape, axis, zp_center, seed=2))
@@ -144,7 +150,7 @@ def test_kernel_equals_reference(device, shape, axis, qrange, zp_center, dtype):
     for name, grad, terms in (("dscale", got[2], ds_terms), ("dzp", got[3], dz_terms)):
         rel, bound = check.summation_error(grad, terms, dims)
         assert rel <= bound, f"{name}: relative error {rel} above the summation bound {bound}"
-    assert bool((dz_terms != 0).any()) and bool((dz_terms == 0).any())
+    return dz_terms
 
 
 def test_kernel_terms_at_ties_and_saturation(device):
@@ -296,3 +302,31 @@ def test_learnable_qconfig_derivation():
     assert layer.input_fake_quant.zero_point.grad is not None
     with pytest.raises(ValueError, match="per-group"):
         learnable_qconfig("int4_per_group")
+
+
+# --- property: random problems (the fuzz budget: conftest's hypothesis profiles) -----------
+
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    given = None
+
+
+if given is not None:
+
+    @st.composite
+    def _learnable_cases(draw):
+        ndim = draw(st.integers(1, 3))
+        shape = tuple(draw(st.lists(st.integers(1, 40), min_size=ndim, max_size=ndim)))
+        # torch's per-channel op needs 2-D or more (it sums over the other dims)
+        axis = draw(st.none() | st.integers(0, ndim - 1)) if ndim > 1 else None
+        qrange = draw(st.sampled_from([(-128, 127), (0, 255), (-8, 7), (0, 15), (-2, 1)]))
+        # a whole zero point in the range (per channel it is spread by -2..2, then clamped)
+        zp_center = float(draw(st.integers(*qrange)))
+        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+        return shape, axis, qrange, zp_center, dtype
+
+    @given(_learnable_cases())
+    def test_property_kernel_equals_reference(device, case):
+        _check_kernel(device, *case)
