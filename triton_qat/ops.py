@@ -143,36 +143,6 @@ def fake_quantize_per_group(
 # graph break) and autograd saves exactly what F.linear saves (input, weight) plus qparams.
 
 
-def _linear_quant(
-    w_scale: Tensor,
-    w_inv: Tensor,
-    w_zp: Tensor,
-    w_qmin: int,
-    w_qmax: int,
-    group_size: int,
-    x_scale: Tensor | None,
-    x_inv: Tensor | None,
-    x_zp: Tensor | None,
-    x_qmin: int,
-    x_qmax: int,
-    x_per_row: bool,
-) -> LinearQuant:
-    return LinearQuant(
-        w_scale,
-        w_inv,
-        w_zp,
-        w_qmin,
-        w_qmax,
-        group_size,
-        x_scale,
-        x_inv,
-        x_zp,
-        x_qmin,
-        x_qmax,
-        x_per_row,
-    )
-
-
 @torch.library.custom_op("triton_qat::per_token_qparams", mutates_args=())
 def _per_token_qparams_op(
     x: Tensor,
@@ -220,20 +190,8 @@ def _fq_linear_op(
     x_qmax: int,
     x_per_row: bool = False,
 ) -> Tensor:
-    lq = _linear_quant(
-        w_scale,
-        w_inv,
-        w_zp,
-        w_qmin,
-        w_qmax,
-        group_size,
-        x_scale,
-        x_inv,
-        x_zp,
-        x_qmin,
-        x_qmax,
-        x_per_row,
-    )
+    w_args = (w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size)
+    lq = LinearQuant(*w_args, x_scale, x_inv, x_zp, x_qmin, x_qmax, x_per_row)
     if use_triton(x.device):
         from triton_qat.kernels.fq_matmul import fq_linear_forward
 
@@ -267,20 +225,8 @@ def _fq_linear_backward_op(
     need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dx, dw); an unneeded gradient comes back as an empty tensor."""
-    lq = _linear_quant(
-        w_scale,
-        w_inv,
-        w_zp,
-        w_qmin,
-        w_qmax,
-        group_size,
-        x_scale,
-        x_inv,
-        x_zp,
-        x_qmin,
-        x_qmax,
-        x_per_row,
-    )
+    w_args = (w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size)
+    lq = LinearQuant(*w_args, x_scale, x_inv, x_zp, x_qmin, x_qmax, x_per_row)
     grad_y = grad_y.to(x.dtype)
     if use_triton(x.device):
         from triton_qat.kernels.fq_matmul import fq_linear_grad_input, fq_linear_grad_weight

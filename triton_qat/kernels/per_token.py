@@ -17,7 +17,7 @@ from triton_qat.kernels.rounding import round_half_even, to_fp32
 from triton_qat.qparams import PerTokenQParams
 
 INF: tl.constexpr = tl.constexpr(float("inf"))
-NAN_PROPAGATING: tl.constexpr = tl.PropagateNan.ALL
+NAN: tl.constexpr = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -54,20 +54,20 @@ def per_token_qparams_kernel(
         hi = tl.maximum(hi, tl.max(tl.where(ok, x, -INF), axis=1))
         has_nan = tl.maximum(has_nan, tl.max((ok & (x != x)).to(tl.int32), axis=1))
     # torch.aminmax propagates NaN; GPU min / max reductions drop it. An empty row is 0.
-    lo = tl.where(has_nan > 0, float("nan"), tl.where(K > 0, lo, 0.0))
-    hi = tl.where(has_nan > 0, float("nan"), tl.where(K > 0, hi, 0.0))
-    min_neg = tl.minimum(lo, 0.0, propagate_nan=NAN_PROPAGATING)
-    max_pos = tl.maximum(hi, 0.0, propagate_nan=NAN_PROPAGATING)
+    lo = tl.where(has_nan > 0, NAN, tl.where(K > 0, lo, 0.0))
+    hi = tl.where(has_nan > 0, NAN, tl.where(K > 0, hi, 0.0))
+    min_neg = tl.minimum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    max_pos = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
     zeros = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # True (correctly rounded) divisions, as torch's; "/" may be approximate on a GPU.
     if SYMMETRIC:
-        amax = tl.maximum(-min_neg, max_pos, propagate_nan=NAN_PROPAGATING)
+        amax = tl.maximum(-min_neg, max_pos, propagate_nan=tl.PropagateNan.ALL)
         scale = tl.math.div_rn(amax, zeros + divisor)
-        scale = tl.maximum(scale, zeros + eps, propagate_nan=NAN_PROPAGATING)
+        scale = tl.maximum(scale, zeros + eps, propagate_nan=tl.PropagateNan.ALL)
         zp = (zeros + symmetric_zero_point).to(tl.int32)
     else:
         scale = tl.math.div_rn(max_pos - min_neg, zeros + divisor)
-        scale = tl.maximum(scale, zeros + eps, propagate_nan=NAN_PROPAGATING)
+        scale = tl.maximum(scale, zeros + eps, propagate_nan=tl.PropagateNan.ALL)
         r = round_half_even(tl.math.div_rn(min_neg, scale))
         # |r| <= quant_max - quant_min here, so quant_min - r is exact in fp32.
         zpf = tl.minimum(tl.maximum(quant_min - r, quant_min), quant_max)
