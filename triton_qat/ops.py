@@ -143,6 +143,19 @@ def fake_quantize_per_group(
 # graph break) and autograd saves exactly what F.linear saves (input, weight) plus qparams.
 
 
+def per_token_qparams(x: Tensor, spec: PerTokenQParams) -> tuple[Tensor, Tensor, Tensor]:
+    """(scale, 1 / scale, zero point) of each row of x (M, K): the light pass before a fused
+    linear with a dynamic per-token input. Triton kernel or the reference, per the backend."""
+    if use_triton(x.device):
+        from triton_qat.kernels.per_token import per_token_qparams as per_token_qparams_triton
+
+        return per_token_qparams_triton(x, spec)
+    scale, zp = reference.per_token_qparams_ref(
+        x, spec.quant_min, spec.quant_max, spec.symmetric, spec.symmetric_zero_point, spec.eps
+    )
+    return scale, reference.reciprocal(scale), zp
+
+
 @torch.library.custom_op("triton_qat::per_token_qparams", mutates_args=())
 def _per_token_qparams_op(
     x: Tensor,
@@ -152,17 +165,9 @@ def _per_token_qparams_op(
     symmetric_zero_point: int,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(scale, 1 / scale, zero point) of each row of x (M, K): the light pass before a
-    fused linear with a dynamic per-token input."""
+    """per_token_qparams as an opaque op for torch.compile."""
     spec = PerTokenQParams(quant_min, quant_max, symmetric, symmetric_zero_point, eps)
-    if use_triton(x.device):
-        from triton_qat.kernels.per_token import per_token_qparams
-
-        return per_token_qparams(x, spec)
-    scale, zp = reference.per_token_qparams_ref(
-        x, quant_min, quant_max, symmetric, symmetric_zero_point, eps
-    )
-    return scale, reference.reciprocal(scale), zp
+    return per_token_qparams(x, spec)
 
 
 @_per_token_qparams_op.register_fake
@@ -430,14 +435,18 @@ def linear_quant(
     if isinstance(input_qparams, PerTokenQParams):
         spec = input_qparams
         # The qparams are constants for autograd, as in the eager per-token fake quant.
-        x_scale, x_inv, x_zp = torch.ops.triton_qat.per_token_qparams(
-            x.detach().reshape(-1, x.shape[-1]),
-            spec.quant_min,
-            spec.quant_max,
-            spec.symmetric,
-            spec.symmetric_zero_point,
-            spec.eps,
-        )
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():
+            x_scale, x_inv, x_zp = torch.ops.triton_qat.per_token_qparams(
+                rows,
+                spec.quant_min,
+                spec.quant_max,
+                spec.symmetric,
+                spec.symmetric_zero_point,
+                spec.eps,
+            )
+        else:
+            x_scale, x_inv, x_zp = per_token_qparams(rows, spec)
         x_args = (x_scale, x_inv, x_zp, spec.quant_min, spec.quant_max, True)
     elif input_qparams is not None:
         if not isinstance(input_qparams, QParams):

@@ -60,8 +60,8 @@ class Linear(torch.nn.Linear):
     fused into the GEMM's prologue: the same numerics as torch.ao's activation_post_process
     on the previous layer's output, one fewer pass over memory. A dynamic per-token input
     quantizer (w8a8_dynamic, w4a8_dynamic) is fused too: a light pass computes each token's
-    qparams, then the GEMM fake-quantizes the input rows as it loads them. A torch.ao QConfig keeps
-    torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
+    qparams, then the GEMM fake-quantizes the input rows as it loads them. A torch.ao QConfig
+    keeps torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
     """
 
     _FLOAT_MODULE = torch.nn.Linear
