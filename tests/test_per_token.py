@@ -89,6 +89,36 @@ def test_row_qparams_kernel_edge_shapes_and_strides(device, shape):
         assert_bitwise_equal(a, e, f"{shape} {name}")
 
 
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - the GPU machine may lack hypothesis
+    given = None
+
+
+if given is not None:
+    # Any fp32 value (NaN, +-inf, subnormals, +-0 included), rows of 1..40 values.
+    _rows = st.integers(1, 40).flatmap(
+        lambda k: st.lists(
+            st.lists(st.floats(width=32), min_size=k, max_size=k), min_size=1, max_size=6
+        )
+    )
+
+    @given(
+        rows=_rows,
+        scheme=st.sampled_from(SCHEMES),
+        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    )
+    def test_property_row_qparams_kernel_equals_eager(device, rows, scheme, dtype):
+        qscheme, qdtype, (qmin, qmax) = scheme
+        x = torch.tensor(rows, dtype=torch.float32).to(dtype).to(device)
+        spec = DynamicPerTokenFakeQuantize(qdtype, qscheme, qmin, qmax).per_token_spec()
+        got = _row_qparams(x, spec, "triton")
+        want = _row_qparams(x, spec, "eager")
+        for name, a, e in zip(("scale", "inv", "zero point"), got, want, strict=True):
+            assert_bitwise_equal(a, e, name)
+
+
 def test_non_finite_rows_get_quant_min_and_fake_quantize_to_nan():
     """The zero point of an affine row with NaN or +-inf is defined (quant_min on every
     platform, not torch's platform-defined int of NaN), and the whole row fake-quantizes to
