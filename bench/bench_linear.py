@@ -1,6 +1,7 @@
 """Benchmark the fused fake-quant linear (tq.fq_linear) against torch's ways of doing QAT on CUDA.
 
     PYTHONPATH=. python bench/bench_linear.py --out bench/results/latest [--quick] [--budget-s S]
+        [--qconfig NAME ...]
 
 Shapes x (M, K) @ w (N, K)^T: M in {8192, 1024}, (N, K) in {(4096, 4096), (14336, 4096)},
 bfloat16 activations. The headline qconfig, int8 per-channel weights (symmetric, -128..127,
@@ -9,9 +10,11 @@ torch_linear (plain bf16 F.linear, the floor), torch_ao_qat (torch.ao.nn.qat.Lin
 x86 QAT qconfig, fp32 master weights under autocast), eager_compiled (torch.compile of
 F.linear over torch.fake_quantize_per_channel_affine), triton_qat (tq.fq_linear, Triton
 backend, bf16 weights) and triton_qat_fp32_master (fp32 master weights under autocast, the
-setting of torch_ao_qat). Two more qconfigs run on the headline shape 8192x4096x4096 only,
-with eager_compiled and triton_qat: int4 per group of 128 (0..15, zero points) and w8a8_static
-(the int8 weights plus static per-tensor int8 input fake quant).
+setting of torch_ao_qat). Three more qconfigs run on the headline shape 8192x4096x4096 only,
+with eager_compiled and triton_qat: int4 per group of 128 (0..15, zero points), w8a8_static
+(the int8 weights plus static per-tensor int8 input fake quant) and w8a8_dynamic (the int8
+weights plus dynamic per-token symmetric int8 input fake quant, the preset of that name).
+--qconfig NAME (repeatable) runs only those qconfigs.
 
 Benches: linear_fwd (the forward of a training step: autograd on, what the backward needs
 saved) and linear_fwd_bwd (forward, then y.backward(dy) with grads for input, weight and bias,
@@ -66,7 +69,8 @@ INT8_PC = "int8_per_channel"
 GROUP_SIZE = 128
 INT4_GROUP = f"int4_per_group{GROUP_SIZE}"
 W8A8 = "w8a8_static"
-QCONFIGS = (INT8_PC, INT4_GROUP, W8A8)
+W8A8_DYNAMIC = "w8a8_dynamic"
+QCONFIGS = (INT8_PC, INT4_GROUP, W8A8, W8A8_DYNAMIC)
 
 TORCH_LINEAR = "torch_linear"
 TORCH_AO = "torch_ao_qat"
@@ -82,6 +86,7 @@ PROVIDERS_BY_QCONFIG = {
     # its input; torch_linear is the same floor as in the int8_per_channel rows.
     INT4_GROUP: (COMPILED, TQ),
     W8A8: (COMPILED, TQ),
+    W8A8_DYNAMIC: (COMPILED, TQ),
 }
 
 FWD = "linear_fwd"
@@ -196,9 +201,12 @@ def weight_qparams(qconfig: str, w: Tensor):
 
 
 def input_qparams(qconfig: str, x: Tensor):
-    """w8a8_static: one int8 scale for the input, fixed beforehand (x's abs max / 127), zp 0."""
+    """w8a8_static: one int8 scale for the input, fixed beforehand (x's abs max / 127), zp 0.
+    w8a8_dynamic: the preset's per-token spec (each row's qparams computed per call)."""
     import triton_qat as tq
 
+    if qconfig == W8A8_DYNAMIC:
+        return tq.nn.Linear(1, 1, qconfig=W8A8_DYNAMIC).input_fake_quant.per_token_spec()
     if qconfig != W8A8:
         return None
     return tq.QParams(max(float(x.detach().abs().amax().float()) / 127, 1e-8), 0, -128, 127)
@@ -211,11 +219,23 @@ def torch_composition(wqp, xqp, upcast: bool) -> Callable[[Tensor, Tensor, Tenso
     upcast: fake-quantize the input in fp32 (for a torch that refuses bf16); autocast casts
     it back for the matmul.
     """
+    from triton_qat.qparams import PerTokenQParams
+
     w_scale, w_zp = wqp.scale.reshape(-1), wqp.zero_point.reshape(-1)
     group = wqp.group_size
 
     def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        if xqp is not None:
+        if isinstance(xqp, PerTokenQParams):
+            # Symmetric per token, torch.ao's formula: scale = max(row abs max / 127.5, eps).
+            xf = x.float() if upcast else x
+            amax = xf.detach().abs().amax(dim=1).float()
+            half_range = (xqp.quant_max - xqp.quant_min) / 2
+            scale = torch.clamp_min(amax / half_range, xqp.eps)
+            zp = torch.zeros_like(scale, dtype=torch.int32)
+            x = torch.fake_quantize_per_channel_affine(
+                xf, scale, zp, 0, xqp.quant_min, xqp.quant_max
+            )
+        elif xqp is not None:
             x = torch.fake_quantize_per_tensor_affine(
                 x.float() if upcast else x,
                 xqp.scale,
@@ -578,13 +598,16 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plan(quick: bool) -> list[tuple[tuple[int, int, int], str]]:
-    """(shape, qconfig) units in run order: per shape the headline qconfig, then the extras."""
+def plan(quick: bool, only: list[str] | None = None) -> list[tuple[tuple[int, int, int], str]]:
+    """(shape, qconfig) units in run order: per shape the headline qconfig, then the extras;
+    `only`: just those qconfigs."""
     units = []
     for shape in QUICK_SHAPES if quick else SHAPES:
         units.append((shape, INT8_PC))
         if shape == EXTRA_QCONFIG_SHAPE:
             units += [(shape, q) for q in QCONFIGS if q != INT8_PC]
+    if only:
+        units = [u for u in units if u[1] in only]
     return units
 
 
@@ -608,6 +631,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"start no new (shape, qconfig) with fewer than {MIN_UNIT_S:.0f} s of this left "
         f"(default {DEFAULT_BUDGET_S:.0f})",
     )
+    p.add_argument(
+        "--qconfig",
+        action="append",
+        choices=QCONFIGS,
+        help="run only this qconfig (repeatable; default: all)",
+    )
     return p.parse_args(argv)
 
 
@@ -619,7 +648,7 @@ def run(args: argparse.Namespace, meta: dict) -> int:
     start = time.monotonic()
     records: list[dict] = []
     problems: list[str] = []
-    for i, (shape, qconfig) in enumerate(plan(args.quick)):
+    for i, (shape, qconfig) in enumerate(plan(args.quick, args.qconfig)):
         label = f"{'x'.join(map(str, shape))} {qconfig}"
         left = args.budget_s - (time.monotonic() - start)
         if i > 0 and left < MIN_UNIT_S:

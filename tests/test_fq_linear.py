@@ -19,6 +19,7 @@ from torch import Tensor
 
 import triton_qat as tq
 from triton_qat import ops
+from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 # Unit roundoff of each half dtype (half an ulp of 1.0).
@@ -86,10 +87,18 @@ def _fq_weight(w: Tensor, qp: tq.QParams) -> Tensor:
     )
 
 
-def _fq_input(x: Tensor, qp: tq.QParams | None) -> Tensor:
+def _fq_input(x: Tensor, qp: tq.QParams | DynamicPerTokenFakeQuantize | None) -> Tensor:
+    """Per tensor through the public op; dynamic per token through the eager module."""
     if qp is None:
         return x
+    if isinstance(qp, DynamicPerTokenFakeQuantize):
+        return qp(x)
     return tq.fake_quantize_per_tensor(x, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max)
+
+
+def _input_spec(qp):
+    """What tq.fq_linear takes: a dynamic module's PerTokenQParams, or the QParams as given."""
+    return qp.per_token_spec() if isinstance(qp, DynamicPerTokenFakeQuantize) else qp
 
 
 def _composed(wqp, xqp):
@@ -103,7 +112,8 @@ def _composed(wqp, xqp):
 
 
 def _fused(wqp, xqp):
-    return lambda x, w, b: tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
+    spec = _input_spec(xqp)
+    return lambda x, w, b: tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=spec)
 
 
 def _run(fn, backend: str, x, w, b, dy, requires=(True, True, True)):
@@ -278,6 +288,85 @@ def test_leading_dims(device, shape, dtype):
     b = _randn((n,), dtype, device, 12)
     wqp = _weight_qparams("channel", n, k, device)
     _check_kernel_against_eager(x, w, b, wqp, _input_qparams(device), what=str(shape))
+
+
+# --- dynamic per-token input (w8a8_dynamic, w4a8_dynamic) -------------------------------------
+#
+# The input's qparams come from each row's own min / max (a light Triton pass), and the GEMMs
+# fake-quantize x per row. Compared with the eager module DynamicPerTokenFakeQuantize followed
+# by F.linear with the fake-quantized weight, at the tolerances above.
+
+SYM, AFFINE = torch.per_tensor_symmetric, torch.per_tensor_affine
+# (M, N, K, weight granularity, group size, weight quant range, input qscheme).
+PER_TOKEN_CASES = [
+    (1, 17, 33, "channel", None, (-128, 127), SYM),
+    (17, 33, 70, "channel", None, (-128, 127), AFFINE),
+    (70, 1, 33, "tensor", None, (-128, 127), SYM),
+    (33, 17, 96, "group", 32, (-8, 7), AFFINE),
+]
+PER_TOKEN_IDS = [
+    f"{m}x{n}x{k}-{gran}{g or ''}-{q}"
+    for m, n, k, gran, g, _, q in (
+        (*c[:6], "sym" if c[6] == SYM else "affine") for c in PER_TOKEN_CASES
+    )
+]
+
+
+def _per_token_case(case, dtype, device, x_shape=None):
+    m, n, k, gran, group, qrange, qscheme = case
+    x = _randn(x_shape or (m, k), dtype, device, 20, spread=1.5)
+    w = _randn((n, k), dtype, device, 21)
+    b = _randn((n,), dtype, device, 22)
+    wqp = _weight_qparams(gran, n, k, device, group=group, qrange=qrange)
+    return x, w, b, wqp, DynamicPerTokenFakeQuantize(torch.qint8, qscheme, -128, 127)
+
+
+@pytest.mark.parametrize("case", PER_TOKEN_CASES, ids=PER_TOKEN_IDS)
+def test_per_token_fp32_matches_eager_module(device, case):
+    x, w, b, wqp, module = _per_token_case(case, torch.float32, device)
+    _check_kernel_against_eager(x, w, b, wqp, module, what=f"{case}")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("case", PER_TOKEN_CASES[1:4:2], ids=PER_TOKEN_IDS[1:4:2])
+def test_per_token_half_precision_within_unit_roundoff(device, case, dtype):
+    x, w, b, wqp, module = _per_token_case(case, dtype, device)
+    _check_kernel_against_eager(x, w, b, wqp, module, what=f"{case} {dtype}")
+
+
+def test_per_token_3d_input(device):
+    """Tokens are the rows of input.reshape(-1, K): qparams per (batch, position)."""
+    x, w, b, wqp, module = _per_token_case(PER_TOKEN_CASES[0], torch.float32, device, (2, 9, 33))
+    _check_kernel_against_eager(x, w, b, wqp, module, what="3-D")
+
+
+def test_per_token_strided_input(device):
+    """A transposed input: the qparams pass and the GEMMs read it through its strides."""
+    m, k, n = 17, 33, 9
+    x = _randn((k, m), torch.float32, device, 23, spread=1.5).t()
+    w = _randn((n, k), torch.float32, device, 24)
+    wqp = _weight_qparams("channel", n, k, device)
+    module = DynamicPerTokenFakeQuantize(torch.qint8, SYM, -128, 127)
+    assert not x.is_contiguous()
+    _check_kernel_against_eager(x, w, None, wqp, module, what="strided")
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_opcheck_per_token(device, backend):
+    spec = tq.qparams.PerTokenQParams(-128, 127, symmetric=False)
+    x, w, lq = _op_sample(device, "group", False)
+    lq = ops.linear_quant(x, w, _weight_qparams("group", 5, 8, device, group=4), spec)
+    assert lq.x_per_row and lq.x_scale.shape == (x.shape[0],)
+    b = _randn((w.shape[0],), torch.float32, device, 87)
+    dy = _randn((x.shape[0], w.shape[0]), torch.float32, device, 88)
+    x.requires_grad_()
+    w.requires_grad_()
+    with tq.use_backend(backend):
+        torch.library.opcheck(torch.ops.triton_qat.fq_linear.default, (x, w, b, *ops._op_args(lq)))
+        torch.library.opcheck(
+            torch.ops.triton_qat.fq_linear_backward.default,
+            (dy, x.detach(), w.detach(), *ops._op_args(lq), True, True),
+        )
 
 
 # Strided operands, each built from a contiguous leaf: (x from base, w from base).
@@ -567,8 +656,9 @@ def test_opcheck_strided_operands(device, backend):
 class _FakeQuantLinear(torch.nn.Module):
     """A minimal QAT linear: per-channel weight qparams and input qparams as buffers."""
 
-    def __init__(self, k: int, n: int, device) -> None:
+    def __init__(self, k: int, n: int, device, per_token: bool = False) -> None:
         super().__init__()
+        self.per_token = per_token
         self.weight = torch.nn.Parameter(_randn((n, k), torch.float32, device, 90))
         self.bias = torch.nn.Parameter(_randn((n,), torch.float32, device, 91))
         g = torch.Generator().manual_seed(92)
@@ -583,14 +673,17 @@ class _FakeQuantLinear(torch.nn.Module):
             self.weight,
             self.bias,
             weight_qparams=tq.QParams(self.w_scale, self.w_zp, -128, 127, axis=0),
-            input_qparams=tq.QParams(self.x_scale, self.x_zp, -128, 127),
+            input_qparams=tq.qparams.PerTokenQParams(-128, 127, symmetric=True)
+            if self.per_token
+            else tq.QParams(self.x_scale, self.x_zp, -128, 127),
         )
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_tensor_input", "per_token_input"])
+def test_torch_compile_fullgraph(device, per_token):
     """fullgraph=True raises on a graph break; aot_eager needs no C++ compiler."""
     torch._dynamo.reset()
-    model = _FakeQuantLinear(40, 17, device)
+    model = _FakeQuantLinear(40, 17, device, per_token)
     x = _randn((2, 9, 40), torch.float32, device, 93, spread=1.5)
     dy = _randn((2, 9, 17), torch.float32, device, 94)
     results = []

@@ -19,7 +19,9 @@ Four kinds of rows (`CheckResult`), one per (case, metric):
   half-precision values are exact in fp32, so the kernel differs from ref64 by its fp32
   accumulation, ~K * 2**-24, and one rounding to the dtype, <= u per element), and 1e-5 for
   fp32 (TF32 off for the whole check). The row also reports the max abs difference and the
-  SQNR of the kernels against the eager composition.
+  SQNR of the kernels against the eager composition. Inputs are fake-quantized per tensor,
+  not at all, or dynamically per token (the w8a8_dynamic / w4a8_dynamic recipes, each row's
+  qparams from the Triton per-row pass; ref64 takes them from the eager formula).
 
 - ``learnable``: the learnable (LSQ) ops on the Triton kernels against the eager reference,
   per tensor and per channel (axis 0 and the last axis), fp32 / bf16, float zero points on
@@ -53,7 +55,7 @@ from torch import Tensor
 
 import triton_qat as tq
 from triton_qat import ops, reference
-from triton_qat.qparams import QParams, normalize
+from triton_qat.qparams import PerTokenQParams, QParams, normalize
 
 KINDS = ("fake_quant", "reference_vs_torch", "fq_linear", "learnable")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -639,6 +641,9 @@ class LinearCase:
     w_granularity: str  # "per_tensor", "per_channel" or "per_group" (32)
     input_fq: bool
     dtype: torch.dtype
+    # Dynamic per-token input instead: symmetric with int8 per-channel weights (w8a8_dynamic),
+    # affine with int4 per-group ones (w4a8_dynamic).
+    input_per_token: bool = False
 
     @property
     def label(self) -> str:
@@ -647,6 +652,9 @@ class LinearCase:
             "per_channel": "w int8 per_channel",
             "per_group": "w int4 per_group(32)",
         }[self.w_granularity]
+        if self.input_per_token:
+            scheme = "sym" if self.w_granularity == "per_channel" else "asym"
+            return f"{w} + x per_token({scheme})"  # int8, as the per-tensor input
         return w + (" + x int8 per_tensor" if self.input_fq else "")
 
     @property
@@ -654,8 +662,12 @@ class LinearCase:
         return (self.m, self.n, self.k)
 
 
+BOOLS = (False, True)
+
+
 def linear_cases(size: str) -> list[LinearCase]:
-    """Weight granularities x input fake quant x dtypes, over one or more (M, N, K)."""
+    """Weight granularities x input fake quant (none, per tensor; per token with per-channel
+    and per-group weights) x dtypes, over one or more (M, N, K)."""
     if size == "tiny":
         shapes = {dtype: [(33, 17, 96)] for dtype in DTYPES}
     elif size == "medium":
@@ -667,11 +679,14 @@ def linear_cases(size: str) -> list[LinearCase]:
             torch.float32: [(1024, 4096, 4096)],
         }
     return [
-        LinearCase(m, n, k, gran, input_fq, dtype)
+        LinearCase(m, n, k, gran, input_fq, dtype, per_token)
         for dtype in (torch.bfloat16, torch.float16, torch.float32)
         for m, n, k in shapes[dtype]
-        for gran in ("per_tensor", "per_channel", "per_group")
-        for input_fq in (False, True)
+        for gran, input_fq, per_token in (
+            *((g, fq, False) for g in ("per_tensor", "per_channel", "per_group") for fq in BOOLS),
+            ("per_channel", False, True),
+            ("per_group", False, True),
+        )
     ]
 
 
@@ -690,6 +705,8 @@ def _linear_qparams(case: LinearCase, device: str, gen: torch.Generator):
         wqp = QParams(scale, zp, 0, 15, group_size=32)
     # About [-4.0, 3.7]: clamps a few values of 1.5 * randn.
     xqp = QParams(0.03, 5, -128, 127) if case.input_fq else None
+    if case.input_per_token:
+        xqp = PerTokenQParams(-128, 127, symmetric=case.w_granularity == "per_channel")
     return wqp, xqp
 
 
@@ -702,8 +719,9 @@ def _linear_run(x, w, b, dy, wqp, xqp, backend: str) -> tuple[Tensor, Tensor, Te
 
 
 def _linear_reference64(x, w, b, dy, wqp, xqp) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y, dx, dw, db in float64 from the same rounded operands the kernels multiply."""
-    with torch.no_grad():
+    """y, dx, dw, db in float64 from the same rounded operands the kernels multiply
+    (per-token input qparams from the eager formula)."""
+    with torch.no_grad(), tq.use_backend("eager"):
         lq = ops.linear_quant(x, w, wqp, xqp)
         xq, mask_x, wq, mask_w = reference.fq_linear_operands(x, w, lq)
         x64, w64, dy64 = xq.double(), wq.double(), dy.double()

@@ -48,7 +48,9 @@ from triton_qat.ops import (
     fake_quantize_per_group,
     fake_quantize_per_tensor,
 )
-from triton_qat.qparams import QParams
+from triton_qat.qparams import PerTokenQParams, QParams
+from triton_qat.reference import divide_fp32 as _div
+from triton_qat.reference import minmax_qparams, per_token_qparams_ref
 
 try:  # torch.ao is optional: the package works without it
     import torch.ao.quantization.fake_quantize as _ao_fake_quantize
@@ -286,14 +288,6 @@ def _quant_range(
 # --- qparams formulas (NUMERICS.md, "Observers") ---------------------------------------------
 
 
-def _div(t: Tensor, divisor: float) -> Tensor:
-    """t / divisor, rounded once in t's dtype on every device.
-
-    torch's CPU kernels divide by a Python number; its CUDA kernels multiply by its reciprocal
-    instead. A divisor tensor on t's device is a true division on both."""
-    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
-
-
 def _minmax_qparams(
     min_val: Tensor,
     max_val: Tensor,
@@ -304,28 +298,22 @@ def _minmax_qparams(
     has_customized_qrange: bool,
     eps: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """torch.ao's UniformQuantizationObserverBase._calculate_qparams, after its validity check.
+    """torch.ao's UniformQuantizationObserverBase._calculate_qparams, after its validity check
+    (the formula: reference.minmax_qparams)."""
+    symmetric = qscheme in _SYMMETRIC
+    zp = _symmetric_zero_point(quant_min, quant_max, dtype, has_customized_qrange)
+    return minmax_qparams(min_val, max_val, quant_min, quant_max, symmetric, zp, eps)
 
-    Shapes follow min_val broadcast against eps (shape (1,)); zero point dtype as torch.ao:
-    int64 for symmetric schemes, int32 for affine ones."""
-    min_val_neg = torch.min(min_val, torch.zeros_like(min_val))
-    max_val_pos = torch.max(max_val, torch.zeros_like(max_val))
-    if qscheme in _SYMMETRIC:
-        max_val_pos = torch.max(-min_val_neg, max_val_pos)
-        scale = _div(max_val_pos, float(quant_max - quant_min) / 2)
-        scale = torch.max(scale, eps)
-        zero_point = torch.zeros(min_val_neg.size(), dtype=torch.int64, device=min_val.device)
-        if dtype in (torch.quint8, torch.uint8):
-            zp = (quant_min + quant_max) // 2 if has_customized_qrange else 128
-            zero_point = zero_point.new_full(zero_point.size(), zp)
-        elif dtype == torch.uint16:
-            zero_point = zero_point.new_full(zero_point.size(), 2**15)
-    else:
-        scale = _div(max_val_pos - min_val_neg, float(quant_max - quant_min))
-        scale = torch.max(scale, eps)
-        zero_point = quant_min - torch.round(min_val_neg / scale).to(torch.int)
-        zero_point = torch.clamp(zero_point, quant_min, quant_max)
-    return scale, zero_point
+
+def _symmetric_zero_point(
+    quant_min: int, quant_max: int, dtype: torch.dtype, has_customized_qrange: bool
+) -> int:
+    """The fixed zero point of torch.ao's symmetric schemes for `dtype`."""
+    if dtype in (torch.quint8, torch.uint8):
+        return (quant_min + quant_max) // 2 if has_customized_qrange else 128
+    if dtype == torch.uint16:
+        return 2**15
+    return 0
 
 
 def _fused_qparams(
@@ -1136,15 +1124,24 @@ def per_token_qparams(
 ) -> tuple[Tensor, Tensor]:
     """(scale, zero_point) of each row of x.reshape(-1, x.shape[-1]) from its own min / max,
     with torch.ao's Python observer formulas (symmetric or affine per `qscheme`)."""
+    spec = _per_token_spec(quant_min, quant_max, qscheme, dtype, eps)
     rows = x.detach().reshape(-1, x.shape[-1])
-    if rows.shape[1]:
-        lo, hi = _aminmax(rows, torch.float32, dim=1)
-    else:
-        lo = hi = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
+    return per_token_qparams_ref(
+        rows, quant_min, quant_max, spec.symmetric, spec.symmetric_zero_point, spec.eps
+    )
+
+
+def _per_token_spec(
+    quant_min: int, quant_max: int, qscheme: torch.qscheme, dtype: torch.dtype, eps: float
+) -> PerTokenQParams:
     custom = (quant_min, quant_max) != _dtype_range(dtype)
-    eps_t = torch.tensor([eps], device=rows.device)
-    scale, zero_point = _minmax_qparams(lo, hi, quant_min, quant_max, qscheme, dtype, custom, eps_t)
-    return scale.reshape(-1), zero_point.reshape(-1).to(torch.int32)
+    return PerTokenQParams(
+        quant_min,
+        quant_max,
+        symmetric=qscheme in _SYMMETRIC,
+        symmetric_zero_point=_symmetric_zero_point(quant_min, quant_max, dtype, custom),
+        eps=eps,
+    )
 
 
 def fake_quantize_per_token(
@@ -1208,6 +1205,13 @@ class DynamicPerTokenFakeQuantize(FakeQuantizeBase):
     def qparams(self) -> QParams | None:
         """None: per-token qparams exist only for a given input (calculate_qparams(x))."""
         return None
+
+    def per_token_spec(self) -> PerTokenQParams | None:
+        """This quantizer as the fused linear's dynamic input spec (None when fake quant is
+        disabled): the GEMM computes each row's qparams from the input it is given."""
+        if self.fake_quant_enabled[0] == 0:
+            return None
+        return _per_token_spec(self.quant_min, self.quant_max, self.qscheme, self.dtype, self.eps)
 
     def forward(self, X: Tensor) -> Tensor:
         if self.fake_quant_enabled[0] == 0:

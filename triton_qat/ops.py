@@ -12,6 +12,7 @@ from triton_qat._backend import use_triton
 from triton_qat.qparams import (
     LinearQuant,
     NormQParams,
+    PerTokenQParams,
     QParams,
     check_float_tensor,
     check_learnable_qparams,
@@ -143,22 +144,38 @@ def fake_quantize_per_group(
 # graph break) and autograd saves exactly what F.linear saves (input, weight) plus qparams.
 
 
-def _linear_quant(
-    w_scale: Tensor,
-    w_inv: Tensor,
-    w_zp: Tensor,
-    w_qmin: int,
-    w_qmax: int,
-    group_size: int,
-    x_scale: Tensor | None,
-    x_inv: Tensor | None,
-    x_zp: Tensor | None,
-    x_qmin: int,
-    x_qmax: int,
-) -> LinearQuant:
-    return LinearQuant(
-        w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size, x_scale, x_inv, x_zp, x_qmin, x_qmax
+def per_token_qparams(x: Tensor, spec: PerTokenQParams) -> tuple[Tensor, Tensor, Tensor]:
+    """(scale, 1 / scale, zero point) of each row of x (M, K): the light pass before a fused
+    linear with a dynamic per-token input. Triton kernel or the reference, per the backend."""
+    if use_triton(x.device):
+        from triton_qat.kernels.per_token import per_token_qparams as per_token_qparams_triton
+
+        return per_token_qparams_triton(x, spec)
+    scale, zp = reference.per_token_qparams_ref(
+        x, spec.quant_min, spec.quant_max, spec.symmetric, spec.symmetric_zero_point, spec.eps
     )
+    return scale, reference.reciprocal(scale), zp
+
+
+@torch.library.custom_op("triton_qat::per_token_qparams", mutates_args=())
+def _per_token_qparams_op(
+    x: Tensor,
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool,
+    symmetric_zero_point: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """per_token_qparams as an opaque op for torch.compile."""
+    spec = PerTokenQParams(quant_min, quant_max, symmetric, symmetric_zero_point, eps)
+    return per_token_qparams(x, spec)
+
+
+@_per_token_qparams_op.register_fake
+def _(x, *args):
+    m = x.shape[0]
+    scale = x.new_empty((m,), dtype=torch.float32)
+    return scale, torch.empty_like(scale), x.new_empty((m,), dtype=torch.int32)
 
 
 @torch.library.custom_op("triton_qat::fq_linear", mutates_args=())
@@ -177,10 +194,10 @@ def _fq_linear_op(
     x_zp: Tensor | None,
     x_qmin: int,
     x_qmax: int,
+    x_per_row: bool = False,
 ) -> Tensor:
-    lq = _linear_quant(
-        w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size, x_scale, x_inv, x_zp, x_qmin, x_qmax
-    )
+    w_args = (w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size)
+    lq = LinearQuant(*w_args, x_scale, x_inv, x_zp, x_qmin, x_qmax, x_per_row)
     if use_triton(x.device):
         from triton_qat.kernels.fq_matmul import fq_linear_forward
 
@@ -209,13 +226,13 @@ def _fq_linear_backward_op(
     x_zp: Tensor | None,
     x_qmin: int,
     x_qmax: int,
+    x_per_row: bool,
     need_dx: bool,
     need_dw: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dx, dw); an unneeded gradient comes back as an empty tensor."""
-    lq = _linear_quant(
-        w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size, x_scale, x_inv, x_zp, x_qmin, x_qmax
-    )
+    w_args = (w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size)
+    lq = LinearQuant(*w_args, x_scale, x_inv, x_zp, x_qmin, x_qmax, x_per_row)
     grad_y = grad_y.to(x.dtype)
     if use_triton(x.device):
         from triton_qat.kernels.fq_matmul import fq_linear_grad_input, fq_linear_grad_weight
@@ -245,12 +262,14 @@ def _clone(t: Tensor | None) -> Tensor | None:
 
 def _fq_linear_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, w_scale, _, w_zp, w_qmin, w_qmax, group_size = inputs[:9]
-    x_scale, _, x_zp, x_qmin, x_qmax = inputs[9:]
+    x_scale, _, x_zp, x_qmin, x_qmax, x_per_row = inputs[9:]
     # Exactly what F.linear saves (input, weight), plus copies of the qparams (small next to
     # the weight), so an observer updating them in place before backward changes nothing.
     # 1 / scale is recomputed in backward: the same op on the same values, bit for bit.
+    # Per-token input qparams (x_per_row) are M scales and M zero points: saved rather than
+    # recomputed, which would cost another pass over x for 8 bytes a row.
     ctx.save_for_backward(x, weight, w_scale.clone(), w_zp.clone(), _clone(x_scale), _clone(x_zp))
-    ctx.ranges = (w_qmin, w_qmax, group_size, x_qmin, x_qmax)
+    ctx.ranges = (w_qmin, w_qmax, group_size, x_qmin, x_qmax, x_per_row)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -258,7 +277,7 @@ def _fq_linear_backward(ctx, grad_y):
     x, weight, w_scale, w_zp, x_scale, x_zp = ctx.saved_tensors
     w_inv = reference.reciprocal(w_scale)
     x_inv = None if x_scale is None else reference.reciprocal(x_scale)
-    w_qmin, w_qmax, group_size, x_qmin, x_qmax = ctx.ranges
+    w_qmin, w_qmax, group_size, x_qmin, x_qmax, x_per_row = ctx.ranges
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx = dw = db = None
     if need_dx or need_dw:
@@ -277,12 +296,13 @@ def _fq_linear_backward(ctx, grad_y):
             x_zp,
             x_qmin,
             x_qmax,
+            x_per_row,
             need_dx,
             need_dw,
         )
     if need_db:
         db = grad_y.sum(0).to(ctx.bias_dtype)
-    return (dx if need_dx else None, dw if need_dw else None, db) + (None,) * 11
+    return (dx if need_dx else None, dw if need_dw else None, db) + (None,) * 12
 
 
 _fq_linear_op.register_autograd(_fq_linear_backward, setup_context=_fq_linear_setup_context)
@@ -323,15 +343,17 @@ def fq_linear(
     bias: Tensor | None = None,
     *,
     weight_qparams: QParams,
-    input_qparams: QParams | None = None,
+    input_qparams: QParams | PerTokenQParams | None = None,
 ) -> Tensor:
     """F.linear(fq(input, input_qparams), fq(weight, weight_qparams), bias), fused.
 
     input (..., K); weight (N, K), fp32 master weights allowed under a half-precision input
     (fake-quantized in fp32, then cast to the input dtype, as torch.ao QAT under autocast).
     weight_qparams: per tensor, per channel along axis 0 (output features), or per group along
-    K. input_qparams: None or per tensor. Under autocast the input and bias are cast to the
-    autocast dtype first. Differentiable: straight-through masks, recomputed in backward.
+    K. input_qparams: None, per tensor, or a PerTokenQParams (dynamic per token: each row of
+    input.reshape(-1, K) fake-quantized with its own qparams, computed by a light pass over
+    the input before the GEMM). Under autocast the input and bias are cast to the autocast
+    dtype first. Differentiable: straight-through masks, recomputed in backward.
     """
     _check_linear_args(input, weight, bias)
     if torch.is_autocast_enabled(input.device.type):
@@ -341,8 +363,8 @@ def fq_linear(
             bias = bias.to(ac_dtype)
         if weight.dtype not in (ac_dtype, torch.float32):
             weight = weight.to(ac_dtype)
-    lq = linear_quant(input, weight, weight_qparams, input_qparams)
     x2d = input.reshape(math.prod(input.shape[:-1]), weight.shape[1])
+    lq = linear_quant(x2d, weight, weight_qparams, input_qparams)
     if torch.compiler.is_compiling() or use_triton(x2d.device):
         y = torch.ops.triton_qat.fq_linear(x2d, weight, bias, *_op_args(lq))
     else:
@@ -386,13 +408,18 @@ def _op_args(lq: LinearQuant) -> tuple:
         lq.x_zp,
         lq.x_qmin,
         lq.x_qmax,
+        lq.x_per_row,
     )
 
 
 def linear_quant(
-    x: Tensor, weight: Tensor, weight_qparams: QParams, input_qparams: QParams | None
+    x: Tensor,
+    weight: Tensor,
+    weight_qparams: QParams,
+    input_qparams: QParams | PerTokenQParams | None,
 ) -> LinearQuant:
-    """Check the qparams of a fused linear and put them in the kernels' form."""
+    """Check the qparams of a fused linear and put them in the kernels' form. A dynamic
+    per-token input spec runs the per-token qparams pass over x (seen as (-1, K)) here."""
     if not isinstance(weight_qparams, QParams):
         raise TypeError(
             f"weight_qparams must be a triton_qat.QParams, got {type(weight_qparams).__name__}"
@@ -406,10 +433,26 @@ def linear_quant(
     check_zp = not torch.compiler.is_compiling()
     wn = normalize(weight, weight_qparams, check_zero_point=check_zp)
     x_args: tuple = (None, None, None, 0, 0)
-    if input_qparams is not None:
+    if isinstance(input_qparams, PerTokenQParams):
+        spec = input_qparams
+        # The qparams are constants for autograd, as in the eager per-token fake quant.
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():
+            x_scale, x_inv, x_zp = torch.ops.triton_qat.per_token_qparams(
+                rows,
+                spec.quant_min,
+                spec.quant_max,
+                spec.symmetric,
+                spec.symmetric_zero_point,
+                spec.eps,
+            )
+        else:
+            x_scale, x_inv, x_zp = per_token_qparams(rows, spec)
+        x_args = (x_scale, x_inv, x_zp, spec.quant_min, spec.quant_max, True)
+    elif input_qparams is not None:
         if not isinstance(input_qparams, QParams):
             raise TypeError(
-                f"input_qparams must be a triton_qat.QParams or None, got "
+                f"input_qparams must be a triton_qat.QParams, a PerTokenQParams or None, got "
                 f"{type(input_qparams).__name__}"
             )
         if input_qparams.granularity != "per_tensor":

@@ -65,6 +65,41 @@ class QParams:
         return "per_tensor"
 
 
+@dataclass(frozen=True)
+class PerTokenQParams:
+    """A dynamic per-token input quantizer of the fused linear (tq.nn.Linear's w8a8_dynamic
+    and w4a8_dynamic): each row of the input (a token) gets its own scale and zero point from
+    its current min / max, per call, with torch.ao's Python observer formulas
+    (reference.per_token_qparams_ref). Built by DynamicPerTokenFakeQuantize.per_token_spec.
+
+    symmetric: max(-min, max) / ((quant_max - quant_min) / 2) with the fixed
+    `symmetric_zero_point`; else affine. Scales are at least `eps`.
+    """
+
+    quant_min: int
+    quant_max: int
+    symmetric: bool = False
+    symmetric_zero_point: int = 0
+    eps: float = float(torch.finfo(torch.float32).eps)
+
+    def __post_init__(self) -> None:
+        check_quant_range(self.quant_min, self.quant_max)
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
+        zp = self.symmetric_zero_point
+        if isinstance(zp, bool) or not isinstance(zp, int):
+            raise TypeError(f"symmetric_zero_point must be an int, got {type(zp).__name__}")
+        if not self.quant_min <= zp <= self.quant_max:
+            raise ValueError(
+                f"symmetric_zero_point must be between quant_min and quant_max "
+                f"({self.quant_min}, {self.quant_max}), got {zp}"
+            )
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real):
+            raise TypeError(f"eps must be a float, got {type(self.eps).__name__}")
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"eps must be finite and non-negative, got {self.eps}")
+
+
 class NormQParams(NamedTuple):
     """Checked qparams in the layout shared by the kernels and the reference.
 
@@ -264,7 +299,8 @@ class LinearQuant(NamedTuple):
 
     Weight (N, K): w_scale / w_inv / w_zp of shape (1,), (N,) or (N * K // group_size,),
     contiguous fp32 (zp int32, or fp32 for a float zero point). Input: per tensor, x_* of
-    shape (1,), or None when the input is not fake-quantized.
+    shape (1,); per row of the (M, K) input (x_per_row, dynamic per token), x_* of shape (M,);
+    or None when the input is not fake-quantized.
     """
 
     w_scale: Tensor
@@ -278,6 +314,7 @@ class LinearQuant(NamedTuple):
     x_zp: Tensor | None = None
     x_qmin: int = 0
     x_qmax: int = 0
+    x_per_row: bool = False
 
     @property
     def w_gran(self) -> int:
@@ -325,18 +362,24 @@ class LinearQuant(NamedTuple):
         )
 
     def input_norm(self, x: Tensor) -> NormQParams:
-        """The input's per-tensor NormQParams (for the reference path)."""
+        """The input's NormQParams (for the reference path): per tensor, or per row of the
+        (M, K) input as M channels."""
         assert self.x_scale is not None and self.x_zp is not None
+        if self.x_per_row:
+            m, k = x.shape
+            gran, rows, cols, channels = "per_channel", m, k, m
+        else:
+            gran, rows, cols, channels = "per_tensor", 1, x.numel(), 1
         return NormQParams(
             self.x_scale,
             self.x_zp,
             self.x_qmin,
             self.x_qmax,
             False,
-            "per_tensor",
-            1,
-            x.numel(),
-            1,
+            gran,
+            rows,
+            cols,
+            channels,
             False,
         )
 

@@ -104,6 +104,81 @@ def fake_quant_core(
     return y, mask
 
 
+# --- qparams from min / max (NUMERICS.md, "Observers") ---------------------------------------
+
+
+def divide_fp32(t: Tensor, divisor: float) -> Tensor:
+    """t / divisor, rounded once in t's dtype on every device.
+
+    torch's CPU kernels divide by a Python number; its CUDA kernels multiply by its reciprocal
+    instead. A divisor tensor on t's device is a true division on both."""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
+def minmax_qparams(
+    min_val: Tensor,
+    max_val: Tensor,
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool,
+    symmetric_zero_point: int,
+    eps: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """torch.ao's UniformQuantizationObserverBase._calculate_qparams, after its validity check.
+
+    Shapes follow min_val broadcast against eps (shape (1,)); zero point dtype as torch.ao:
+    int64 (all `symmetric_zero_point`) for symmetric schemes, int32 for affine ones."""
+    min_val_neg = torch.min(min_val, torch.zeros_like(min_val))
+    max_val_pos = torch.max(max_val, torch.zeros_like(max_val))
+    if symmetric:
+        max_val_pos = torch.max(-min_val_neg, max_val_pos)
+        scale = divide_fp32(max_val_pos, float(quant_max - quant_min) / 2)
+        scale = torch.max(scale, eps)
+        zero_point = torch.full(
+            min_val_neg.size(), symmetric_zero_point, dtype=torch.int64, device=min_val.device
+        )
+    else:
+        scale = divide_fp32(max_val_pos - min_val_neg, float(quant_max - quant_min))
+        scale = torch.max(scale, eps)
+        zero_point = quant_min - torch.round(min_val_neg / scale).to(torch.int)
+        zero_point = torch.clamp(zero_point, quant_min, quant_max)
+    return scale, zero_point
+
+
+def per_token_qparams_ref(
+    x2d: Tensor,
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool,
+    symmetric_zero_point: int,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(scale fp32 (M,), zero point int32 (M,)) of each row of x2d (M, K) from its own
+    min / max (fp32, NaN propagating), with minmax_qparams.
+
+    An affine row holding NaN or +-inf (or a zero scale, eps = 0) has min / scale = NaN, whose
+    conversion to int is platform-defined in torch (INT_MIN on x86, 0 on CUDA and ARM): its
+    zero point is defined here as quant_min, the value of a zero rounding, on every device.
+    With it such a row fake-quantizes to all NaN (its scale is NaN or inf)."""
+    m, k = x2d.shape
+    if k:
+        lo, hi = torch.aminmax(x2d.detach(), dim=1)
+        lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    else:
+        lo = hi = torch.zeros(m, dtype=torch.float32, device=x2d.device)
+    eps_t = torch.tensor([eps], dtype=torch.float32, device=x2d.device)
+    scale, zero_point = minmax_qparams(
+        lo, hi, quant_min, quant_max, symmetric, symmetric_zero_point, eps_t
+    )
+    if not symmetric:
+        defined = torch.isfinite(lo) & torch.isfinite(hi) & (scale != 0)
+        zero_point = torch.where(defined, zero_point, torch.full_like(zero_point, quant_min))
+    return scale.reshape(-1), zero_point.reshape(-1).to(torch.int32)
+
+
+# --- fake quantization -----------------------------------------------------------------------
+
+
 def _param_view(nq: NormQParams, t: Tensor) -> Tensor:
     return t.view(1, -1) if nq.params_on_cols else t.view(1, -1, 1)
 

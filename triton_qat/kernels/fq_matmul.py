@@ -6,8 +6,9 @@ registers as they are loaded. No fake-quantized copy or mask is ever written to 
     dW:      dw = (dy^T @ fq_x(x)) * mask_w(w)
 
 Weight qparams: W_GRAN 0 per tensor, 1 per output channel (row of w), 2 per group of
-`group_size` along K. Input qparams: per tensor (X_FQ) or none. Fake-quantized tiles are
-cast to the input dtype before tl.dot; products accumulate in fp32.
+`group_size` along K. Input qparams (X_FQ): per tensor, or per row of x (X_PER_ROW: dynamic
+per token, vectors of M from kernels/per_token.py); or none. Fake-quantized tiles are cast to
+the input dtype before tl.dot; products accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from triton_qat.kernels.configs import autotune
 from triton_qat.kernels.fake_quant import fake_quant_values, quantize_unclamped
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
 from triton_qat.qparams import LinearQuant
+
+# Granularity flags that select a different kernel variant: part of the autotune key.
+_GRAN_KEY = ("W_GRAN", "X_FQ", "X_PER_ROW")
 
 
 @triton.jit
@@ -64,11 +68,20 @@ def _weight_params(
 
 
 @triton.jit
-def _input_params(inv_ptr, scale_ptr, zp_ptr):
-    return tl.load(inv_ptr), tl.load(scale_ptr), tl.load(zp_ptr).to(tl.float32)
+def _input_params(inv_ptr, scale_ptr, zp_ptr, rm, m_ok, X_PER_ROW: tl.constexpr):
+    """(inv, scale, zp) of the input rows rm (BM,), broadcastable to a (BM, BK) tile."""
+    if X_PER_ROW:
+        inv = tl.load(inv_ptr + rm, mask=m_ok, other=1.0)[:, None]
+        scale = tl.load(scale_ptr + rm, mask=m_ok, other=1.0)[:, None]
+        zp = tl.load(zp_ptr + rm, mask=m_ok, other=0).to(tl.float32)[:, None]
+    else:
+        inv = tl.load(inv_ptr)
+        scale = tl.load(scale_ptr)
+        zp = tl.load(zp_ptr).to(tl.float32)
+    return inv, scale, zp
 
 
-@autotune(rows="M", cols="N", loop="K", operands=("x_ptr", "w_ptr"), extra_key=("W_GRAN", "X_FQ"))
+@autotune(rows="M", cols="N", loop="K", operands=("x_ptr", "w_ptr"), extra_key=_GRAN_KEY)
 @triton.jit
 def fq_linear_fwd_kernel(
     x_ptr,
@@ -98,6 +111,7 @@ def fq_linear_fwd_kernel(
     W_GRAN: tl.constexpr,
     W_FLOAT_ZP: tl.constexpr,
     X_FQ: tl.constexpr,
+    X_PER_ROW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,7 +126,7 @@ def fq_linear_fwd_kernel(
     n_ok = rn < N
     dtype = y_ptr.dtype.element_ty
     if X_FQ:
-        x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr)
+        x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, X_PER_ROW)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
@@ -147,7 +161,7 @@ def fq_linear_fwd_kernel(
     )
 
 
-@autotune(rows="M", cols="K", loop="N", operands=("dy_ptr", "w_ptr"), extra_key=("W_GRAN", "X_FQ"))
+@autotune(rows="M", cols="K", loop="N", operands=("dy_ptr", "w_ptr"), extra_key=_GRAN_KEY)
 @triton.jit
 def fq_linear_dx_kernel(
     dy_ptr,
@@ -178,6 +192,7 @@ def fq_linear_dx_kernel(
     W_GRAN: tl.constexpr,
     W_FLOAT_ZP: tl.constexpr,
     X_FQ: tl.constexpr,
+    X_PER_ROW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -216,9 +231,8 @@ def fq_linear_dx_kernel(
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=out_ok, other=0.0
         )
-        qf = quantize_unclamped(
-            to_fp32(x), tl.load(x_inv_ptr), tl.load(x_zp_ptr).to(tl.float32), False
-        )
+        x_inv, _, x_zp = _input_params(x_inv_ptr, x_inv_ptr, x_zp_ptr, rm, m_ok, X_PER_ROW)
+        qf = quantize_unclamped(to_fp32(x), x_inv, x_zp, False)
         acc = acc * ((qf >= x_qmin) & (qf <= x_qmax)).to(tl.float32)
     tl.store(
         dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk,
@@ -227,7 +241,7 @@ def fq_linear_dx_kernel(
     )
 
 
-@autotune(rows="N", cols="K", loop="M", operands=("dy_ptr", "x_ptr"), extra_key=("W_GRAN", "X_FQ"))
+@autotune(rows="N", cols="K", loop="M", operands=("dy_ptr", "x_ptr"), extra_key=_GRAN_KEY)
 @triton.jit
 def fq_linear_dw_kernel(
     dy_ptr,
@@ -258,6 +272,7 @@ def fq_linear_dw_kernel(
     W_GRAN: tl.constexpr,
     W_FLOAT_ZP: tl.constexpr,
     X_FQ: tl.constexpr,
+    X_PER_ROW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -271,8 +286,8 @@ def fq_linear_dw_kernel(
     n_ok = rn < N
     k_ok = rk < K
     dtype = dy_ptr.dtype.element_ty
-    if X_FQ:
-        x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr)
+    if X_FQ and not X_PER_ROW:
+        x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, 0, True, False)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(0, tl.cdiv(M, BLOCK_K)):
         rm = tl.arange(0, BLOCK_K).to(tl.int64) + m0 * BLOCK_K
@@ -288,6 +303,11 @@ def fq_linear_dw_kernel(
             other=0.0,
         )
         if X_FQ:
+            if X_PER_ROW:
+                # The loop runs over rows of x: each step loads its rows' qparams.
+                x_inv, x_scale, x_zp = _input_params(
+                    x_inv_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True
+                )
             xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
             x = cast_rne(tl.where(m_ok[:, None], xq, 0.0), dtype)
         acc = tl.dot(dot_operand(dy_t), dot_operand(x), acc, input_precision=INPUT_PRECISION)
@@ -360,6 +380,7 @@ def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant
         W_GRAN=lq.w_gran,
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
+        X_PER_ROW=lq.x_per_row,
         HAS_BIAS=bias is not None,
         INPUT_PRECISION=input_precision(x.dtype),
         # x * inv + 1.5 * 2**23 must not become one FMA: it would round the exact product.
@@ -404,6 +425,7 @@ def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> T
         W_GRAN=lq.w_gran,
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
+        X_PER_ROW=lq.x_per_row,
         INPUT_PRECISION=input_precision(dy.dtype),
         enable_fp_fusion=False,
     )
@@ -446,6 +468,7 @@ def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> 
         W_GRAN=lq.w_gran,
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
+        X_PER_ROW=lq.x_per_row,
         INPUT_PRECISION=input_precision(dy.dtype),
         enable_fp_fusion=False,
     )

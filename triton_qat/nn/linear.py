@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from triton_qat.ops import fake_quantize, fq_linear
-from triton_qat.qparams import QParams
+from triton_qat.qparams import PerTokenQParams, QParams
 
 # Fake-quant types already warned about (once per type and process).
 _WARNED_TYPES: set[type] = set()
@@ -17,19 +17,23 @@ _WARNED_TYPES: set[type] = set()
 
 def _fused_qparams(
     fq: torch.nn.Module | None, x: Tensor, *, weight: bool
-) -> tuple[bool, QParams | None]:
+) -> tuple[bool, QParams | PerTokenQParams | None]:
     """Run `fq`'s observer on x and return (handled, qparams) for the fused kernel.
 
     handled False: `fq` is not one of triton_qat's fake-quant modules (or its qparams do not
     fit the kernel); the caller applies it as a module. qparams None with handled True: fake
-    quant is disabled.
+    quant is disabled. A dynamic per-token input quantizer gives its PerTokenQParams: the
+    fused linear computes each row's qparams from the input it is given.
     """
-    from triton_qat.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
+    from triton_qat.fake_quantize import (
+        DynamicPerTokenFakeQuantize,
+        FakeQuantize,
+        FusedMovingAvgObsFakeQuantize,
+    )
 
+    if isinstance(fq, DynamicPerTokenFakeQuantize) and not weight:
+        return True, fq.per_token_spec()
     if not isinstance(fq, (FakeQuantize, FusedMovingAvgObsFakeQuantize)):
-        return False, None
-    if getattr(fq, "is_dynamic", False):
-        # Dynamic (per-token) qparams are made per call: the module runs, then the GEMM.
         return False, None
     fq.observe(x.detach())
     qp = fq.qparams()
@@ -59,8 +63,10 @@ class Linear(torch.nn.Linear):
 
     Input fake quant (a triton_qat.QConfig with an activation and quantize_input=True) is
     fused into the GEMM's prologue: the same numerics as torch.ao's activation_post_process
-    on the previous layer's output, one fewer pass over memory. A torch.ao QConfig keeps
-    torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
+    on the previous layer's output, one fewer pass over memory. A dynamic per-token input
+    quantizer (w8a8_dynamic, w4a8_dynamic) is fused too: a light pass computes each token's
+    qparams, then the GEMM fake-quantizes the input rows as it loads them. A torch.ao QConfig
+    keeps torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
     """
 
     _FLOAT_MODULE = torch.nn.Linear
@@ -119,7 +125,9 @@ class Linear(torch.nn.Linear):
 
         if fused_w and w_qp is not None:
             return fq_linear(input, weight, self.bias, weight_qparams=w_qp, input_qparams=x_qp)
-        if x_qp is not None:
+        if isinstance(x_qp, PerTokenQParams):
+            input = ifq(input)  # the weight's fake quant is not fused: no fused GEMM to join
+        elif x_qp is not None:
             input = fake_quantize(input, x_qp)
         return F.linear(input, weight, self.bias)
 
