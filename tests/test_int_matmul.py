@@ -236,6 +236,52 @@ def test_w8a8_linear_equals_fake_quant_linear(dtype, device):
     _assert_within(y.cpu(), ref, bound, "w8a8_linear")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_w8a8_forward_is_the_int8_gemm(monkeypatch, dtype, device):
+    """tq.fq_linear with a dynamic per-token input and 8-bit per-channel weights (the
+    w8a8_dynamic preset) runs its forward as one int8 GEMM: the float path's result up to the
+    final scaling's rounding; the backward (float kernels) is the float path's, bit for bit."""
+    from triton_qat.qparams import PerTokenQParams
+
+    calls = []
+    real = im.fq_linear_int8_forward
+    monkeypatch.setattr(im, "fq_linear_int8_forward", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 9, 70, generator=gen).to(dtype)
+    w = (torch.randn(33, 70, generator=gen) * 0.1).to(dtype)
+    b = torch.randn(33, generator=gen).to(dtype)
+    dy = torch.randn(2, 9, 33, generator=gen).to(dtype)
+    wscale = w.float().abs().amax(1) / 127
+    spec = PerTokenQParams(-128, 127, symmetric=True)
+
+    def run(int8: str):
+        monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", int8)
+        xx, ww, bb = (t.to(device).requires_grad_() for t in (x, w, b))
+        wqp = QParams(wscale.to(device), torch.zeros(33, dtype=torch.int32, device=device),
+                      -128, 127, axis=0)  # fmt: skip
+        with tq.use_backend("triton"):
+            y = tq.fq_linear(xx, ww, bb, weight_qparams=wqp, input_qparams=spec)
+            y.backward(dy.to(device))
+        return y.detach().cpu(), [t.grad.cpu() for t in (xx, ww, bb)]
+
+    y_int, grads_int = run("1")
+    assert len(calls) == 1
+    y_float, grads_float = run("0")
+    assert len(calls) == 1
+    for name, a, e in zip(("dx", "dw", "db"), grads_int, grads_float, strict=True):
+        assert_bitwise_equal(a, e, name)
+    with tq.use_backend("eager"):
+        fq_x = fake_quantize_per_token(x, -128, 127, torch.per_tensor_symmetric).double()
+        fq_w = tq.fake_quantize_per_channel(w, wscale, torch.zeros(33, dtype=torch.int32), 0,
+                                            -128, 127).double()  # fmt: skip
+    ref = F.linear(fq_x, fq_w, b.double())
+    mag = F.linear(fq_x.abs(), fq_w.abs(), b.double().abs())
+    # fq operands rounded to the input dtype (2 u_in), 4 fp32 steps, the output cast.
+    bound = (2 * UNIT[dtype] + 4 * U32) * mag + UNIT[dtype] * ref.abs()
+    _assert_within(y_int, ref, bound, "int8 forward")
+    _assert_within(y_float, ref, bound + 70 * U32 * mag, "float forward")
+
+
 def _qat_layer(name: str, dtype: torch.dtype, k: int = 64, n: int = 17) -> torch.nn.Module:
     torch.manual_seed(6)
     model = torch.nn.Sequential(torch.nn.Linear(k, n)).to(dtype)

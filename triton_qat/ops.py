@@ -199,8 +199,11 @@ def _fq_linear_op(
     w_args = (w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size)
     lq = LinearQuant(*w_args, x_scale, x_inv, x_zp, x_qmin, x_qmax, x_per_row)
     if use_triton(x.device):
+        from triton_qat.kernels import int_matmul
         from triton_qat.kernels.fq_matmul import fq_linear_forward
 
+        if int_matmul.int8_forward_applies(weight, lq):
+            return int_matmul.fq_linear_int8_forward(x, weight, bias, lq)
         return fq_linear_forward(x, weight, bias, lq)
     return reference.fq_linear_ref(x, weight, bias, lq, fake_quantize_with_mask_eager)
 

@@ -8,6 +8,8 @@
                                            the forward of the QAT linear with 8-bit weights
                                            (per tensor / per output channel) and 8-bit
                                            per-token (or static per-tensor) activations
+    fq_linear_int8_forward(x2d, w, b, lq)  the same for the fused op (triton_qat::fq_linear),
+                                           with the per-token qparams it computed already
 
 Weights arrive as a checked triton_qat.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
 (N, ceil(K / 2)) holding two 4-bit codes q - quant_min, low nibble first (unpacked in
@@ -41,6 +43,7 @@ per-token, static_row_quant for per tensor). Returns y (..., N) in x's dtype. No
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -51,11 +54,12 @@ from torch import Tensor
 from triton_qat.kernels.configs import autotune, int_gemm_configs
 from triton_qat.kernels.fake_quant import quantize_unclamped
 from triton_qat.kernels.fq_matmul import _grid, _grouped_pid, _weight_params, input_precision
-from triton_qat.kernels.rounding import cast_rne, dot_operand, round_half_even, to_fp32
+from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
 from triton_qat.qparams import (
     INT8_RANGE,
     PER_GROUP,
     IntWeight,
+    LinearQuant,
     QParams,
     RowQuant,
     int_weight,
@@ -130,47 +134,19 @@ def quantize_rows_kernel(
     param_stride,
     qmin,
     qmax,
-    half_range,
-    eps,
-    sym_zp,
     shift,
-    DYNAMIC: tl.constexpr,
-    SYMMETRIC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Codes q - shift (int8), scale (fp32), zero point (int32) and code sum (int32) per row."""
+    """Codes q - shift (int8) and code sum (int32) of each row, with the row's given scale and
+    zero point: one for every row (param_stride 0) or one per row (param_stride 1). Dynamic
+    per-token qparams come from kernels.per_token first (one definition of that formula)."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_ok = rm < M
-    if DYNAMIC:
-        lo = tl.full((BLOCK_R,), float("inf"), tl.float32)
-        hi = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-            k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
-            ok = m_ok[:, None] & (k < K)[None, :]
-            x = to_fp32(_load_tile(x_ptr, rm, k, m_ok, k < K, stride_xm, stride_xk))
-            lo = tl.minimum(lo, tl.min(tl.where(ok, x, float("inf")), axis=1))
-            hi = tl.maximum(hi, tl.max(tl.where(ok, x, float("-inf")), axis=1))
-        # torch.ao's _calculate_qparams; every division rounds once, as torch's.
-        min_neg = tl.minimum(lo, 0.0)
-        max_pos = tl.maximum(hi, 0.0)
-        if SYMMETRIC:
-            scale = tl.math.div_rn(tl.maximum(-min_neg, max_pos), tl.zeros_like(lo) + half_range)
-            scale = tl.maximum(scale, eps)
-            zp = tl.zeros_like(scale) + sym_zp
-        else:
-            scale = tl.math.div_rn(max_pos - min_neg, tl.zeros_like(lo) + (qmax - qmin))
-            scale = tl.maximum(scale, eps)
-            zp = qmin - round_half_even(tl.math.div_rn(min_neg, scale))
-            zp = tl.minimum(tl.maximum(zp, qmin), qmax)
-        tl.store(scale_ptr + rm, scale, mask=m_ok)
-        tl.store(zp_ptr + rm, zp.to(tl.int32), mask=m_ok)
-    else:
-        # Given qparams: one for every row (param_stride 0) or one per row (param_stride 1).
-        scale = tl.load(static_scale_ptr + rm * param_stride, mask=m_ok, other=1.0)
-        zp = tl.load(static_zp_ptr + rm * param_stride, mask=m_ok, other=0).to(tl.float32)
-        tl.store(scale_ptr + rm, scale, mask=m_ok)
-        tl.store(zp_ptr + rm, zp.to(tl.int32), mask=m_ok)
+    scale = tl.load(static_scale_ptr + rm * param_stride, mask=m_ok, other=1.0)
+    zp = tl.load(static_zp_ptr + rm * param_stride, mask=m_ok, other=0).to(tl.float32)
+    tl.store(scale_ptr + rm, scale, mask=m_ok)
+    tl.store(zp_ptr + rm, zp.to(tl.int32), mask=m_ok)
     inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)  # fp32 1 / scale, as torch's
     total = tl.zeros((BLOCK_R,), tl.int32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
@@ -380,8 +356,18 @@ def quantize_rows(x2d: Tensor, rq: RowQuant) -> QuantizedRows:
     shift = code_shift(rq.quant_min, rq.quant_max)
     if m:
         block_k = min(triton.next_power_of_2(max(k, 1)), _MAX_ROW_CHUNK)
-        static_scale = scale if rq.dynamic else rq.scale
-        static_zp = zp if rq.dynamic else rq.zero_point
+        if rq.dynamic:
+            from triton_qat.kernels.per_token import per_token_qparams
+            from triton_qat.qparams import PerTokenQParams
+
+            spec = PerTokenQParams(
+                rq.quant_min, rq.quant_max, rq.symmetric, rq.symmetric_zero_point, rq.eps
+            )
+            static_scale, _, static_zp = per_token_qparams(x2d, spec)
+            per_row = True
+        else:
+            static_scale, static_zp = rq.scale, rq.zero_point
+            per_row = rq.scale.numel() != 1
         quantize_rows_kernel[(triton.cdiv(m, _ROWS_PER_PROGRAM),)](
             x2d,
             codes,
@@ -395,15 +381,10 @@ def quantize_rows(x2d: Tensor, rq: RowQuant) -> QuantizedRows:
             x2d.stride(0),
             x2d.stride(1),
             codes.stride(0),
-            0 if rq.dynamic or rq.scale.numel() == 1 else 1,
+            1 if per_row else 0,
             float(rq.quant_min),
             float(rq.quant_max),
-            float(rq.quant_max - rq.quant_min) / 2,
-            float(rq.eps),
-            float(rq.symmetric_zero_point),
             float(shift),
-            DYNAMIC=rq.dynamic,
-            SYMMETRIC=rq.symmetric,
             BLOCK_R=_ROWS_PER_PROGRAM,
             BLOCK_K=block_k,
             num_warps=4,
@@ -548,17 +529,43 @@ def w8a8_linear(
         raise ValueError("w8a8_linear takes per-tensor or per-channel (axis 0) integer qparams")
     if nq.granularity == "per_channel" and weight_qparams.axis not in (0, -2):
         raise ValueError(f"weight_qparams per channel must use axis 0, got {weight_qparams.axis}")
-    # Each weight row quantized with its channel's (or the one) scale and zero point.
-    rq = RowQuant(nq.quant_min, nq.quant_max, scale=nq.scale, zero_point=nq.zero_point)
-    wq = quantize_rows(w, rq)
-    wt = int_weight(
-        wq.codes,
-        nq.scale,
-        nq.zero_point - wq.shift,
-        nq.quant_min - wq.shift,
-        nq.quant_max - wq.shift,
-        k,
-    )
+    wt = _weight_codes(w, nq.scale, nq.zero_point, nq.quant_min, nq.quant_max)
     x2d = _flatten(x, k)
     y = int8_linear(quantize_rows(x2d, input_quant), wt, bias, x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _weight_codes(w: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int) -> IntWeight:
+    """int8 codes of a float weight (N, K), each row quantized with its channel's (or the
+    one) scale and integer zero point."""
+    wq = quantize_rows(w, RowQuant(qmin, qmax, scale=scale, zero_point=zp))
+    shift = wq.shift
+    return int_weight(wq.codes, scale, zp - shift, qmin - shift, qmax - shift, w.shape[1])
+
+
+def int8_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
+    """Whether the fused linear's forward runs as one int8 GEMM (fq_linear_int8_forward): a
+    dynamic per-token input and per-tensor / per-channel weights with integer zero points,
+    both 8-bit (at most 256 codes), and K small enough for exact int32 sums. The backward
+    stays on the float kernels. TRITON_QAT_INT8_FORWARD=0 keeps the forward float too."""
+    if os.environ.get("TRITON_QAT_INT8_FORWARD", "1").strip() == "0":
+        return False
+    if not lq.x_per_row or lq.group_size or lq.w_zp.is_floating_point():
+        return False
+    w_span, x_span = lq.w_qmax - lq.w_qmin, lq.x_qmax - lq.x_qmin
+    if w_span > 255 or x_span > 255:
+        return False
+    return weight.shape[1] * max(w_span, 1) * 255 <= _INT32_LIMIT
+
+
+def fq_linear_int8_forward(
+    x2d: Tensor, weight: Tensor, bias: Tensor | None, lq: LinearQuant
+) -> Tensor:
+    """The fused linear's forward F.linear(fq_rows(x), fq(w), b) as an int8 GEMM, with the
+    per-token qparams the caller computed (lq.x_scale / lq.x_zp, one per row): the codes are
+    those of the float path, the integer sums exact, and the result differs from the float
+    path only in the rounding of its final scaling (and, for half inputs, in not rounding
+    fq(w) to the input dtype). x2d (M, K); y (M, N) in x2d's dtype."""
+    rows = RowQuant(lq.x_qmin, lq.x_qmax, scale=lq.x_scale, zero_point=lq.x_zp)
+    wt = _weight_codes(weight, lq.w_scale, lq.w_zp, lq.w_qmin, lq.w_qmax)
+    return int8_linear(quantize_rows(x2d, rows), wt, bias, x2d.dtype)
