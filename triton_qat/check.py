@@ -57,7 +57,7 @@ import triton_qat as tq
 from triton_qat import ops, reference
 from triton_qat.qparams import PerTokenQParams, QParams, normalize
 
-KINDS = ("fake_quant", "reference_vs_torch", "fq_linear", "learnable")
+KINDS = ("fake_quant", "reference_vs_torch", "fq_linear", "learnable", "int_linear")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 QUANT_RANGES = (("int8", -128, 127), ("uint8", 0, 255), ("int4", -8, 7))
@@ -751,6 +751,67 @@ def check_linear(case: LinearCase, device: str, seed: int = 0) -> list[CheckResu
     ]
 
 
+# --- converted layers: the integer GEMMs ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntLinearCase:
+    """One converted layer (tq.convert of a QAT Linear with `preset`): its integer-GEMM
+    kernels (weight-only, W8A8, W4A8) against its eager path."""
+
+    preset: str
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+
+    @property
+    def label(self) -> str:
+        return f"convert({self.preset})"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.m, self.n, self.k)
+
+
+def int_linear_cases(size: str) -> list[IntLinearCase]:
+    """Presets x dtypes over one (M, N, K)."""
+    m, n, k = {"tiny": (33, 17, 96), "medium": (129, 65, 224)}.get(size, (1024, 4096, 4096))
+    presets = ("int8_per_channel", "int4_per_group", "w8a8_dynamic", "w4a8_dynamic")
+    return [IntLinearCase(p, m, n, k, dtype) for p in presets for dtype in DTYPES]
+
+
+def check_int_linear(case: IntLinearCase, device: str, seed: int = 0) -> list[CheckResult]:
+    """The converted layer on the Triton backend (integer GEMMs) vs the eager backend
+    (dequantize, fake-quantize the input, F.linear); relative error norm against a float64
+    product of the eager path's operands, within the dtype's tolerance as the fused linear."""
+    from triton_qat.convert import QuantizedLinear
+    from triton_qat.fake_quantize import fake_quantize_per_token
+
+    gen = _gen(device, seed)
+    m, n, k = case.shape
+    layer = torch.nn.Sequential(torch.nn.Linear(k, n)).to(device=device, dtype=case.dtype)
+    x = (1.5 * torch.randn((m, k), generator=gen, device=device)).to(case.dtype)
+    with torch.no_grad(), tq.use_backend("eager"):
+        qat = tq.prepare_qat(layer, case.preset)
+        qat(x)  # the observers see the data once
+        converted = tq.convert(qat.eval())
+        q = converted[0]
+        assert isinstance(q, QuantizedLinear)
+        y_eager = converted(x)
+        if q.dynamic_input is not None:
+            xin = fake_quantize_per_token(x, *q.dynamic_input)
+        elif q.input_range is not None:
+            xin = tq.fake_quantize_per_tensor(x, q.input_scale, q.input_zero_point, *q.input_range)
+        else:
+            xin = x
+        ref = torch.addmm(q.bias.double(), xin.double(), q.dequantized_weight().double().t())
+    with torch.no_grad(), tq.use_backend("triton"):
+        y = converted(x)
+    row = _linear_row(case.label, case.shape, case.dtype, "y", y, y_eager, ref)
+    return [dataclasses.replace(row, kind="int_linear")]
+
+
 # --- driver ------------------------------------------------------------------------------------
 
 
@@ -799,6 +860,10 @@ def run_check(
             jobs.append(
                 ("fq_linear", c, lambda c=c: check_linear(c, device), ("y", "dx", "dw", "db"))
             )
+
+    if "int_linear" in selected:
+        for c in int_linear_cases(size):
+            jobs.append(("int_linear", c, lambda c=c: check_int_linear(c, device), ("y",)))
 
     if "learnable" in selected:
         for c in learnable_cases(size):
