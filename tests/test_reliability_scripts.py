@@ -22,7 +22,9 @@ def _load(name: str):
     return module
 
 
-def test_scale_check_runs_and_compares(device, capsys):
+def test_scale_check_runs_and_compares(device, capsys, monkeypatch):
+    # main() pins TRITON_QAT_AUTOTUNE=0 for its own process; keep that out of later tests.
+    monkeypatch.setenv("TRITON_QAT_AUTOTUNE", "0")
     scale_check = _load("scale_check")
     argv = ["--device", str(device), "--fq-shape", "70", "33", "--linear", "70", "17", "40"]
     assert scale_check.main([*argv, "--rows", "8"]) == 0
