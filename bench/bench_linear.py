@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -77,16 +78,18 @@ TORCH_AO = "torch_ao_qat"
 COMPILED = "eager_compiled"
 TQ = "triton_qat"
 TQ_MASTER = "triton_qat_fp32_master"
+# w8a8_dynamic with the float forward (TRITON_QAT_INT8_FORWARD=0): the int8 forward's gain.
+TQ_FLOAT_FWD = "triton_qat_float_fwd"
 PROVIDERS = (TORCH_LINEAR, TORCH_AO, COMPILED, TQ, TQ_MASTER)
 # Rows whose failure is a failure of this package (or of the floor every ratio needs).
-OWN_PROVIDERS = (TQ, TQ_MASTER, TORCH_LINEAR)
+OWN_PROVIDERS = (TQ, TQ_MASTER, TQ_FLOAT_FWD, TORCH_LINEAR)
 PROVIDERS_BY_QCONFIG = {
     INT8_PC: PROVIDERS,
     # torch.ao has no per-group weight fake quant, and its qat.Linear never fake-quantizes
     # its input; torch_linear is the same floor as in the int8_per_channel rows.
     INT4_GROUP: (COMPILED, TQ),
     W8A8: (COMPILED, TQ),
-    W8A8_DYNAMIC: (COMPILED, TQ),
+    W8A8_DYNAMIC: (COMPILED, TQ, TQ_FLOAT_FWD),
 }
 
 FWD = "linear_fwd"
@@ -375,9 +378,10 @@ def build_compiled(t: Tensors, qconfig: str) -> Provider:
     raise AssertionError("unreachable")
 
 
-def build_triton(t: Tensors, qconfig: str, master: bool) -> Provider:
+def build_triton(t: Tensors, qconfig: str, master: bool, int8_forward: bool = True) -> Provider:
     """tq.fq_linear, Triton backend. The first step (compile + autotune) is timed as
-    first_call_s; its y and grads are checked against the eager backend."""
+    first_call_s; its y and grads are checked against the eager backend. int8_forward=False
+    keeps a W8A8 forward on the float kernels (TRITON_QAT_INT8_FORWARD=0 while it runs)."""
     import triton_qat as tq
 
     w_src = t.w_master if master else t.w
@@ -392,14 +396,30 @@ def build_triton(t: Tensors, qconfig: str, master: bool) -> Provider:
                 return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
         return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
 
+    if not int8_forward:
+        int8_forward_fn = forward
+
+        def forward() -> Tensor:
+            before = os.environ.get("TRITON_QAT_INT8_FORWARD")
+            os.environ["TRITON_QAT_INT8_FORWARD"] = "0"
+            try:
+                return int8_forward_fn()
+            finally:
+                if before is None:
+                    del os.environ["TRITON_QAT_INT8_FORWARD"]
+                else:
+                    os.environ["TRITON_QAT_INT8_FORWARD"] = before
+
     p = Provider(
-        TQ_MASTER if master else TQ,
+        (TQ_MASTER if master else TQ) if int8_forward else TQ_FLOAT_FWD,
         forward,
         [x, w, b],
         backend="triton",
         fields={
             "weight_dtype": "float32" if master else "bfloat16",
-            "note": "fp32 master weights under autocast" if master else None,
+            "note": "fp32 master weights under autocast"
+            if master
+            else (None if int8_forward else "forward on the float kernels (no int8 GEMM)"),
         },
     )
     synchronize()
@@ -419,6 +439,7 @@ BUILDERS: dict[str, Callable[[Tensors, str], Provider]] = {
     COMPILED: build_compiled,
     TQ: lambda t, q: build_triton(t, q, master=False),
     TQ_MASTER: lambda t, q: build_triton(t, q, master=True),
+    TQ_FLOAT_FWD: lambda t, q: build_triton(t, q, master=False, int8_forward=False),
 }
 
 
