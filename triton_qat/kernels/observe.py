@@ -224,11 +224,12 @@ def _observe_finish_kernel(
     cur_min = tl.where(nan > 0, float("nan"), cur_min)
     cur_max = tl.where(nan > 0, float("nan"), cur_max)
     if HAS_FLAGS:
-        observe = tl.load(observer_on_ptr) == 1
-        quantize = tl.load(fake_quant_on_ptr) == 1
+        # Per-lane copies of the flags: a scalar mask is not accepted everywhere.
+        observe = (tl.zeros([BLOCK], tl.int64) + tl.load(observer_on_ptr)) == 1
+        quantize = (tl.zeros([BLOCK], tl.int64) + tl.load(fake_quant_on_ptr)) == 1
     else:
-        observe = True
-        quantize = True
+        observe = ok
+        quantize = ok
     if UPDATE != STORE:
         run_min = tl.load(run_min_ptr + c, mask=ok, other=0.0)
         run_max = tl.load(run_max_ptr + c, mask=ok, other=0.0)
@@ -286,8 +287,9 @@ def channel_layout(x: Tensor, axis: int | None, group_size: int | None) -> tuple
 
 def _partial_minmax(x: Tensor, outer: int, channels: int, inner: int):
     per_channel = outer * inner
-    block_c = 1 if inner > 1 else min(64, triton.next_power_of_2(channels))
-    block_j = max(1, min(_TILE // block_c, triton.next_power_of_2(per_channel)))
+    # Short channels share a tile: (BLOCK_J elements) x (BLOCK_C channels).
+    block_j = min(_TILE, triton.next_power_of_2(per_channel))
+    block_c = max(1, min(_TILE // block_j, triton.next_power_of_2(channels)))
     c_blocks = triton.cdiv(channels, block_c)
     want = triton.cdiv(per_channel, 4 * block_j)
     n_split = 1 if INTERPRETED_KERNELS else max(1, min(want, _MAX_SPLITS // c_blocks))
