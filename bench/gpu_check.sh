@@ -10,7 +10,8 @@
 # step failed, timed out or was skipped for lack of time.
 #
 # Outputs in OUTDIR: env.txt, pytest.log, pytest.xml (JUnit), bench_fake_quant.log,
-# fake_quant.json, bench_linear.log, linear.json, summary.txt.
+# fake_quant.json, bench_linear.log, linear.json, check.log, check.json, fsdp2.log,
+# autotune.log, summary.txt.
 
 set -u
 
@@ -112,32 +113,37 @@ EOF
 export -f env_report # timeout runs programs, not shell functions
 run_step env 30 "$OUTDIR/env.txt" bash -c env_report
 
-# The split of the 460 s budget, most telling first: compiled-kernel tests (CPU-only parity
-# files left out), the headline fused-linear benchmark, the fake-quant bandwidth, the check
-# grid, autotuning of the headline shape. Each step gets at most what the earlier ones leave.
+# The split of the 460 s budget, most telling first: env 30, compiled-kernel tests 150
+# (CPU-only parity files left out), the headline fused-linear benchmark 100, the fake-quant
+# bandwidth 65, the check grid 40, FSDP2 vs one process 45, autotuning of the headline shape
+# 30 (sum 460). Each step gets at most what the earlier ones leave.
 
 # --- step 2: test suite on compiled CUDA kernels (one GEMM config: TRITON_QAT_AUTOTUNE=0) ----
-run_step pytest 160 "$OUTDIR/pytest.log" \
+run_step pytest 150 "$OUTDIR/pytest.log" \
     env TRITON_QAT_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpu \
     python -m pytest tests/test_rounding.py tests/test_kernels.py tests/test_fq_linear.py \
-    tests/test_fake_quantize.py tests/test_nn_linear.py tests/test_api.py \
+    tests/test_fake_quantize.py tests/test_observe.py tests/test_nn_linear.py tests/test_api.py \
     -q -p no:cacheprovider --junitxml="$OUTDIR/pytest.xml"
 
 # --- step 3: benchmarks --------------------------------------------------------------------------
 # The fused linear. Its own --budget-s, 20 s under the step's timeout, stops it starting new
 # shapes in time to print its table and exit; linear.json is rewritten after every shape.
-linear_t=$(step_timeout 120)
-run_step bench_linear 120 "$OUTDIR/bench_linear.log" \
+linear_t=$(step_timeout 100)
+run_step bench_linear 100 "$OUTDIR/bench_linear.log" \
     python bench/bench_linear.py --out "$OUTDIR" --budget-s $((linear_t > 40 ? linear_t - 20 : 20))
-run_step bench_fake_quant 70 "$OUTDIR/bench_fake_quant.log" \
+run_step bench_fake_quant 65 "$OUTDIR/bench_fake_quant.log" \
     python bench/bench_fake_quant.py --out "$OUTDIR" --quick
 
 # --- step 4: every kernel against the reference at real sizes --------------------------------
 run_step check 40 "$OUTDIR/check.log" \
     python -m triton_qat check --quick --device cuda --json "$OUTDIR/check.json"
 
-# --- step 5: autotune the headline shape ---------------------------------------------------------
-run_step autotune 40 "$OUTDIR/autotune.log" \
+# --- step 5: FSDP2 (fully_shard) with tq layers against one process; one rank per GPU --------
+run_step fsdp2 45 "$OUTDIR/fsdp2.log" \
+    env TRITON_QAT_AUTOTUNE=0 python bench/fsdp2_check.py --device cuda
+
+# --- step 6: autotune the headline shape ---------------------------------------------------------
+run_step autotune 30 "$OUTDIR/autotune.log" \
     python -m triton_qat autotune --shapes 8192x4096x4096 --dtype bf16
 
 # --- summary -------------------------------------------------------------------------------------

@@ -95,6 +95,19 @@ def test_minmax_matches_aminmax(kernels, device, shape, axis, group_size, dtype,
         assert torch.isnan(lo).all() and torch.isnan(hi).all()  # torch.aminmax propagates NaN
 
 
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("shape,axis,group_size", [LAYOUTS[1], LAYOUTS[3], LAYOUTS[4]])
+def test_minmax_split_channels(kernels, device, shape, axis, group_size, splits):
+    """Channels reduced in several slices (as large inputs are on a GPU), NaN in one slice."""
+    x = _input(shape, torch.float32, True, seed=splits).to(device)
+    expected = _eager_minmax(x, axis, group_size)
+    n = expected[0].numel()
+    lo, hi = torch.empty(n, device=device), torch.empty(n, device=device)
+    kernels.observe(x, lo, hi, axis=axis, group_size=group_size, splits=splits)
+    assert_bitwise_equal(lo, expected[0], "min")
+    assert_bitwise_equal(hi, expected[1], "max")
+
+
 def test_minmax_non_contiguous_input(kernels, device):
     x = _input((8, 12), torch.float32, False).to(device).t()
     lo, hi = torch.empty(12, device=device), torch.empty(12, device=device)

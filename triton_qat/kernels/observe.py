@@ -42,6 +42,7 @@ SMALL_SCALE: tl.constexpr = tl.constexpr(6.1e-05)
 
 _TILE = 4096 if not INTERPRETED_KERNELS else 16384
 _MAX_SPLITS = 512
+_MAX_BLOCK_C = 64
 _FINISH_BLOCK = 256 if not INTERPRETED_KERNELS else 4096
 
 
@@ -151,6 +152,7 @@ def _minmax_partial_kernel(
     per_channel,
     chunk,
     n_split,
+    HAS_OUTER: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -169,9 +171,12 @@ def _minmax_partial_kernel(
     for off in range(0, chunk, BLOCK_J):
         j = start + off + tl.arange(0, BLOCK_J)
         ok = (j < end)[:, None] & c_ok[None, :]
-        o = j // inner
-        i = j - o * inner
-        ptrs = x_ptr + ((o[:, None] * channels + c[None, :]) * inner + i[:, None])
+        if HAS_OUTER:
+            o = j // inner
+            i = j - o * inner
+            ptrs = x_ptr + ((o[:, None] * channels + c[None, :]) * inner + i[:, None])
+        else:  # outer == 1: j < inner, no division
+            ptrs = x_ptr + (c[None, :] * inner + j[:, None])
         v = to_fp32(tl.load(ptrs, mask=ok, other=0.0))
         nan = tl.where(ok & (v != v), 1, nan)
         lo = tl.where(ok & (v < lo), v, lo)
@@ -285,14 +290,23 @@ def channel_layout(x: Tensor, axis: int | None, group_size: int | None) -> tuple
     return outer, shape[axis], inner
 
 
-def _partial_minmax(x: Tensor, outer: int, channels: int, inner: int):
+def _partial_minmax(x: Tensor, outer: int, channels: int, inner: int, splits: int | None):
     per_channel = outer * inner
-    # Short channels share a tile: (BLOCK_J elements) x (BLOCK_C channels).
-    block_j = min(_TILE, triton.next_power_of_2(per_channel))
-    block_c = max(1, min(_TILE // block_j, triton.next_power_of_2(channels)))
+    # Tiles of (BLOCK_J elements) x (BLOCK_C channels): short channels share one; with
+    # channels innermost (inner == 1) a row of BLOCK_C channels is one coalesced load.
+    if inner == 1:
+        block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(channels))
+        block_j = min(_TILE // block_c, triton.next_power_of_2(per_channel))
+    else:
+        block_j = min(_TILE, triton.next_power_of_2(per_channel))
+        block_c = max(1, min(_TILE // block_j, triton.next_power_of_2(channels)))
+    if splits is not None:  # a given number of slices per channel (tests)
+        block_j = min(block_j, triton.next_power_of_2(triton.cdiv(per_channel, splits)))
     c_blocks = triton.cdiv(channels, block_c)
     want = triton.cdiv(per_channel, 4 * block_j)
     n_split = 1 if INTERPRETED_KERNELS else max(1, min(want, _MAX_SPLITS // c_blocks))
+    if splits is not None:
+        n_split = splits
     chunk = triton.cdiv(triton.cdiv(per_channel, n_split), block_j) * block_j
     n_split = triton.cdiv(per_channel, chunk)
     pmin = torch.empty((channels, n_split), dtype=torch.float32, device=x.device)
@@ -308,6 +322,7 @@ def _partial_minmax(x: Tensor, outer: int, channels: int, inner: int):
         per_channel,
         chunk,
         n_split,
+        HAS_OUTER=outer > 1,
         BLOCK_J=block_j,
         BLOCK_C=block_c,
     )
@@ -333,16 +348,18 @@ def observe(
     eps: Tensor | None = None,
     not_observed_default: bool = False,
     flags: tuple[Tensor, Tensor] | None = None,
+    splits: int | None = None,
 ) -> None:
     """Reduce non-empty x (any float dtype) to per-channel min / max, update the contiguous fp32
     `run_min` / `run_max` (one element per channel) in place with `update`, and write fp32
     `scale` / int32 `zero_point` (one per channel) with the `qparams` formula.
 
     flags: (observer_enabled, fake_quant_enabled) int64 buffers gating the update and the
-    qparams on the device, as torch's fused op."""
+    qparams on the device, as torch's fused op. splits: slices per channel reduced by
+    separate programs (chosen from the size by default; one under the interpreter)."""
     x = x.contiguous()
     outer, channels, inner = channel_layout(x, axis, group_size)
-    pmin, pmax, pnan, n_split = _partial_minmax(x, outer, channels, inner)
+    pmin, pmax, pnan, n_split = _partial_minmax(x, outer, channels, inner, splits)
     dummy = pmin
     block = min(_FINISH_BLOCK, triton.next_power_of_2(channels))
     _observe_finish_kernel[(triton.cdiv(channels, block),)](
