@@ -395,3 +395,27 @@ def test_fused_observe_does_not_sync(kernels, device):
         fq.observe(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("qscheme", [AFF_T, SYM_T])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_qparams_match_eager(kernels, device, qscheme, dtype):
+    x = _input((3, 4, 20), dtype, True, seed=2).to(device)
+    x[1, 2] = 0.0  # an all-zero token
+    got = tqfq.per_token_qparams(x, -128, 127, qscheme, torch.qint8)
+    with tq.use_backend("eager"):
+        expected = tqfq.per_token_qparams(x, -128, 127, qscheme, torch.qint8)
+    assert_bitwise_equal(got[0], expected[0], "scale")
+    assert_bitwise_equal(got[1], expected[1], "zero_point")
+
+
+def test_wide_ranges_run_the_eager_code(kernels, device):
+    """qint32's range does not fit the kernels' fp32 carriage: the eager code runs, same result."""
+    x = _input((4, 6), torch.float32, False).to(device)
+    ours = tqfq.MinMaxObserver(dtype=torch.qint32).to(device)
+    ours(x)
+    eager = tqfq.MinMaxObserver(dtype=torch.qint32).to(device)
+    with tq.use_backend("eager"):
+        eager(x)
+    for key, value in eager.state_dict().items():
+        assert_bitwise_equal(ours.state_dict()[key], value, key)

@@ -12,6 +12,12 @@ but fake-quantize through triton_qat.ops, so they run the Triton kernels on the 
 expose `observe(x)` (the statistics half of forward) and `qparams()` (the current scale and
 zero point as a QParams) for the fused linear.
 
+Where the Triton path runs (triton_qat._backend.use_triton: CUDA, or the CPU under
+TRITON_INTERPRET=1), the observers' statistics, running updates and qparams come from
+triton_qat.kernels.observe, which mirrors the eager code below bit for bit (two launches, no
+host sync); the eager code runs elsewhere, and for non-float inputs, non-fp32 statistics
+buffers and ranges beyond +-2**20.
+
 Differences from torch.ao, all deliberate:
 - Every scale and zero point is computed with torch's CPU formula on every device: torch on
   CUDA multiplies by the reciprocal where its CPU kernels divide by a Python number, and its
@@ -47,7 +53,7 @@ from triton_qat.ops import (
     fake_quantize_per_group,
     fake_quantize_per_tensor,
 )
-from triton_qat.qparams import FLOAT_DTYPES, QParams
+from triton_qat.qparams import FLOAT_DTYPES, QUANT_LIMIT, QParams
 
 try:  # torch.ao is optional: the package works without it
     import torch.ao.quantization.fake_quantize as _ao_fake_quantize
@@ -414,6 +420,12 @@ def _aminmax(x: Tensor, dtype: torch.dtype, dim: int | None = None) -> tuple[Ten
     return min_val.to(dtype), max_val.to(dtype)
 
 
+def _kernel_range(quant_min: int, quant_max: int) -> bool:
+    """Whether the observe kernels take this range: they carry it in fp32, exact within +-2**20
+    (wider ranges, e.g. qint32's, run the eager code)."""
+    return abs(quant_min) <= QUANT_LIMIT and abs(quant_max) <= QUANT_LIMIT
+
+
 def _observe_kernels(x: Tensor, *buffers: Tensor) -> Any:
     """triton_qat.kernels.observe when it runs for x: a non-empty float x on a device where the
     Triton path runs (use_triton), contiguous fp32 statistics buffers on x's device; else None
@@ -524,6 +536,8 @@ class _UniformObserver(ObserverBase):
         """forward(x)'s statistics update with the observe kernels, and with `with_qparams`
         also _qparams_for_fake_quant()'s values from the same launch: True or (scale,
         zero_point); None (nothing done) where the eager code must run."""
+        if not _kernel_range(self.quant_min, self.quant_max):
+            return None
         kernels = _observe_kernels(x, self.min_val, self.max_val, self.eps)
         if kernels is None or self.eps.numel() != 1:
             return None
@@ -1226,6 +1240,8 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         """observe(x) in the observe kernels, flags read on the device (no host sync, as
         torch's fused op); False (nothing done) where the eager code must run."""
         observer = self.activation_post_process
+        if not _kernel_range(observer.quant_min, observer.quant_max):
+            return False
         kernels = _observe_kernels(x, observer.min_val, observer.max_val, self.scale)
         if kernels is None or self.zero_point.dtype != torch.int32:
             return False
@@ -1282,12 +1298,27 @@ def per_token_qparams(
     """(scale, zero_point) of each row of x.reshape(-1, x.shape[-1]) from its own min / max,
     with torch.ao's Python observer formulas (symmetric or affine per `qscheme`)."""
     rows = x.detach().reshape(-1, x.shape[-1])
+    custom = (quant_min, quant_max) != _dtype_range(dtype)
+    # A fill, not a host-to-device copy.
+    eps_t = torch.full((1,), eps, dtype=torch.float32, device=rows.device)
+    kernels = (
+        _observe_kernels(rows) if rows.shape[1] and _kernel_range(quant_min, quant_max) else None
+    )
+    if kernels is not None:
+        n = rows.shape[0]
+        lo, hi, scale = (torch.empty(n, device=rows.device) for _ in range(3))
+        zero_point = torch.empty(n, dtype=torch.int32, device=rows.device)
+        symmetric = qscheme in _SYMMETRIC
+        kernels.observe(
+            rows, lo, hi, group_size=rows.shape[1], qparams=kernels.OBSERVER_QPARAMS, scale=scale,
+            zero_point=zero_point, quant_min=quant_min, quant_max=quant_max, symmetric=symmetric,
+            zp_symmetric=_symmetric_zero_point(quant_min, quant_max, dtype, custom), eps=eps_t,
+        )  # fmt: skip
+        return scale, zero_point
     if rows.shape[1]:
         lo, hi = _aminmax(rows, torch.float32, dim=1)
     else:
         lo = hi = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
-    custom = (quant_min, quant_max) != _dtype_range(dtype)
-    eps_t = torch.tensor([eps], device=rows.device)
     scale, zero_point = _minmax_qparams(lo, hi, quant_min, quant_max, qscheme, dtype, custom, eps_t)
     return scale.reshape(-1), zero_point.reshape(-1).to(torch.int32)
 
