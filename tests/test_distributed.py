@@ -27,14 +27,8 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _train(model: torch.nn.Module, batches, rank: int | None) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for x, y in batches:
-        if rank is not None:  # this rank's half of the global batch
-            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    """SGD steps, on this rank's half of each global batch (the whole batch for rank None)."""
+    _fsdp2_check().train(model, batches, WORLD, rank)
 
 
 def _worker(rank: int, port: int, qconfig: str, out_dir: str) -> None:
