@@ -419,3 +419,57 @@ def test_wide_ranges_run_the_eager_code(kernels, device):
         eager(x)
     for key, value in eager.state_dict().items():
         assert_bitwise_equal(ours.state_dict()[key], value, key)
+
+
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - the GPU machine may lack hypothesis
+    given = None
+
+
+if given is not None:
+    _stat = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+    @st.composite
+    def _qparam_cases(draw):
+        bits = draw(st.integers(2, 16))
+        signed = draw(st.booleans())
+        qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        reduce = draw(st.booleans())
+        if reduce:
+            qmin, qmax = qmin // 2, qmax // 2
+        pairs = draw(st.lists(st.tuples(_stat, _stat), min_size=1, max_size=16))
+        return qmin, qmax, draw(st.booleans()), pairs
+
+    @given(_qparam_cases())
+    def test_property_qparams_equal_eager_formulas(device, case):
+        """Any fp32 min / max (NaN, +-inf, subnormals included) and any range up to 16 bits:
+        both formulas bit-exact with the eager code."""
+        if tq._backend.triton_unavailable_reason(device) is not None:
+            pytest.skip(tq._backend.triton_unavailable_reason(device))
+        from triton_qat.kernels import observe as kernels
+
+        qmin, qmax, symmetric, pairs = case
+        x = torch.tensor(pairs, dtype=torch.float32, device=device)
+        n = x.shape[0]
+        lo, hi, scale = (torch.empty(n, device=device) for _ in range(3))
+        zp = torch.empty(n, dtype=torch.int32, device=device)
+        eps = torch.tensor([EPS], device=device)
+        dtype = torch.qint8 if qmin < 0 else torch.quint8
+        common = dict(
+            quant_min=qmin, quant_max=qmax, symmetric=symmetric, scale=scale, zero_point=zp
+        )
+        zp_sym = tqfq._symmetric_zero_point(qmin, qmax, dtype, True)
+        kernels.observe(
+            x, lo, hi, axis=0, qparams=kernels.OBSERVER_QPARAMS, eps=eps, zp_symmetric=zp_sym,
+            **common,
+        )  # fmt: skip
+        qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+        e_scale, e_zp = tqfq._minmax_qparams(lo, hi, qmin, qmax, qscheme, dtype, True, eps)
+        assert_bitwise_equal(scale, e_scale, "observer scale")
+        assert_bitwise_equal(zp, e_zp.to(torch.int32), "observer zero_point")
+        kernels.observe(x, lo, hi, axis=0, qparams=kernels.FUSED_QPARAMS, **common)
+        e_scale, e_zp = tqfq._fused_qparams(lo, hi, qmin, qmax, symmetric)
+        assert_bitwise_equal(scale, e_scale, "fused scale")
+        assert_bitwise_equal(zp, e_zp, "fused zero_point")
