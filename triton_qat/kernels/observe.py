@@ -325,6 +325,7 @@ def _partial_minmax(x: Tensor, outer: int, channels: int, inner: int, splits: in
         HAS_OUTER=outer > 1,
         BLOCK_J=block_j,
         BLOCK_C=block_c,
+        num_warps=8 if block_j * block_c >= 4096 else 4,
     )
     return pmin, pmax, pnan, n_split
 
