@@ -159,11 +159,10 @@ RANGES = [
 ]
 
 
-@pytest.mark.parametrize("symmetric", [False, True], ids=["affine", "symmetric"])
-@pytest.mark.parametrize("qrange", RANGES, ids=lambda r: f"{r[0]}..{r[1]}")
-def test_qparams_match_eager_formulas(kernels, device, qrange, symmetric):
-    qmin, qmax, dtype, custom = qrange
-    pairs = _PAIRS.to(device)
+def _assert_qparams_match(kernels, pairs, qmin, qmax, dtype, custom, symmetric):
+    """Both qparam formulas of the kernels on the per-row min / max of `pairs` (C, 2) against
+    the eager formulas applied to the kernels' own min / max, bit for bit."""
+    device = pairs.device
     n = pairs.shape[0]
     lo, hi = torch.empty(n, device=device), torch.empty(n, device=device)
     scale = torch.empty(n, device=device)
@@ -184,6 +183,13 @@ def test_qparams_match_eager_formulas(kernels, device, qrange, symmetric):
     e_scale, e_zp = tqfq._fused_qparams(lo, hi, qmin, qmax, symmetric)
     assert_bitwise_equal(scale, e_scale, "fused scale")
     assert_bitwise_equal(zp, e_zp, "fused zero_point")
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["affine", "symmetric"])
+@pytest.mark.parametrize("qrange", RANGES, ids=lambda r: f"{r[0]}..{r[1]}")
+def test_qparams_match_eager_formulas(kernels, device, qrange, symmetric):
+    qmin, qmax, dtype, custom = qrange
+    _assert_qparams_match(kernels, _PAIRS.to(device), qmin, qmax, dtype, custom, symmetric)
 
 
 _UPDATES = ["RUNNING_MINMAX", "MOVING_AVERAGE_FIRST", "MOVING_AVERAGE", "FUSED_MOVING_AVERAGE"]
@@ -452,24 +458,5 @@ if given is not None:
 
         qmin, qmax, symmetric, pairs = case
         x = torch.tensor(pairs, dtype=torch.float32, device=device)
-        n = x.shape[0]
-        lo, hi, scale = (torch.empty(n, device=device) for _ in range(3))
-        zp = torch.empty(n, dtype=torch.int32, device=device)
-        eps = torch.tensor([EPS], device=device)
         dtype = torch.qint8 if qmin < 0 else torch.quint8
-        common = dict(
-            quant_min=qmin, quant_max=qmax, symmetric=symmetric, scale=scale, zero_point=zp
-        )
-        zp_sym = tqfq._symmetric_zero_point(qmin, qmax, dtype, True)
-        kernels.observe(
-            x, lo, hi, axis=0, qparams=kernels.OBSERVER_QPARAMS, eps=eps, zp_symmetric=zp_sym,
-            **common,
-        )  # fmt: skip
-        qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
-        e_scale, e_zp = tqfq._minmax_qparams(lo, hi, qmin, qmax, qscheme, dtype, True, eps)
-        assert_bitwise_equal(scale, e_scale, "observer scale")
-        assert_bitwise_equal(zp, e_zp.to(torch.int32), "observer zero_point")
-        kernels.observe(x, lo, hi, axis=0, qparams=kernels.FUSED_QPARAMS, **common)
-        e_scale, e_zp = tqfq._fused_qparams(lo, hi, qmin, qmax, symmetric)
-        assert_bitwise_equal(scale, e_scale, "fused scale")
-        assert_bitwise_equal(zp, e_zp, "fused zero_point")
+        _assert_qparams_match(kernels, x, qmin, qmax, dtype, True, symmetric)
