@@ -131,6 +131,12 @@ def test_check_json_rows(quick_check):
         assert any(part in label for label in labels), part
     assert any("zp=float" in label for label in labels)
     assert by_kind["reference_vs_torch"]
+    obs = by_kind["observer"]
+    assert {r["metric"] for r in obs} == {"min", "max", "scale", "zp"}
+    assert all(r["result"] == "bit-exact" and r["mismatches"] == 0 for r in obs)
+    labels = {r["qconfig"] for r in obs}
+    for part in ("fused ", "axis=0", "axis=-1", "PerGroup", " sym ", " affine "):
+        assert any(part in label for label in labels), part
     lin = by_kind["fq_linear"]
     assert {r["metric"] for r in lin} == {"y", "dx", "dw", "db"}
     for r in lin:

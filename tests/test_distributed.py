@@ -27,14 +27,8 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _train(model: torch.nn.Module, batches, rank: int | None) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for x, y in batches:
-        if rank is not None:  # this rank's half of the global batch
-            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    """SGD steps, on this rank's half of each global batch (the whole batch for rank None)."""
+    _fsdp2_check().train(model, batches, WORLD, rank)
 
 
 def _worker(rank: int, port: int, qconfig: str, out_dir: str) -> None:
@@ -70,3 +64,30 @@ def test_ddp_matches_single_process(tmp_path, qconfig):
         for key, value in expected.items():
             # Averaged half-batch gradients vs full-batch ones: fp32 summation order only.
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _fsdp2_check():
+    """bench/fsdp2_check.py as a module its spawned ranks can import by name too."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("fsdp2_check")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fsdp2_matches_single_process():
+    """bench/fsdp2_check.py on two gloo ranks: fully_shard'ed tq layers ("int8_per_channel",
+    "int4_per_group") train to the weights and fake-quant buffers of one process on the full
+    batch. Eager backend: the spawned ranks would interpret every kernel (about 70 s), and
+    the kernels have their own tests; this one is about sharding."""
+    fsdp2 = _fsdp2_check()
+    try:
+        fsdp2.fully_shard_fn()
+    except ImportError as err:
+        pytest.skip(f"FSDP2 is not available: {err}")
+    assert fsdp2.run("cpu", 2, 2, backend="eager") == []

@@ -9,6 +9,7 @@ from _compare import assert_bitwise_equal
 from triton_qat.kernels.rounding import (
     cast_rne,
     round_half_even,
+    round_half_even_f64,
     round_half_even_then_clamped,
     to_fp32,
 )
@@ -19,6 +20,13 @@ def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     tl.store(y_ptr + offs, round_half_even(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+@triton.jit
+def _round_f64_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, round_half_even_f64(tl.load(x_ptr + offs, mask=m)), mask=m)
 
 
 @triton.jit
@@ -90,6 +98,23 @@ def _interesting_fp32(device) -> torch.Tensor:
 def test_round_half_even_matches_torch_round(device):
     x = _interesting_fp32(device)
     assert_bitwise_equal(_run(_round_kernel, x, torch.float32), torch.round(x), "round_half_even")
+
+
+def test_round_half_even_f64_matches_torch_round(device):
+    """The fp64 twin (the fused observer's zero point): fp32 cases widened, fp64 ties up to
+    2**52, their neighbours, and random bit patterns."""
+    ties = torch.tensor([0.5, 2.5, 127.5, 2.0**51 + 0.5, 2.0**52 - 0.5], dtype=torch.float64)
+    ties = torch.cat([ties, -ties])
+    inf = torch.full_like(ties, float("inf"))
+    neighbours = torch.cat([torch.nextafter(ties, inf), torch.nextafter(ties, -inf)])
+    big = torch.tensor([2.0**52, 2.0**52 + 1, 2.0**53 + 2, 1e300, -1e300], dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    bits = torch.randint(-(2**63), 2**63 - 1, (4096,), generator=g, dtype=torch.int64)
+    x = torch.cat(
+        [_interesting_fp32("cpu").double(), ties, neighbours, big, bits.view(torch.float64)]
+    )
+    x = x.to(device)
+    assert_bitwise_equal(_run(_round_f64_kernel, x, torch.float64), torch.round(x), "f64")
 
 
 def test_floor_plus_half_would_fail_here():

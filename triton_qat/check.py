@@ -12,6 +12,12 @@ Four kinds of rows (`CheckResult`), one per (case, metric):
 - ``reference_vs_torch``: triton_qat.reference against torch.fake_quantize_per_tensor_affine
   / per_channel_affine on the CPU (per group against the per-channel op on the (-1, group)
   view), integer zero points, finite moderate inputs, forward and gradient, bit for bit.
+- ``observer``: the observe kernels (backend "triton") against the eager observer code
+  (backend "eager"): FakeQuantize with a (moving-average) min/max observer per tensor, per
+  channel along the first and the last axis and per group, and FusedMovingAvgObsFakeQuantize
+  per tensor and per channel; symmetric and affine, int8 / uint8 / int4 ranges, three
+  observation steps (one with NaN and +-inf for the unfused modules), running ``min`` / ``max``,
+  ``scale`` and zero point (``zp``) bit for bit.
 - ``fq_linear``: tq.fq_linear on the Triton kernels against the eager composition, outputs
   ``y`` and gradients ``dx``, ``dw``, ``db``. The pass criterion is the relative error norm
   ``||tq - ref64|| / ||ref64||`` against a float64 product of the same fake-quantized
@@ -43,6 +49,7 @@ list has one config anyway.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -57,7 +64,7 @@ import triton_qat as tq
 from triton_qat import ops, reference
 from triton_qat.qparams import PerTokenQParams, QParams, normalize
 
-KINDS = ("fake_quant", "reference_vs_torch", "fq_linear", "learnable", "int_linear")
+KINDS = ("fake_quant", "reference_vs_torch", "fq_linear", "learnable", "int_linear", "observer")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 QUANT_RANGES = (("int8", -128, 127), ("uint8", 0, 255), ("int4", -8, 7))
@@ -69,11 +76,11 @@ LINEAR_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16:
 class CheckResult:
     """One row of the check: a comparison of one metric of one case.
 
-    kind: "fake_quant", "reference_vs_torch", "fq_linear" or "learnable"; qconfig:
-    granularity, range and zero-point kind (or the weight / input quantizers of a linear);
-    shape: the input's shape, or (M, N, K) for a linear; dtype: "fp32", "fp16" or "bf16";
-    metric: "y", "dx", "dw", "db", "dscale" or "dzp"; result: the human-readable outcome;
-    passed / status ("PASS" or "FAIL").
+    kind: one of KINDS; qconfig: granularity, range and zero-point kind (the weight / input
+    quantizers of a linear, the module and observer of an observer case); shape: the input's
+    shape, or (M, N, K) for a linear; dtype: "fp32", "fp16" or "bf16"; metric: "y", "dx", "dw",
+    "db", "dscale", "dzp", or "min", "max", "scale", "zp" (zero point) for observers; result:
+    the human-readable outcome; passed / status ("PASS" or "FAIL").
     tolerance is None where bit-exactness is required (then mismatches counts differing
     elements), else the bound on rel_err.
     max_abs_err and sqnr_db compare the Triton kernels with the eager composition (sqnr_db
@@ -812,6 +819,132 @@ def check_int_linear(case: IntLinearCase, device: str, seed: int = 0) -> list[Ch
     return [dataclasses.replace(row, kind="int_linear")]
 
 
+# --- observer cases ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObserverCase:
+    """One fake-quant module, observed over a few steps with the kernels and with the eager code."""
+
+    module: str  # "FakeQuantize" or "FusedMovingAvgObsFakeQuantize"
+    observer: str  # the observer class name in triton_qat.fake_quantize
+    symmetric: bool
+    qrange: tuple[str, int, int]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    ch_axis: int | None = None
+    group_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        where = ""
+        if self.ch_axis is not None:
+            where = f"(axis={self.ch_axis})"
+        elif self.group_size is not None:
+            where = f"({self.group_size})"
+        scheme = "sym" if self.symmetric else "affine"
+        fused = "fused " if self.module != "FakeQuantize" else ""
+        observer = self.observer.replace("Observer", "").replace("MovingAverage", "MovingAvg")
+        return f"{fused}{observer}{where} {scheme} {self.qrange[0]}"
+
+    def build(self) -> torch.nn.Module:
+        from triton_qat import fake_quantize as fq
+
+        _, qmin, qmax = self.qrange
+        per_tensor = self.ch_axis is None and self.group_size is None
+        if self.symmetric:
+            qscheme = torch.per_tensor_symmetric if per_tensor else torch.per_channel_symmetric
+        else:
+            qscheme = torch.per_tensor_affine if per_tensor else torch.per_channel_affine
+        kwargs: dict = {
+            "quant_min": qmin,
+            "quant_max": qmax,
+            "dtype": torch.qint8 if qmin < 0 else torch.quint8,
+            "qscheme": qscheme,
+        }
+        if self.ch_axis is not None:
+            kwargs["ch_axis"] = self.ch_axis
+        if self.group_size is not None:
+            kwargs["group_size"] = self.group_size
+        module = getattr(fq, self.module)
+        return module(observer=getattr(fq, self.observer), **kwargs)
+
+
+_OBSERVER_METRICS = ("min", "max", "scale", "zp")
+
+
+def observer_cases(size: str) -> list[ObserverCase]:
+    """Observers x granularities x schemes, dtypes and ranges spread over the cases."""
+    if size == "tiny":
+        t_shape, c_shape, g_shape = (37, 67), (5, 7, 33), (9, 96)
+    elif size == "medium":
+        t_shape, c_shape, g_shape = (255, 257), (9, 31, 129), (129, 256)
+    else:
+        t_shape = c_shape = g_shape = (4096, 4096)
+    layouts = [
+        ("FakeQuantize", "MinMaxObserver", t_shape, None, None),
+        ("FakeQuantize", "MovingAverageMinMaxObserver", t_shape, None, None),
+        ("FakeQuantize", "PerChannelMinMaxObserver", c_shape, 0, None),
+        ("FakeQuantize", "MovingAveragePerChannelMinMaxObserver", c_shape, -1, None),
+        ("FakeQuantize", "PerGroupMinMaxObserver", g_shape, None, 32),
+        ("FusedMovingAvgObsFakeQuantize", "MovingAverageMinMaxObserver", t_shape, None, None),
+        (
+            "FusedMovingAvgObsFakeQuantize",
+            "MovingAveragePerChannelMinMaxObserver",
+            c_shape,
+            0,
+            None,
+        ),
+    ]
+    cases = []
+    for i, (module, observer, shape, axis, group) in enumerate(layouts):
+        for j, dtype in enumerate(DTYPES):
+            qrange = QUANT_RANGES[(i + j) % len(QUANT_RANGES)]
+            cases.append(
+                ObserverCase(module, observer, (i + j) % 2 == 0, qrange, shape, dtype, axis, group)
+            )
+    return cases
+
+
+def _observer_steps(case: ObserverCase, device: str, seed: int) -> list[Tensor]:
+    gen = _gen(device, seed)
+    steps = []
+    for k in range(3):
+        x = torch.randn(case.shape, generator=gen, device=device) * (4.0**k) + (k - 1)
+        # The fused formula turns an infinite statistic into a NaN zero point (as torch's op),
+        # which fake quant then rejects: specials for the unfused modules only.
+        if k == 2 and case.module == "FakeQuantize":
+            flat = x.view(-1)
+            flat[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)
+        steps.append(x.to(case.dtype))
+    return steps
+
+
+def check_observer(case: ObserverCase, device: str, seed: int = 0) -> list[CheckResult]:
+    """Observe the same inputs with the kernels and with the eager code: min / max and the
+    qparams after the last step, bit for bit."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's reduce_range deprecation and the like
+        kernel_fq = case.build().to(device)
+    eager_fq = copy.deepcopy(kernel_fq)
+    steps = _observer_steps(case, device, seed)
+    for module, backend in ((kernel_fq, "triton"), (eager_fq, "eager")):
+        with tq.use_backend(backend):
+            for x in steps:
+                module.observe(x)
+    values = []
+    for module in (kernel_fq, eager_fq):
+        observer = module.activation_post_process
+        values.append((observer.min_val, observer.max_val, module.scale, module.zero_point))
+    dtype = DTYPE_NAMES[case.dtype]
+    return [
+        _bit_exact_row("observer", case.label, case.shape, dtype, metric, actual, expected)
+        for metric, actual, expected in zip(_OBSERVER_METRICS, *values, strict=True)
+    ]
+
+
 # --- driver ------------------------------------------------------------------------------------
 
 
@@ -869,6 +1002,10 @@ def run_check(
         for c in learnable_cases(size):
             metrics = ("y", "dx", "dscale", "dzp")
             jobs.append(("learnable", c, lambda c=c: check_learnable(c, device), metrics))
+
+    if "observer" in selected:
+        for c in observer_cases(size):
+            jobs.append(("observer", c, lambda c=c: check_observer(c, device), _OBSERVER_METRICS))
 
     results: list[CheckResult] = []
     gemm_pin = _one_gemm_config() if device == "cuda" else contextlib.nullcontext()

@@ -12,6 +12,12 @@ but fake-quantize through triton_qat.ops, so they run the Triton kernels on the 
 expose `observe(x)` (the statistics half of forward) and `qparams()` (the current scale and
 zero point as a QParams) for the fused linear.
 
+Where the Triton path runs (triton_qat._backend.use_triton: CUDA, or the CPU under
+TRITON_INTERPRET=1), the observers' statistics, running updates and qparams come from
+triton_qat.kernels.observe, which mirrors the eager code below bit for bit (two launches, no
+host sync); the eager code runs elsewhere, and for non-float inputs, non-fp32 statistics
+buffers and ranges beyond +-2**20.
+
 Differences from torch.ao, all deliberate:
 - Every scale and zero point is computed with torch's CPU formula on every device: torch on
   CUDA multiplies by the reciprocal where its CPU kernels divide by a Python number, and its
@@ -41,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from triton_qat._backend import use_triton
 from triton_qat.ops import (
     fake_quantize_learnable,
     fake_quantize_learnable_per_channel,
@@ -48,7 +55,7 @@ from triton_qat.ops import (
     fake_quantize_per_group,
     fake_quantize_per_tensor,
 )
-from triton_qat.qparams import PerTokenQParams, QParams
+from triton_qat.qparams import FLOAT_DTYPES, QUANT_LIMIT, PerTokenQParams, QParams
 from triton_qat.reference import divide_fp32 as _div
 from triton_qat.reference import minmax_qparams, per_token_qparams_ref
 
@@ -397,6 +404,28 @@ def _aminmax(x: Tensor, dtype: torch.dtype, dim: int | None = None) -> tuple[Ten
     return min_val.to(dtype), max_val.to(dtype)
 
 
+def _kernel_range(quant_min: int, quant_max: int) -> bool:
+    """Whether the observe kernels take this range: they carry it in fp32, exact within +-2**20
+    (wider ranges, e.g. qint32's, run the eager code)."""
+    return abs(quant_min) <= QUANT_LIMIT and abs(quant_max) <= QUANT_LIMIT
+
+
+def _observe_kernels(x: Tensor, *buffers: Tensor) -> Any:
+    """triton_qat.kernels.observe when it runs for x: a non-empty float x on a device where the
+    Triton path runs (use_triton), contiguous fp32 statistics buffers on x's device; else None
+    (the eager code runs)."""
+    if x.numel() == 0 or x.dtype not in FLOAT_DTYPES:
+        return None
+    for b in buffers:
+        if b.dtype != torch.float32 or b.device != x.device or not b.is_contiguous():
+            return None
+    if not use_triton(x.device):
+        return None
+    from triton_qat.kernels import observe
+
+    return observe
+
+
 class _UniformObserver(ObserverBase):
     """torch.ao's UniformQuantizationObserverBase: qscheme, dtype, range, eps."""
 
@@ -482,6 +511,59 @@ class _UniformObserver(ObserverBase):
         scale, zero_point = self._qparams_of(min_val, max_val)
         return scale.reshape(scale.shape or (1,)), zero_point.reshape(zero_point.shape or (1,))
 
+    def _device_update(self, x: Tensor, kernels: Any) -> dict | None:
+        """The observe kernel's layout and update arguments for x, buffers resized to the
+        statistics' shape; None where the eager code must run."""
+        return None
+
+    def _observe_on_device(self, x: Tensor, with_qparams: bool = False) -> Any:
+        """forward(x)'s statistics update with the observe kernels, and with `with_qparams`
+        also _qparams_for_fake_quant()'s values from the same launch: True or (scale,
+        zero_point); None (nothing done) where the eager code must run."""
+        if not _kernel_range(self.quant_min, self.quant_max):
+            return None
+        kernels = _observe_kernels(x, self.min_val, self.max_val, self.eps)
+        if kernels is None or self.eps.numel() != 1:
+            return None
+        args = self._device_update(x, kernels)
+        if args is None:
+            return None
+        scale = zero_point = None
+        if with_qparams:
+            n = self.min_val.numel()
+            scale = torch.empty(n, dtype=torch.float32, device=x.device)
+            zero_point = torch.empty(n, dtype=torch.int32, device=x.device)
+            symmetric = self.qscheme in _SYMMETRIC
+            args.update(
+                qparams=kernels.OBSERVER_QPARAMS,
+                scale=scale,
+                zero_point=zero_point,
+                quant_min=self.quant_min,
+                quant_max=self.quant_max,
+                symmetric=symmetric,
+                zp_symmetric=_symmetric_zero_point(
+                    self.quant_min, self.quant_max, self.dtype, self.has_customized_qrange
+                ),
+                eps=self.eps,
+                not_observed_default=self.min_val.dim() == 0,
+            )
+        kernels.observe(x.detach(), self.min_val, self.max_val, **args)
+        if not with_qparams:
+            return True
+        assert scale is not None and zero_point is not None
+        shape = self.min_val.shape or (1,)
+        # Zero point dtypes as the eager formula: int64 for symmetric schemes, int32 for affine.
+        zp_dtype = torch.int64 if self.qscheme in _SYMMETRIC else torch.int32
+        return scale.reshape(shape), zero_point.to(zp_dtype).reshape(shape)
+
+    def _observe_for_fake_quant(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """forward(x), then _qparams_for_fake_quant(): one kernel pass where it runs."""
+        on_device = self._observe_on_device(x, with_qparams=True)
+        if on_device is not None:
+            return on_device
+        self(x)
+        return self._qparams_for_fake_quant()
+
     def _qparams_for_fake_quant(self) -> tuple[Tensor, Tensor]:
         """calculate_qparams' values without its host synchronisation (no checks, no warning)."""
         min_val, max_val = self.min_val, self.max_val
@@ -549,12 +631,17 @@ class MinMaxObserver(_UniformObserver):
 
     def forward(self, x_orig: Tensor) -> Tensor:
         """Record the running min and max of x; return x unchanged."""
-        if x_orig.numel() == 0:
+        if x_orig.numel() == 0 or self._observe_on_device(x_orig):
             return x_orig
         min_cur, max_cur = _aminmax(x_orig.detach(), self.min_val.dtype)
         self.min_val.copy_(torch.min(min_cur, self.min_val))
         self.max_val.copy_(torch.max(max_cur, self.max_val))
         return x_orig
+
+    def _device_update(self, x: Tensor, kernels: Any) -> dict | None:
+        if self.min_val.numel() != 1 or self.max_val.numel() != 1:
+            return None
+        return {"update": kernels.RUNNING_MINMAX}
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """(scale, zero_point) from the recorded min and max, as torch.ao."""
@@ -606,7 +693,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def forward(self, x_orig: Tensor) -> Tensor:
         """Update the moving min and max with x; return x unchanged."""
-        if x_orig.numel() == 0:
+        if x_orig.numel() == 0 or self._observe_on_device(x_orig):
             return x_orig
         min_val, max_val = self.min_val, self.max_val
         min_cur, max_cur = _aminmax(x_orig.detach(), min_val.dtype)
@@ -616,6 +703,14 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         self.min_val.copy_(torch.where(first, min_cur, min_val + c * (min_cur - min_val)))
         self.max_val.copy_(torch.where(first, max_cur, max_val + c * (max_cur - max_val)))
         return x_orig
+
+    def _device_update(self, x: Tensor, kernels: Any) -> dict | None:
+        if self.min_val.numel() != 1 or self.max_val.numel() != 1:
+            return None
+        return {
+            "update": kernels.MOVING_AVERAGE_FIRST,
+            "averaging_constant": self.averaging_constant,
+        }
 
 
 class _ResizableMinMax(_UniformObserver):
@@ -714,9 +809,26 @@ class PerChannelMinMaxObserver(_ResizableMinMax):
         if qscheme == torch.per_channel_symmetric and reduce_range and dtype == torch.quint8:
             raise NotImplementedError("Cannot reduce range for symmetric quantization for quint8")
 
+    def _channel_update(self, x: Tensor, update: int) -> dict | None:
+        """Kernel arguments for per-channel statistics: `update` on recorded ones, a plain
+        store into resized buffers on the first call."""
+        if x.dim() == 0 or not -x.dim() <= self.ch_axis < x.dim():
+            return None
+        channels = x.size(self.ch_axis)
+        if self.min_val.numel() != 0 and self.max_val.numel() != 0:
+            if self.min_val.shape != (channels,) or self.max_val.shape != (channels,):
+                return None
+            return {"axis": self.ch_axis, "update": update}
+        self.min_val.resize_(channels)
+        self.max_val.resize_(channels)
+        return {"axis": self.ch_axis}
+
+    def _device_update(self, x: Tensor, kernels: Any) -> dict | None:
+        return self._channel_update(x, kernels.RUNNING_MINMAX)
+
     def forward(self, x_orig: Tensor) -> Tensor:
         """Record the running per-channel min and max of x; return x unchanged."""
-        if x_orig.numel() == 0:
+        if x_orig.numel() == 0 or self._observe_on_device(x_orig):
             return x_orig
         y = _channel_rows(x_orig.detach(), self.ch_axis)
         min_cur, max_cur = _aminmax(y, self.min_val.dtype, dim=1)
@@ -758,9 +870,15 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
         )
         self.averaging_constant = averaging_constant
 
+    def _device_update(self, x: Tensor, kernels: Any) -> dict | None:
+        args = self._channel_update(x, kernels.MOVING_AVERAGE)
+        if args is not None:
+            args["averaging_constant"] = self.averaging_constant
+        return args
+
     def forward(self, x_orig: Tensor) -> Tensor:
         """Update the per-channel moving min and max with x; return x unchanged."""
-        if x_orig.numel() == 0:
+        if x_orig.numel() == 0 or self._observe_on_device(x_orig):
             return x_orig
         y = _channel_rows(x_orig.detach(), self.ch_axis)
         min_cur, max_cur = _aminmax(y, self.min_val.dtype, dim=1)
@@ -824,10 +942,21 @@ class PerGroupMinMaxObserver(_ResizableMinMax):
         k, g = x_orig.shape[-1], self.group_size
         if k % g != 0:
             raise ValueError(f"group_size {g} does not divide the last dim of the input ({k})")
+        if self._observe_on_device(x_orig):
+            return x_orig
         groups = x_orig.detach().reshape(*x_orig.shape[:-1], k // g, g)
         min_cur, max_cur = _aminmax(groups, self.min_val.dtype, dim=-1)
         self._store(min_cur, max_cur)
         return x_orig
+
+    def _device_update(self, x: Tensor, kernels: Any) -> dict | None:
+        k, g = x.shape[-1], self.group_size
+        if x.dim() == 0 or k % g != 0:
+            return None
+        shape = (*x.shape[:-1], k // g)
+        self.min_val.resize_(shape)
+        self.max_val.resize_(shape)
+        return {"group_size": g}
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """(scale fp32, zero_point int32), shaped (*x.shape[:-1], x.shape[-1] // group_size)."""
@@ -936,8 +1065,12 @@ class FakeQuantize(FakeQuantizeBase):
         """The statistics half of forward: update the observer with x and the scale /
         zero_point buffers from it; nothing when observer_enabled is 0."""
         if self.observer_enabled[0] == 1:
-            self.activation_post_process(x.detach())
-            scale, zero_point = self._observer_qparams()
+            observer = self.activation_post_process
+            if isinstance(observer, _UniformObserver):
+                scale, zero_point = observer._observe_for_fake_quant(x.detach())
+            else:
+                observer(x.detach())
+                scale, zero_point = observer.calculate_qparams()
             scale = scale.to(self.scale.device)
             zero_point = zero_point.to(self.zero_point.device)
             if self.scale.shape != scale.shape:
@@ -1074,6 +1207,8 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         observer = self.activation_post_process
         if self.is_per_channel:
             self._init_channels(x)
+        if self._observe_on_device(x):
+            return
         if self.observer_enabled[0] == 1:
             # torch's op reads fp32 statistics; fp16 / bf16 inputs are reduced, then widened.
             if self.is_per_channel:
@@ -1094,6 +1229,38 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
             )
             self.scale.copy_(scale.reshape(-1).to(self.scale.device))
             self.zero_point.copy_(zero_point.reshape(-1).to(self.zero_point.device))
+
+    def _observe_on_device(self, x: Tensor) -> bool:
+        """observe(x) in the observe kernels, flags read on the device (no host sync, as
+        torch's fused op); False (nothing done) where the eager code must run."""
+        observer = self.activation_post_process
+        if not _kernel_range(observer.quant_min, observer.quant_max):
+            return False
+        kernels = _observe_kernels(x, observer.min_val, observer.max_val, self.scale)
+        if kernels is None or self.zero_point.dtype != torch.int32:
+            return False
+        if not self.zero_point.is_contiguous():
+            return False
+        channels = x.size(self.ch_axis) if self.is_per_channel and x.dim() else 1
+        buffers = (observer.min_val, observer.max_val, self.scale, self.zero_point)
+        if any(b.numel() != channels for b in buffers):
+            return False
+        kernels.observe(
+            x.detach(),
+            observer.min_val,
+            observer.max_val,
+            axis=self.ch_axis if self.is_per_channel and x.dim() else None,
+            update=kernels.FUSED_MOVING_AVERAGE,
+            averaging_constant=observer.averaging_constant,
+            qparams=kernels.FUSED_QPARAMS,
+            scale=self.scale,
+            zero_point=self.zero_point,
+            quant_min=observer.quant_min,
+            quant_max=observer.quant_max,
+            symmetric=self.is_symmetric_quant,
+            flags=(self.observer_enabled, self.fake_quant_enabled),
+        )
+        return True
 
     def forward(self, X: Tensor) -> Tensor:
         """observe(X), then fake-quantize X when fake_quant_enabled (else a copy of X)."""

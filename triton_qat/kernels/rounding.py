@@ -81,3 +81,17 @@ def dot_operand(t):
         return to_fp32(t)
     else:
         return t
+
+
+# fp64 values at or above this magnitude are integers already.
+TWO_POW_52: tl.constexpr = tl.constexpr(4503599627370496.0)
+
+
+@triton.jit
+def round_half_even_f64(v):
+    """torch.round of an fp64 tensor, bit for bit: round_half_even with fp64's 2**52."""
+    a = tl.abs(v)
+    small = a < TWO_POW_52
+    r = (a + TWO_POW_52) - TWO_POW_52
+    signed = tl.where(v < 0.0, -r, r)
+    return tl.where(small & (a != 0.0), signed, v)
