@@ -80,11 +80,22 @@ TQ = "triton_qat"
 TQ_MASTER = "triton_qat_fp32_master"
 # w8a8_dynamic with the float forward (TRITON_QAT_INT8_FORWARD=0): the int8 forward's gain.
 TQ_FLOAT_FWD = "triton_qat_float_fwd"
+# int8_per_channel with W's int8 codes + the weight-only GEMM as the forward
+# (TRITON_QAT_CODES_FORWARD=1), against re-quantizing W tiles inside the fused GEMM.
+TQ_CODES_FWD = "triton_qat_codes_fwd"
+# The environment each variant runs its forward under, and its record's note.
+VARIANT_ENV = {
+    TQ_FLOAT_FWD: ({"TRITON_QAT_INT8_FORWARD": "0"}, "forward on the float kernels (no int8 GEMM)"),
+    TQ_CODES_FWD: (
+        {"TRITON_QAT_CODES_FORWARD": "1"},
+        "forward: W's int8 codes + the weight-only GEMM",
+    ),
+}
 PROVIDERS = (TORCH_LINEAR, TORCH_AO, COMPILED, TQ, TQ_MASTER)
 # Rows whose failure is a failure of this package (or of the floor every ratio needs).
-OWN_PROVIDERS = (TQ, TQ_MASTER, TQ_FLOAT_FWD, TORCH_LINEAR)
+OWN_PROVIDERS = (TQ, TQ_MASTER, TQ_FLOAT_FWD, TQ_CODES_FWD, TORCH_LINEAR)
 PROVIDERS_BY_QCONFIG = {
-    INT8_PC: PROVIDERS,
+    INT8_PC: (*PROVIDERS, TQ_CODES_FWD),
     # torch.ao has no per-group weight fake quant, and its qat.Linear never fake-quantizes
     # its input; torch_linear is the same floor as in the int8_per_channel rows.
     INT4_GROUP: (COMPILED, TQ),
@@ -378,10 +389,10 @@ def build_compiled(t: Tensors, qconfig: str) -> Provider:
     raise AssertionError("unreachable")
 
 
-def build_triton(t: Tensors, qconfig: str, master: bool, int8_forward: bool = True) -> Provider:
+def build_triton(t: Tensors, qconfig: str, master: bool, variant: str | None = None) -> Provider:
     """tq.fq_linear, Triton backend. The first step (compile + autotune) is timed as
-    first_call_s; its y and grads are checked against the eager backend. int8_forward=False
-    keeps a W8A8 forward on the float kernels (TRITON_QAT_INT8_FORWARD=0 while it runs)."""
+    first_call_s; its y and grads are checked against the eager backend. variant: a key of
+    VARIANT_ENV, whose environment is set while each forward runs."""
     import triton_qat as tq
 
     w_src = t.w_master if master else t.w
@@ -396,22 +407,24 @@ def build_triton(t: Tensors, qconfig: str, master: bool, int8_forward: bool = Tr
                 return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
         return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
 
-    if not int8_forward:
-        int8_forward_fn = forward
+    if variant is not None:
+        plain_forward = forward
+        variant_env = VARIANT_ENV[variant][0]
 
         def forward() -> Tensor:
-            before = os.environ.get("TRITON_QAT_INT8_FORWARD")
-            os.environ["TRITON_QAT_INT8_FORWARD"] = "0"
+            before = {name: os.environ.get(name) for name in variant_env}
+            os.environ.update(variant_env)
             try:
-                return int8_forward_fn()
+                return plain_forward()
             finally:
-                if before is None:
-                    del os.environ["TRITON_QAT_INT8_FORWARD"]
-                else:
-                    os.environ["TRITON_QAT_INT8_FORWARD"] = before
+                for name, value in before.items():
+                    if value is None:
+                        del os.environ[name]
+                    else:
+                        os.environ[name] = value
 
     p = Provider(
-        (TQ_MASTER if master else TQ) if int8_forward else TQ_FLOAT_FWD,
+        variant or (TQ_MASTER if master else TQ),
         forward,
         [x, w, b],
         backend="triton",
@@ -419,7 +432,7 @@ def build_triton(t: Tensors, qconfig: str, master: bool, int8_forward: bool = Tr
             "weight_dtype": "float32" if master else "bfloat16",
             "note": "fp32 master weights under autocast"
             if master
-            else (None if int8_forward else "forward on the float kernels (no int8 GEMM)"),
+            else (VARIANT_ENV[variant][1] if variant else None),
         },
     )
     synchronize()
@@ -439,7 +452,8 @@ BUILDERS: dict[str, Callable[[Tensors, str], Provider]] = {
     COMPILED: build_compiled,
     TQ: lambda t, q: build_triton(t, q, master=False),
     TQ_MASTER: lambda t, q: build_triton(t, q, master=True),
-    TQ_FLOAT_FWD: lambda t, q: build_triton(t, q, master=False, int8_forward=False),
+    TQ_FLOAT_FWD: lambda t, q: build_triton(t, q, master=False, variant=TQ_FLOAT_FWD),
+    TQ_CODES_FWD: lambda t, q: build_triton(t, q, master=False, variant=TQ_CODES_FWD),
 }
 
 

@@ -204,6 +204,8 @@ def _fq_linear_op(
 
         if int_matmul.int8_forward_applies(weight, lq):
             return int_matmul.fq_linear_int8_forward(x, weight, bias, lq)
+        if int_matmul.codes_forward_applies(weight, lq):
+            return int_matmul.fq_linear_codes_forward(x, weight, bias, lq)
         return fq_linear_forward(x, weight, bias, lq)
     return reference.fq_linear_ref(x, weight, bias, lq, fake_quantize_with_mask_eager)
 

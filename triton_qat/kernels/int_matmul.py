@@ -10,6 +10,8 @@
                                            per-token (or static per-tensor) activations
     fq_linear_int8_forward(x2d, w, b, lq)  the same for the fused op (triton_qat::fq_linear),
                                            with the per-token qparams it computed already
+    fq_linear_codes_forward(x2d, w, b, lq) the fused op's forward as W's int8 codes and the
+                                           weight-only GEMM (opt-in, TRITON_QAT_CODES_FORWARD=1)
 
 Weights arrive as a checked triton_qat.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
 (N, ceil(K / 2)) holding two 4-bit codes q - quant_min, low nibble first (unpacked in
@@ -541,6 +543,30 @@ def _weight_codes(w: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int) ->
     wq = quantize_rows(w, RowQuant(qmin, qmax, scale=scale, zero_point=zp))
     shift = wq.shift
     return int_weight(wq.codes, scale, zp - shift, qmin - shift, qmax - shift, w.shape[1])
+
+
+def codes_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
+    """Whether the fused linear's forward runs as an int8 code prepass of the weight plus the
+    weight-only GEMM (fq_linear_codes_forward): opt-in with TRITON_QAT_CODES_FORWARD=1, for
+    per-tensor / per-channel weights of at most 256 codes with integer zero points and no
+    input fake quant. An alternative to re-quantizing W tiles inside the GEMM (each W tile
+    is fake-quantized once per M tile there), to be measured side by side on a GPU."""
+    if os.environ.get("TRITON_QAT_CODES_FORWARD", "0").strip() != "1":
+        return False
+    if lq.x_scale is not None or lq.group_size or lq.w_zp.is_floating_point():
+        return False
+    return lq.w_qmax - lq.w_qmin <= 255
+
+
+def fq_linear_codes_forward(
+    x2d: Tensor, weight: Tensor, bias: Tensor | None, lq: LinearQuant
+) -> Tensor:
+    """F.linear(x, fq(w), b) as int8 codes of W (one pass over W) and the weight-only GEMM:
+    sum x * (q - zp), exact, times the scale in the epilogue; the float path's result up to
+    that scaling's rounding (for bf16 / fp16 inputs without rounding fq(w) to the input
+    dtype). x2d (M, K); y (M, N) in x2d's dtype."""
+    wt = _weight_codes(weight, lq.w_scale, lq.w_zp, lq.w_qmin, lq.w_qmax)
+    return weight_only_linear(x2d, wt, bias)
 
 
 def int8_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
