@@ -534,17 +534,15 @@ def row_quant(
     eps: float = float(torch.finfo(torch.float32).eps),
 ) -> RowQuant:
     """The dynamic per-token quantizer of triton_qat.fake_quantize.fake_quantize_per_token."""
-    from triton_qat.fake_quantize import per_token_qparams
+    from triton_qat.fake_quantize import _per_token_spec
 
     check_quant_range(quant_min, quant_max)
     if quant_max - quant_min > 255:
         raise ValueError(
             f"8-bit codes need quant_max - quant_min <= 255, got {quant_max - quant_min}"
         )
-    symmetric = qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
-    # A symmetric scheme's zero point does not depend on the data: read it off a zero row.
-    _, zp = per_token_qparams(torch.zeros(1, 1), quant_min, quant_max, qscheme, dtype, eps)
-    return RowQuant(quant_min, quant_max, symmetric, int(zp[0]), float(eps))
+    spec = _per_token_spec(quant_min, quant_max, qscheme, dtype, float(eps))
+    return RowQuant(quant_min, quant_max, spec.symmetric, spec.symmetric_zero_point, spec.eps)
 
 
 def static_row_quant(scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int) -> RowQuant:
