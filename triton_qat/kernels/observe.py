@@ -35,6 +35,13 @@ FUSED_MOVING_AVERAGE = 4  # elementwise isinf(run) ? cur : run + c * (cur - run)
 NO_QPARAMS = 0
 OBSERVER_QPARAMS = 1
 FUSED_QPARAMS = 2
+# The kernels' copies: compiled Triton reads only constexpr globals (the interpreter reads any).
+_STORE: tl.constexpr = tl.constexpr(STORE)
+_RUNNING_MINMAX: tl.constexpr = tl.constexpr(RUNNING_MINMAX)
+_MOVING_AVERAGE_FIRST: tl.constexpr = tl.constexpr(MOVING_AVERAGE_FIRST)
+_MOVING_AVERAGE: tl.constexpr = tl.constexpr(MOVING_AVERAGE)
+_NO_QPARAMS: tl.constexpr = tl.constexpr(NO_QPARAMS)
+_OBSERVER_QPARAMS: tl.constexpr = tl.constexpr(OBSERVER_QPARAMS)
 
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
 # torch's ChooseQuantizationParams (CPU) raises smaller scales to this.
@@ -235,17 +242,17 @@ def _observe_finish_kernel(
     else:
         observe = ok
         quantize = ok
-    if UPDATE != STORE:
+    if UPDATE != _STORE:
         run_min = tl.load(run_min_ptr + c, mask=ok, other=0.0)
         run_max = tl.load(run_max_ptr + c, mask=ok, other=0.0)
-        if UPDATE == RUNNING_MINMAX:
+        if UPDATE == _RUNNING_MINMAX:
             new_min = nan_min(cur_min, run_min)
             new_max = nan_max(cur_max, run_max)
-        elif UPDATE == MOVING_AVERAGE_FIRST:
+        elif UPDATE == _MOVING_AVERAGE_FIRST:
             first = (run_min == float("inf")) & (run_max == float("-inf"))
             new_min = tl.where(first, cur_min, run_min + averaging_constant * (cur_min - run_min))
             new_max = tl.where(first, cur_max, run_max + averaging_constant * (cur_max - run_max))
-        elif UPDATE == MOVING_AVERAGE:
+        elif UPDATE == _MOVING_AVERAGE:
             new_min = run_min + averaging_constant * (cur_min - run_min)
             new_max = run_max + averaging_constant * (cur_max - run_max)
         else:
@@ -260,8 +267,8 @@ def _observe_finish_kernel(
         new_max = cur_max
     tl.store(run_min_ptr + c, new_min, mask=ok)
     tl.store(run_max_ptr + c, new_max, mask=ok)
-    if QPARAMS != NO_QPARAMS:
-        if QPARAMS == OBSERVER_QPARAMS:
+    if QPARAMS != _NO_QPARAMS:
+        if QPARAMS == _OBSERVER_QPARAMS:
             eps = tl.load(eps_ptr)
             scale, zp = observer_qparams(
                 new_min, new_max, eps, qmin, qmax, zp_symmetric, SYMMETRIC, NOT_OBSERVED_DEFAULT
@@ -326,6 +333,7 @@ def _partial_minmax(x: Tensor, outer: int, channels: int, inner: int, splits: in
         BLOCK_J=block_j,
         BLOCK_C=block_c,
         num_warps=8 if block_j * block_c >= 4096 else 4,
+        enable_fp_fusion=False,  # no arithmetic to fuse; as every launch, explicit
     )
     return pmin, pmax, pnan, n_split
 
