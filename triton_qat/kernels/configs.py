@@ -67,6 +67,13 @@ def _max_shared_memory(device_index: int) -> int:
         return 166 * 1024
 
 
+def fits_shared_memory(config: triton.Config, elem_a: int, elem_b: int, smem: int) -> bool:
+    """Whether `config`'s pipelined operand tiles (num_stages copies of a BLOCK_M x BLOCK_K
+    tile of elem_a-byte and a BLOCK_N x BLOCK_K tile of elem_b-byte elements) fit in smem."""
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    return config.num_stages * (bm * bk * elem_a + bn * bk * elem_b) <= smem
+
+
 def prune_configs(
     configs, named_args, *, rows: str, cols: str, operands: tuple[str, str], **kwargs
 ):
@@ -85,8 +92,8 @@ def prune_configs(
     smem = _max_shared_memory(torch.cuda.current_device())
     kept = []
     for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if c.num_stages * (bm * bk * elem_a + bn * bk * elem_b) > smem:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if not fits_shared_memory(c, elem_a, elem_b, smem):
             continue
         # A tile more than twice the problem's extent along M or N only wastes work.
         if bm > 2 * max(m, 16) or bn > 2 * max(n, 16):

@@ -36,6 +36,14 @@ NO_QPARAMS = 0
 OBSERVER_QPARAMS = 1
 FUSED_QPARAMS = 2
 
+# The kernels' copies: Triton's JIT reads only constexpr globals.
+_STORE: tl.constexpr = tl.constexpr(STORE)
+_RUNNING_MINMAX: tl.constexpr = tl.constexpr(RUNNING_MINMAX)
+_MOVING_AVERAGE_FIRST: tl.constexpr = tl.constexpr(MOVING_AVERAGE_FIRST)
+_MOVING_AVERAGE: tl.constexpr = tl.constexpr(MOVING_AVERAGE)
+_NO_QPARAMS: tl.constexpr = tl.constexpr(NO_QPARAMS)
+_OBSERVER_QPARAMS: tl.constexpr = tl.constexpr(OBSERVER_QPARAMS)
+
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
 # torch's ChooseQuantizationParams (CPU) raises smaller scales to this.
 SMALL_SCALE: tl.constexpr = tl.constexpr(6.1e-05)
@@ -235,17 +243,17 @@ def _observe_finish_kernel(
     else:
         observe = ok
         quantize = ok
-    if UPDATE != STORE:
+    if UPDATE != _STORE:
         run_min = tl.load(run_min_ptr + c, mask=ok, other=0.0)
         run_max = tl.load(run_max_ptr + c, mask=ok, other=0.0)
-        if UPDATE == RUNNING_MINMAX:
+        if UPDATE == _RUNNING_MINMAX:
             new_min = nan_min(cur_min, run_min)
             new_max = nan_max(cur_max, run_max)
-        elif UPDATE == MOVING_AVERAGE_FIRST:
+        elif UPDATE == _MOVING_AVERAGE_FIRST:
             first = (run_min == float("inf")) & (run_max == float("-inf"))
             new_min = tl.where(first, cur_min, run_min + averaging_constant * (cur_min - run_min))
             new_max = tl.where(first, cur_max, run_max + averaging_constant * (cur_max - run_max))
-        elif UPDATE == MOVING_AVERAGE:
+        elif UPDATE == _MOVING_AVERAGE:
             new_min = run_min + averaging_constant * (cur_min - run_min)
             new_max = run_max + averaging_constant * (cur_max - run_max)
         else:
@@ -260,8 +268,8 @@ def _observe_finish_kernel(
         new_max = cur_max
     tl.store(run_min_ptr + c, new_min, mask=ok)
     tl.store(run_max_ptr + c, new_max, mask=ok)
-    if QPARAMS != NO_QPARAMS:
-        if QPARAMS == OBSERVER_QPARAMS:
+    if QPARAMS != _NO_QPARAMS:
+        if QPARAMS == _OBSERVER_QPARAMS:
             eps = tl.load(eps_ptr)
             scale, zp = observer_qparams(
                 new_min, new_max, eps, qmin, qmax, zp_symmetric, SYMMETRIC, NOT_OBSERVED_DEFAULT
