@@ -1,14 +1,15 @@
 """Ahead-of-time compile check: every Triton kernel of triton_qat, compiled to a cubin for
 sm_90 / sm_80 with the wheel's ptxas, without a GPU.
 
-    python bench/compile_check.py [--arch 90 80] [--quick] [--kernels NAME ...] [--jobs N]
+    python bench/compile_check.py [--arch 90 80] [--quick | --cover] [--kernels NAME ...] [--jobs N]
                                   [--budget-s S] [--json PATH] [--list]
 
 Each kernel's variants are the constexpr flags, pointer dtypes and launch options its
 launcher passes (KERNELS below, read off the launchers in triton_qat/kernels/), crossed with
 its block configs: for the GEMMs the pinned config (TRITON_QAT_AUTOTUNE=0) and the largest
 autotune tile whose pipelined operands fit the arch's shared memory. --quick takes one config
-per kernel and a covering subset of the flags (every value of every axis at least once).
+per kernel and a covering subset of the flags (every value of every axis at least once);
+--cover the same subset with every config.
 Integer arguments that the launchers pass as 1 (contiguous inner strides, the group size of
 non-grouped weights, one channel per tensor) are specialized to 1 as Triton's JIT does.
 
@@ -29,6 +30,7 @@ import importlib
 import itertools
 import json
 import multiprocessing
+import signal
 import sys
 import tempfile
 import time
@@ -75,7 +77,7 @@ def _elementwise_configs(*blocks):
     """Configs of the fake-quant style launchers: (BLOCK_R, BLOCK_C) tiles, 8 warps from 4096
     elements (fake_quant.launch)."""
 
-    def make(arch, pointers):
+    def make(arch, *_):
         return [
             (f"{r}x{c}", {"BLOCK_R": r, "BLOCK_C": c, "num_warps": 8 if r * c >= 4096 else 4})
             for r, c in blocks
@@ -90,18 +92,18 @@ def _gemm_config(c: triton.Config) -> tuple[str, dict]:
     return name, {**kw, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
-def _gemm_configs(space: Callable[[], list], operands: tuple[str, str]):
-    """The pinned config and the largest tile of `space` that configs.prune_configs keeps for
-    these operand dtypes on the arch (a config it drops never compiles at run time)."""
+def _gemm_configs(space: Callable[[], list]):
+    """The pinned config and the largest tile of `space` that the kernel's pruner
+    (configs.prune_configs, with the operands and param_bytes its autotune decorator gave)
+    keeps on the arch: a config it drops is never compiled at run time."""
 
-    def make(arch, pointers):
-        elem_a, elem_b = (ELEMENT_SIZE[pointers[o]] for o in operands)
-        fits = [
-            c
-            for c in space()
-            if gemm_cfg.fits_shared_memory(c, elem_a, elem_b, SHARED_MEMORY[arch])
-        ]
-        largest = max(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    def make(arch, pointers, variant, tuner):
+        prune = tuner.early_config_prune.keywords
+        elem_a, elem_b = (ELEMENT_SIZE[pointers[o]] for o in prune["operands"])
+        elem_b += gemm_cfg.gathered_param_bytes(prune["param_bytes"], variant)
+        big = 1 << 16  # a problem larger than every tile
+        kept = gemm_cfg.select_configs(space(), big, big, elem_a, elem_b, SHARED_MEMORY[arch])
+        largest = max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         pinned = gemm_cfg._cfg(*gemm_cfg._UNTUNED_CUDA_CONFIG)
         return [_gemm_config(pinned), _gemm_config(largest)]
 
@@ -258,7 +260,7 @@ KERNELS: dict[str, Kernel] = {
         lambda v: {"x_ptr": v["dtype"], "scale_ptr": "fp32", "inv_ptr": "fp32", "zp_ptr": "i32"},
         ("quant_min", "quant_max", "divisor", "eps", "symmetric_zero_point"),
         {"dtype": FLOAT_DTYPES, "SYMMETRIC": (False, True)},
-        lambda arch, pointers: [
+        lambda arch, *_: [
             ("4x1024", {"BLOCK_M": 4, "BLOCK_K": 1024}),
             ("4x16", {"BLOCK_M": 4, "BLOCK_K": 16}),
         ],
@@ -270,7 +272,7 @@ KERNELS: dict[str, Kernel] = {
         lambda v: {"x_ptr": v["dtype"], "pmin_ptr": "fp32", "pmax_ptr": "fp32", "pnan_ptr": "i32"},
         (),
         {"dtype": FLOAT_DTYPES, "HAS_OUTER": (False, True)},
-        lambda arch, pointers: [
+        lambda arch, *_: [
             # channels innermost (inner == 1): 64 channels x 64 elements
             ("64x64", {"BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 8, "_ones": ("inner",)}),
             ("4096x1", {"BLOCK_J": 4096, "BLOCK_C": 1, "num_warps": 8}),
@@ -298,7 +300,7 @@ KERNELS: dict[str, Kernel] = {
             "NOT_OBSERVED_DEFAULT": (False, True),
             "HAS_FLAGS": (False, True),
         },
-        lambda arch, pointers: [
+        lambda arch, *_: [
             ("256", {"BLOCK": 256}),
             ("1", {"BLOCK": 1, "_ones": ("channels",)}),  # per tensor
         ],
@@ -316,7 +318,7 @@ KERNELS: dict[str, Kernel] = {
         _fq_fwd_pointers,
         _QRANGE,
         {**_FQ_AXES, "HAS_BIAS": (False, True)},
-        _gemm_configs(_float_gemm_space, ("x_ptr", "w_ptr")),
+        _gemm_configs(_float_gemm_space),
         ones=("stride_xk", "stride_wk", "stride_yn"),
         valid=_fq_gemm_valid,
     ),
@@ -326,7 +328,7 @@ KERNELS: dict[str, Kernel] = {
         _fq_dx_pointers,
         _QRANGE,
         dict(_FQ_AXES),
-        _gemm_configs(_float_gemm_space, ("dy_ptr", "w_ptr")),
+        _gemm_configs(_float_gemm_space),
         ones=("stride_dyn", "stride_wk", "stride_xk", "stride_dxk"),
         valid=_fq_gemm_valid,
     ),
@@ -336,7 +338,7 @@ KERNELS: dict[str, Kernel] = {
         _fq_dw_pointers,
         _QRANGE,
         dict(_FQ_AXES),
-        _gemm_configs(_float_gemm_space, ("dy_ptr", "x_ptr")),
+        _gemm_configs(_float_gemm_space),
         ones=("stride_dyn", "stride_xk", "stride_wk", "stride_dwk"),
         valid=_fq_gemm_valid,
     ),
@@ -354,7 +356,7 @@ KERNELS: dict[str, Kernel] = {
         },
         ("qmin", "qmax", "shift"),
         {"dtype": FLOAT_DTYPES, "_ones": (("param_stride",), ())},
-        lambda arch, pointers: [
+        lambda arch, *_: [
             ("4x1024", {"BLOCK_R": 4, "BLOCK_K": 1024, "num_warps": 4}),
             ("4x16", {"BLOCK_R": 4, "BLOCK_K": 16, "num_warps": 4}),
         ],
@@ -379,7 +381,7 @@ KERNELS: dict[str, Kernel] = {
             "HAS_BIAS": (False, True),
             "INPUT_PRECISION": _PRECISIONS,
         },
-        _gemm_configs(_int_gemm_space, ("x_ptr", "w_ptr")),
+        _gemm_configs(_int_gemm_space),
         ones=("stride_xk", "stride_wk", "stride_yn"),
         # int4 codes come packed, per group (IntWeight)
         valid=lambda v: _precision_ok(v) and (not v["PACKED"] or v["W_GRAN"] == 2),
@@ -407,7 +409,7 @@ KERNELS: dict[str, Kernel] = {
             "HAS_BIAS": (False, True),
             "GROUP_CHUNK": (32, 128),
         },
-        _gemm_configs(_int_gemm_space, ("x_ptr", "w_ptr")),
+        _gemm_configs(_int_gemm_space),
         ones=("stride_xk", "stride_wk", "stride_yn"),
         valid=lambda v: (
             (not v["PACKED"] or v["W_GRAN"] == 2) and (v["W_GRAN"] == 2 or v["GROUP_CHUNK"] == 32)
@@ -446,13 +448,16 @@ def _flatten_variant(v: dict) -> dict:
     return out
 
 
-def jobs_for(names, archs, quick):
-    """Every (kernel, arch, variant, config) to compile."""
+def jobs_for(names, archs, quick, cover=False):
+    """Every (kernel, arch, variant, config) to compile: with `quick` the covering variants
+    and the first config, with `cover` the covering variants and every config."""
     out = []
     for name in names:
         for arch in archs:
-            for v in variants(name, quick):
-                cfgs = KERNELS[name].configs(arch, KERNELS[name].pointers(v))
+            for v in variants(name, quick or cover):
+                spec = KERNELS[name]
+                tuner = getattr(importlib.import_module(spec.module), spec.attr)
+                cfgs = spec.configs(arch, spec.pointers(v), v, tuner)
                 for cfg_name, cfg in cfgs[:1] if quick else cfgs:
                     out.append((name, arch, v, cfg_name, cfg))
     return out
@@ -541,11 +546,34 @@ def _describe(r: dict) -> str:
     return line if r["ok"] else f"{line}\n     {r['error']}"
 
 
+def untabled_kernels() -> list[str]:
+    """The @triton.jit kernels of triton_qat.kernels' modules that KERNELS does not list."""
+    import pkgutil
+
+    import triton_qat.kernels as package
+
+    tabled = {(k.module, k.attr) for k in KERNELS.values()}
+    missing = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for attr, obj in vars(module).items():
+            if not attr.endswith("_kernel") or not hasattr(obj, "fn"):
+                continue
+            if getattr(_jit_function(obj), "__module__", None) != module.__name__:
+                continue  # imported from another module
+            if (module.__name__, attr) not in tabled:
+                missing.append(f"{module.__name__}.{attr}")
+    return missing
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[90, 80])
     parser.add_argument("--quick", action="store_true", help="one config per kernel, few flags")
     parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=sorted(KERNELS))
+    parser.add_argument(
+        "--cover", action="store_true", help="--quick's few flags with every config"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="compile processes")
     parser.add_argument("--budget-s", type=float, default=None, help="start no job after this")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -554,13 +582,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    # `timeout` sends SIGTERM: exit through the pool's cleanup, which ends the workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
 
-    jobs = jobs_for(args.kernels, args.arch, args.quick)[: args.limit]
+    untabled = untabled_kernels()
+    for name in untabled:
+        print(f"FAIL {name}: a kernel missing from KERNELS (bench/compile_check.py)")
+    jobs = jobs_for(args.kernels, args.arch, args.quick, args.cover)[: args.limit]
     if args.list:
         for name, arch, v, cfg_name, _ in jobs:
             print(f"sm_{arch} {name} {cfg_name} {v}")
         print(f"{len(jobs)} variants")
-        return 0
+        return 1 if untabled else 0
     # A private, empty cache: the times are real compiles, not cache hits.
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="tq_compile_check_"))
     print(f"triton {triton.__version__}: {len(jobs)} variants, {args.jobs} job(s)", flush=True)
@@ -600,7 +633,7 @@ def main(argv=None) -> int:
         print(f"slowest: {slowest['seconds']:.1f} s {slowest['kernel']} {slowest['config']}")
     if args.json is not None:
         args.json.write_text(json.dumps({"results": results, "not_run": skipped}, indent=1))
-    return 1 if failed else 0
+    return 1 if failed or untabled else 0
 
 
 if __name__ == "__main__":

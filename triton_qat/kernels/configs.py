@@ -11,6 +11,7 @@ import os
 import triton
 
 from triton_qat.kernels import INTERPRETED_KERNELS
+from triton_qat.qparams import PER_GROUP
 
 # Under the interpreter autotuning cannot run (no GPU driver): exactly one config, kept
 # small so interpreted tiles stay cheap.
@@ -70,17 +71,36 @@ def _max_shared_memory(device_index: int) -> int:
 def fits_shared_memory(config: triton.Config, elem_a: int, elem_b: int, smem: int) -> bool:
     """Whether `config`'s pipelined operand tiles (num_stages copies of a BLOCK_M x BLOCK_K
     tile of elem_a-byte and a BLOCK_N x BLOCK_K tile of elem_b-byte elements) fit in smem."""
-    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    return config.num_stages * (bm * bk * elem_a + bn * bk * elem_b) <= smem
+    return config.num_stages * _stage_bytes(config, elem_a, elem_b) <= smem
+
+
+def _stage_bytes(config: triton.Config, elem_a: int, elem_b: int) -> int:
+    kw = config.kwargs
+    return kw["BLOCK_K"] * (kw["BLOCK_M"] * elem_a + kw["BLOCK_N"] * elem_b)
+
+
+def gathered_param_bytes(param_bytes: int, flags: dict) -> int:
+    """Bytes per weight element of the qparams a GEMM gathers along with each weight tile:
+    `param_bytes` per group (W_GRAN == PER_GROUP: one qparam per element of the tile, loads the
+    software pipeline stages in shared memory like the operands'), else none (vectors)."""
+    return param_bytes if flags.get("W_GRAN") == PER_GROUP else 0
 
 
 def prune_configs(
-    configs, named_args, *, rows: str, cols: str, operands: tuple[str, str], **kwargs
+    configs,
+    named_args,
+    *,
+    rows: str,
+    cols: str,
+    operands: tuple[str, str],
+    param_bytes: int = 0,
+    **kwargs,
 ):
     """Drop tiles that overflow shared memory, and tiles far larger than a tiny problem.
 
     rows / cols: the names of the kernel's extents along BLOCK_M / BLOCK_N; operands: the two
-    pointers whose tiles are staged in shared memory.
+    pointers whose tiles are staged in shared memory; param_bytes: see gathered_param_bytes
+    (kwargs: the launch's constexpr flags).
     """
     if len(configs) <= 1:
         return configs
@@ -88,18 +108,35 @@ def prune_configs(
 
     m, n = named_args[rows], named_args[cols]
     elem_a = named_args[operands[0]].element_size()
-    elem_b = named_args[operands[1]].element_size()
+    elem_b = named_args[operands[1]].element_size() + gathered_param_bytes(param_bytes, kwargs)
     smem = _max_shared_memory(torch.cuda.current_device())
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if not fits_shared_memory(c, elem_a, elem_b, smem):
-            continue
-        # A tile more than twice the problem's extent along M or N only wastes work.
-        if bm > 2 * max(m, 16) or bn > 2 * max(n, 16):
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return select_configs(configs, m, n, elem_a, elem_b, smem)
+
+
+def select_configs(configs, m: int, n: int, elem_a: int, elem_b: int, smem: int) -> list:
+    """prune_configs' choice for an (m, n) output, operand element sizes elem_a / elem_b (the
+    second with its gathered qparams) and `smem` bytes of shared memory: never empty."""
+    fitting = [c for c in configs if fits_shared_memory(c, elem_a, elem_b, smem)]
+    # A tile more than twice the problem's extent along M or N only wastes work.
+    kept = [
+        c
+        for c in fitting
+        if c.kwargs["BLOCK_M"] <= 2 * max(m, 16) and c.kwargs["BLOCK_N"] <= 2 * max(n, 16)
+    ]
+    if kept:
+        return kept
+    if fitting:
+        return [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return [_fewer_stages(configs, elem_a, elem_b, smem)]
+
+
+def _fewer_stages(configs, elem_a: int, elem_b: int, smem: int) -> triton.Config:
+    """The config of smallest tiles per stage, its stages reduced (to 2 at least) until they fit."""
+    smallest = min(configs, key=lambda c: _stage_bytes(c, elem_a, elem_b))
+    stages = smallest.num_stages
+    while stages > 2 and stages * _stage_bytes(smallest, elem_a, elem_b) > smem:
+        stages -= 1
+    return triton.Config(dict(smallest.kwargs), num_stages=stages, num_warps=smallest.num_warps)
 
 
 # Integer GEMMs: int8 operands take twice the K per byte of shared memory, and a short list
@@ -122,10 +159,17 @@ def int_gemm_configs() -> list[triton.Config]:
 
 
 def autotune(
-    rows: str, cols: str, loop: str, operands: tuple[str, str], extra_key=(), configs=None
+    rows: str,
+    cols: str,
+    loop: str,
+    operands: tuple[str, str],
+    extra_key=(),
+    configs=None,
+    param_bytes: int = 0,
 ):
     """triton.autotune over `configs` (default gemm_configs()), keyed on the problem's extents
     and `extra_key` (granularity flags); tensor dtypes are part of Triton's key already.
+    operands / param_bytes: what the pruner counts as staged in shared memory (prune_configs).
 
     Compiled, the tuner is backed by triton_qat's on-disk cache (triton_qat.tuning): a key
     tuned by an earlier process is not benchmarked again. The file is read on first use.
@@ -135,7 +179,7 @@ def autotune(
         key=[rows, cols, loop, *extra_key],
         prune_configs_by={
             "early_config_prune": functools.partial(
-                prune_configs, rows=rows, cols=cols, operands=operands
+                prune_configs, rows=rows, cols=cols, operands=operands, param_bytes=param_bytes
             )
         },
     )
