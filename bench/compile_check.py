@@ -57,7 +57,8 @@ class Kernel:
     pointers: variant -> Triton dtype of every pointer argument. floats: scalar arguments
     passed as Python floats (fp32); every other non-constexpr scalar is an int (i32). ones:
     int arguments the launcher passes as 1. axes: the variant's values; an upper-case name is
-    a constexpr, a lower-case one a pointer dtype choice, "_ones" more ints passed as 1.
+    a constexpr, a lower-case one a pointer dtype choice, "_ones" more ints passed as 1,
+    "_i64" ints of 2**31 or more (int64 arguments).
     configs: (name, block constexprs and launch options, elements sizes of the two staged
     operands or None); valid: which axis combinations the launcher produces.
     """
@@ -100,9 +101,10 @@ def _gemm_configs(space: Callable[[], list]):
     def make(arch, pointers, variant, tuner):
         prune = tuner.early_config_prune.keywords
         elem_a, elem_b = (ELEMENT_SIZE[pointers[o]] for o in prune["operands"])
-        elem_b += gemm_cfg.gathered_param_bytes(prune["param_bytes"], variant)
+        gathered = gemm_cfg.gathered_param_bytes(prune["param_bytes"], variant)
         big = 1 << 16  # a problem larger than every tile
-        kept = gemm_cfg.select_configs(space(), big, big, elem_a, elem_b, SHARED_MEMORY[arch])
+        smem = SHARED_MEMORY[arch]
+        kept = gemm_cfg.select_configs(space(), big, big, elem_a, elem_b, smem, gathered)
         largest = max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         pinned = gemm_cfg._cfg(*gemm_cfg._UNTUNED_CUDA_CONFIG)
         return [_gemm_config(pinned), _gemm_config(largest)]
@@ -212,6 +214,7 @@ KERNELS: dict[str, Kernel] = {
             "PARAMS_ON_COLS": (False, True),
             "FLOAT_ZP": (False, True),
             "_ones": ((), ("rows", "channels")),  # per tensor: one row, one channel
+            "_i64": ((), ("cols",)),  # a per-tensor row of 2**31 elements or more
         },
         _elementwise_configs((2, 2048), (64, 64), (1, 16)),
     ),
@@ -231,6 +234,7 @@ KERNELS: dict[str, Kernel] = {
             "PARAMS_ON_COLS": (False, True),
             "FLOAT_ZP": (False, True),
             "_ones": ((), ("rows", "channels")),
+            "_i64": ((), ("cols",)),
         },
         _elementwise_configs((2, 2048), (64, 64), (1, 16)),
     ),
@@ -251,6 +255,7 @@ KERNELS: dict[str, Kernel] = {
             "PARAMS_ON_COLS": (False, True),
             "FLOAT_ZP": (True,),  # the launcher always passes a rounded fp32 zero point
             "_ones": ((), ("rows", "channels")),
+            "_i64": ((), ("cols",)),
         },
         _elementwise_configs((2, 2048), (64, 64), (1, 16)),
     ),
@@ -271,7 +276,11 @@ KERNELS: dict[str, Kernel] = {
         "_minmax_partial_kernel",
         lambda v: {"x_ptr": v["dtype"], "pmin_ptr": "fp32", "pmax_ptr": "fp32", "pnan_ptr": "i32"},
         (),
-        {"dtype": FLOAT_DTYPES, "HAS_OUTER": (False, True)},
+        {
+            "dtype": FLOAT_DTYPES,
+            "HAS_OUTER": (False, True),
+            "_i64": ((), ("inner", "per_channel", "chunk")),  # 2**31 elements or more
+        },
         lambda arch, *_: [
             # channels innermost (inner == 1): 64 channels x 64 elements
             ("64x64", {"BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 8, "_ones": ("inner",)}),
@@ -485,6 +494,7 @@ def compile_one(job) -> dict:
         if opt in cfg:
             options[opt] = cfg.pop(opt)
     ones = set(spec.ones) | set(cfg.pop("_ones", ())) | set(v.pop("_ones", ()))
+    wide = set(v.pop("_i64", ()))  # Python ints of 2**31 or more are passed as int64
     if name in _GROUP_SIZE_KERNELS and v["W_GRAN"] != 2:
         ones.add("group_size")  # launchers pass max(group_size, 1)
     constexprs = {k: x for k, x in {**v, **cfg}.items() if k[0].isupper()}
@@ -500,6 +510,8 @@ def compile_one(job) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif arg in spec.floats:
             signature[arg] = "fp32"
+        elif arg in wide:
+            signature[arg] = "i64"
         else:
             signature[arg] = "i32"
     missing = set(constexprs) - set(fn.arg_names)
@@ -527,6 +539,7 @@ def compile_one(job) -> dict:
         "variant": {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.items()},
         "config": cfg_name,
         "ones": sorted(ones),
+        "i64": sorted(wide),
         "ok": error is None,
         "seconds": round(time.perf_counter() - start, 2),
         "shared": shared,
@@ -538,6 +551,7 @@ def compile_one(job) -> dict:
 def _describe(r: dict) -> str:
     flags = " ".join(f"{k}={x}" for k, x in r["variant"].items())
     flags += f" ones={','.join(r['ones'])}" if r["ones"] else ""
+    flags += f" i64={','.join(r['i64'])}" if r["i64"] else ""
     status = "ok  " if r["ok"] else "FAIL"
     line = (
         f"{status} {r['seconds']:7.1f}s sm_{r['arch']} {r['kernel']:<18} {r['config']:<18} "
@@ -578,6 +592,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=None, help="start no job after this")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--list", action="store_true", help="list the variants, compile none")
+    parser.add_argument(
+        "--where", nargs="+", default=[], metavar="AXIS=VALUE", help="only these axis values"
+    )
     parser.add_argument("--limit", type=int, default=None, help="the first N variants only")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -588,7 +605,11 @@ def main(argv=None) -> int:
     untabled = untabled_kernels()
     for name in untabled:
         print(f"FAIL {name}: a kernel missing from KERNELS (bench/compile_check.py)")
-    jobs = jobs_for(args.kernels, args.arch, args.quick, args.cover)[: args.limit]
+    jobs = jobs_for(args.kernels, args.arch, args.quick, args.cover)
+    for cond in args.where:
+        axis, _, value = cond.partition("=")
+        jobs = [j for j in jobs if axis not in j[2] or str(j[2][axis]) == value]
+    jobs = jobs[: args.limit]
     if args.list:
         for name, arch, v, cfg_name, _ in jobs:
             print(f"sm_{arch} {name} {cfg_name} {v}")

@@ -68,21 +68,29 @@ def _max_shared_memory(device_index: int) -> int:
         return 166 * 1024
 
 
-def fits_shared_memory(config: triton.Config, elem_a: int, elem_b: int, smem: int) -> bool:
-    """Whether `config`'s pipelined operand tiles (num_stages copies of a BLOCK_M x BLOCK_K
-    tile of elem_a-byte and a BLOCK_N x BLOCK_K tile of elem_b-byte elements) fit in smem."""
-    return config.num_stages * _stage_bytes(config, elem_a, elem_b) <= smem
+def fits_shared_memory(
+    config: triton.Config, elem_a: int, elem_b: int, smem: int, gathered: int = 0
+) -> bool:
+    """Whether `config`'s pipelined tiles fit in smem bytes: num_stages copies of a BLOCK_M x
+    BLOCK_K tile of elem_a-byte and a BLOCK_N x BLOCK_K tile of elem_b-byte operands, and
+    num_stages - 1 copies (the buffers Triton's software pipeline allocates per load; the
+    operands' extra copy covers its scratch) of `gathered` bytes per weight element."""
+    return shared_memory_bytes(config, config.num_stages, elem_a, elem_b, gathered) <= smem
 
 
-def _stage_bytes(config: triton.Config, elem_a: int, elem_b: int) -> int:
+def shared_memory_bytes(
+    config: triton.Config, stages: int, elem_a: int, elem_b: int, gathered: int
+) -> int:
+    """fits_shared_memory's estimate for `config` run with `stages` stages."""
     kw = config.kwargs
-    return kw["BLOCK_K"] * (kw["BLOCK_M"] * elem_a + kw["BLOCK_N"] * elem_b)
+    operands = kw["BLOCK_K"] * (kw["BLOCK_M"] * elem_a + kw["BLOCK_N"] * elem_b)
+    return stages * operands + (stages - 1) * kw["BLOCK_K"] * kw["BLOCK_N"] * gathered
 
 
 def gathered_param_bytes(param_bytes: int, flags: dict) -> int:
-    """Bytes per weight element of the qparams a GEMM gathers along with each weight tile:
-    `param_bytes` per group (W_GRAN == PER_GROUP: one qparam per element of the tile, loads the
-    software pipeline stages in shared memory like the operands'), else none (vectors)."""
+    """Bytes per weight element of the qparams a GEMM loads with each weight tile:
+    `param_bytes` per group (W_GRAN == PER_GROUP: one qparam per element of the tile, loads
+    that the software pipeline stages in shared memory), else none (vectors)."""
     return param_bytes if flags.get("W_GRAN") == PER_GROUP else 0
 
 
@@ -108,15 +116,18 @@ def prune_configs(
 
     m, n = named_args[rows], named_args[cols]
     elem_a = named_args[operands[0]].element_size()
-    elem_b = named_args[operands[1]].element_size() + gathered_param_bytes(param_bytes, kwargs)
+    elem_b = named_args[operands[1]].element_size()
+    gathered = gathered_param_bytes(param_bytes, kwargs)
     smem = _max_shared_memory(torch.cuda.current_device())
-    return select_configs(configs, m, n, elem_a, elem_b, smem)
+    return select_configs(configs, m, n, elem_a, elem_b, smem, gathered)
 
 
-def select_configs(configs, m: int, n: int, elem_a: int, elem_b: int, smem: int) -> list:
-    """prune_configs' choice for an (m, n) output, operand element sizes elem_a / elem_b (the
-    second with its gathered qparams) and `smem` bytes of shared memory: never empty."""
-    fitting = [c for c in configs if fits_shared_memory(c, elem_a, elem_b, smem)]
+def select_configs(
+    configs, m: int, n: int, elem_a: int, elem_b: int, smem: int, gathered: int = 0
+) -> list:
+    """prune_configs' choice for an (m, n) output, operand element sizes elem_a / elem_b,
+    `gathered` qparam bytes per weight element and `smem` bytes of shared memory: never empty."""
+    fitting = [c for c in configs if fits_shared_memory(c, elem_a, elem_b, smem, gathered)]
     # A tile more than twice the problem's extent along M or N only wastes work.
     kept = [
         c
@@ -127,16 +138,12 @@ def select_configs(configs, m: int, n: int, elem_a: int, elem_b: int, smem: int)
         return kept
     if fitting:
         return [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return [_fewer_stages(configs, elem_a, elem_b, smem)]
-
-
-def _fewer_stages(configs, elem_a: int, elem_b: int, smem: int) -> triton.Config:
-    """The config of smallest tiles per stage, its stages reduced (to 2 at least) until they fit."""
-    smallest = min(configs, key=lambda c: _stage_bytes(c, elem_a, elem_b))
+    # Nothing fits: the smallest tiles, their stages reduced (to 2 at least) until they do.
+    smallest = min(configs, key=lambda c: shared_memory_bytes(c, 2, elem_a, elem_b, gathered))
     stages = smallest.num_stages
-    while stages > 2 and stages * _stage_bytes(smallest, elem_a, elem_b) > smem:
+    while stages > 2 and shared_memory_bytes(smallest, stages, elem_a, elem_b, gathered) > smem:
         stages -= 1
-    return triton.Config(dict(smallest.kwargs), num_stages=stages, num_warps=smallest.num_warps)
+    return [triton.Config(dict(smallest.kwargs), num_stages=stages, num_warps=smallest.num_warps)]
 
 
 # Integer GEMMs: int8 operands take twice the K per byte of shared memory, and a short list
