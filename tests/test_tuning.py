@@ -310,3 +310,46 @@ def test_load_model():
         tuning.load_model(f"{__name__}:missing")
     with pytest.raises(TypeError, match="--model"):
         tuning.load_model(f"{__name__}:_Block")
+
+
+# --- config pruning (pure: no GPU) ---------------------------------------------------------
+
+_H100_SMEM = 232448
+
+
+def _tiles(configs) -> set[tuple[int, int, int, int]]:
+    return {
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)
+        for c in configs
+    }
+
+
+def test_select_configs_counts_gathered_group_qparams():
+    from triton_qat.kernels import configs as cfg
+
+    space = cfg._cuda_configs()
+    big = 1 << 16
+    plain = cfg.select_configs(space, big, big, 2, 2, _H100_SMEM)
+    # Per group, fp32 scale / 1 / scale / zero point come with every weight element.
+    extra = cfg.gathered_param_bytes(12, {"W_GRAN": cfg.PER_GROUP})
+    grouped = cfg.select_configs(space, big, big, 2, 2, _H100_SMEM, extra)
+    assert cfg.gathered_param_bytes(12, {"W_GRAN": 1}) == 0
+    assert (128, 256, 64, 3) in _tiles(plain)
+    # 3 * 64 * (128 + 256) * 2 + 2 * 64 * 256 * 12 B: over the limit with the qparams.
+    assert (128, 256, 64, 3) not in _tiles(grouped)
+    assert (128, 128, 32, 4) in _tiles(grouped)
+    assert _tiles(grouped) < _tiles(plain)
+    assert all(cfg.fits_shared_memory(c, 2, 2, _H100_SMEM, extra) for c in grouped)
+
+
+def test_select_configs_falls_back_to_a_tile_that_fits():
+    from triton_qat.kernels import configs as cfg
+
+    space = cfg._cuda_configs()
+    # A tiny problem: the smallest tile that fits, not one far larger than the output.
+    assert _tiles(cfg.select_configs(space, 8, 8, 2, 2, _H100_SMEM)) == {(16, 64, 128, 4)}
+    # Nothing fits: the smallest tiles, with fewer stages. 64 x 64 x 32 at 3 stages:
+    # 3 * 32 * (64 + 64) * 4 + 2 * 32 * 64 * 12 = 98304 B.
+    (fallback,) = cfg.select_configs(space, 1 << 16, 1 << 16, 4, 4, 100_000, 12)
+    assert _tiles([fallback]) == {(64, 64, 32, 3)}
+    assert cfg.fits_shared_memory(fallback, 4, 4, 100_000, 12)

@@ -11,6 +11,7 @@ import os
 import triton
 
 from triton_qat.kernels import INTERPRETED_KERNELS
+from triton_qat.qparams import PER_GROUP
 
 # Under the interpreter autotuning cannot run (no GPU driver): exactly one config, kept
 # small so interpreted tiles stay cheap.
@@ -67,13 +68,47 @@ def _max_shared_memory(device_index: int) -> int:
         return 166 * 1024
 
 
+def fits_shared_memory(
+    config: triton.Config, elem_a: int, elem_b: int, smem: int, gathered: int = 0
+) -> bool:
+    """Whether `config`'s pipelined tiles fit in smem bytes: num_stages copies of a BLOCK_M x
+    BLOCK_K tile of elem_a-byte and a BLOCK_N x BLOCK_K tile of elem_b-byte operands, and
+    num_stages - 1 copies (the buffers Triton's software pipeline allocates per load; the
+    operands' extra copy covers its scratch) of `gathered` bytes per weight element."""
+    return shared_memory_bytes(config, config.num_stages, elem_a, elem_b, gathered) <= smem
+
+
+def shared_memory_bytes(
+    config: triton.Config, stages: int, elem_a: int, elem_b: int, gathered: int
+) -> int:
+    """fits_shared_memory's estimate for `config` run with `stages` stages."""
+    kw = config.kwargs
+    operands = kw["BLOCK_K"] * (kw["BLOCK_M"] * elem_a + kw["BLOCK_N"] * elem_b)
+    return stages * operands + (stages - 1) * kw["BLOCK_K"] * kw["BLOCK_N"] * gathered
+
+
+def gathered_param_bytes(param_bytes: int, flags: dict) -> int:
+    """Bytes per weight element of the qparams a GEMM loads with each weight tile:
+    `param_bytes` per group (W_GRAN == PER_GROUP: one qparam per element of the tile, loads
+    that the software pipeline stages in shared memory), else none (vectors)."""
+    return param_bytes if flags.get("W_GRAN") == PER_GROUP else 0
+
+
 def prune_configs(
-    configs, named_args, *, rows: str, cols: str, operands: tuple[str, str], **kwargs
+    configs,
+    named_args,
+    *,
+    rows: str,
+    cols: str,
+    operands: tuple[str, str],
+    param_bytes: int = 0,
+    **kwargs,
 ):
     """Drop tiles that overflow shared memory, and tiles far larger than a tiny problem.
 
     rows / cols: the names of the kernel's extents along BLOCK_M / BLOCK_N; operands: the two
-    pointers whose tiles are staged in shared memory.
+    pointers whose tiles are staged in shared memory; param_bytes: see gathered_param_bytes
+    (kwargs: the launch's constexpr flags).
     """
     if len(configs) <= 1:
         return configs
@@ -82,17 +117,33 @@ def prune_configs(
     m, n = named_args[rows], named_args[cols]
     elem_a = named_args[operands[0]].element_size()
     elem_b = named_args[operands[1]].element_size()
+    gathered = gathered_param_bytes(param_bytes, kwargs)
     smem = _max_shared_memory(torch.cuda.current_device())
-    kept = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if c.num_stages * (bm * bk * elem_a + bn * bk * elem_b) > smem:
-            continue
-        # A tile more than twice the problem's extent along M or N only wastes work.
-        if bm > 2 * max(m, 16) or bn > 2 * max(n, 16):
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return select_configs(configs, m, n, elem_a, elem_b, smem, gathered)
+
+
+def select_configs(
+    configs, m: int, n: int, elem_a: int, elem_b: int, smem: int, gathered: int = 0
+) -> list:
+    """prune_configs' choice for an (m, n) output, operand element sizes elem_a / elem_b,
+    `gathered` qparam bytes per weight element and `smem` bytes of shared memory: never empty."""
+    fitting = [c for c in configs if fits_shared_memory(c, elem_a, elem_b, smem, gathered)]
+    # A tile more than twice the problem's extent along M or N only wastes work.
+    kept = [
+        c
+        for c in fitting
+        if c.kwargs["BLOCK_M"] <= 2 * max(m, 16) and c.kwargs["BLOCK_N"] <= 2 * max(n, 16)
+    ]
+    if kept:
+        return kept
+    if fitting:
+        return [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    # Nothing fits: the smallest tiles, their stages reduced (to 2 at least) until they do.
+    smallest = min(configs, key=lambda c: shared_memory_bytes(c, 2, elem_a, elem_b, gathered))
+    stages = smallest.num_stages
+    while stages > 2 and shared_memory_bytes(smallest, stages, elem_a, elem_b, gathered) > smem:
+        stages -= 1
+    return [triton.Config(dict(smallest.kwargs), num_stages=stages, num_warps=smallest.num_warps)]
 
 
 # Integer GEMMs: int8 operands take twice the K per byte of shared memory, and a short list
@@ -115,10 +166,17 @@ def int_gemm_configs() -> list[triton.Config]:
 
 
 def autotune(
-    rows: str, cols: str, loop: str, operands: tuple[str, str], extra_key=(), configs=None
+    rows: str,
+    cols: str,
+    loop: str,
+    operands: tuple[str, str],
+    extra_key=(),
+    configs=None,
+    param_bytes: int = 0,
 ):
     """triton.autotune over `configs` (default gemm_configs()), keyed on the problem's extents
     and `extra_key` (granularity flags); tensor dtypes are part of Triton's key already.
+    operands / param_bytes: what the pruner counts as staged in shared memory (prune_configs).
 
     Compiled, the tuner is backed by triton_qat's on-disk cache (triton_qat.tuning): a key
     tuned by an earlier process is not benchmarked again. The file is read on first use.
@@ -128,7 +186,7 @@ def autotune(
         key=[rows, cols, loop, *extra_key],
         prune_configs_by={
             "early_config_prune": functools.partial(
-                prune_configs, rows=rows, cols=cols, operands=operands
+                prune_configs, rows=rows, cols=cols, operands=operands, param_bytes=param_bytes
             )
         },
     )

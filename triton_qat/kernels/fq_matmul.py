@@ -25,6 +25,9 @@ from triton_qat.qparams import LinearQuant
 
 # Granularity flags that select a different kernel variant: part of the autotune key.
 _GRAN_KEY = ("W_GRAN", "X_FQ", "X_PER_ROW")
+# Per group, the forward and dX loops gather 1 / scale, scale and zero point (4 bytes each) for
+# every element of the weight tile (_weight_params); dW reads them in the epilogue only.
+_GROUP_PARAM_BYTES = 12
 
 
 @triton.jit
@@ -81,7 +84,14 @@ def _input_params(inv_ptr, scale_ptr, zp_ptr, rm, m_ok, X_PER_ROW: tl.constexpr)
     return inv, scale, zp
 
 
-@autotune(rows="M", cols="N", loop="K", operands=("x_ptr", "w_ptr"), extra_key=_GRAN_KEY)
+@autotune(
+    rows="M",
+    cols="N",
+    loop="K",
+    operands=("x_ptr", "w_ptr"),
+    extra_key=_GRAN_KEY,
+    param_bytes=_GROUP_PARAM_BYTES,
+)
 @triton.jit
 def fq_linear_fwd_kernel(
     x_ptr,
@@ -161,7 +171,14 @@ def fq_linear_fwd_kernel(
     )
 
 
-@autotune(rows="M", cols="K", loop="N", operands=("dy_ptr", "w_ptr"), extra_key=_GRAN_KEY)
+@autotune(
+    rows="M",
+    cols="K",
+    loop="N",
+    operands=("dy_ptr", "w_ptr"),
+    extra_key=_GRAN_KEY,
+    param_bytes=_GROUP_PARAM_BYTES,
+)
 @triton.jit
 def fq_linear_dx_kernel(
     dy_ptr,

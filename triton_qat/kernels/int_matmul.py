@@ -72,7 +72,7 @@ from triton_qat.qparams import (
 _INT32_LIMIT = 2**31 - 1
 
 
-def _int_gemm_autotune():
+def _int_gemm_autotune(param_bytes: int = 0):
     """The autotuner of an integer GEMM over (M, N, K) with operands x_ptr and w_ptr."""
     return autotune(
         rows="M",
@@ -81,6 +81,7 @@ def _int_gemm_autotune():
         operands=("x_ptr", "w_ptr"),
         extra_key=("W_GRAN",),
         configs=int_gemm_configs(),
+        param_bytes=param_bytes,
     )
 
 
@@ -162,7 +163,8 @@ def quantize_rows_kernel(
     tl.store(sum_ptr + rm, total, mask=m_ok)
 
 
-@_int_gemm_autotune()
+# Per group the weight-only loop gathers scale and zero point for every weight element.
+@_int_gemm_autotune(param_bytes=8)
 @triton.jit
 def int_weight_matmul_kernel(
     x_ptr,

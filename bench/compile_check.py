@@ -1,0 +1,661 @@
+"""Ahead-of-time compile check: every Triton kernel of triton_qat, compiled to a cubin for
+sm_90 / sm_80 with the wheel's ptxas, without a GPU.
+
+    python bench/compile_check.py [--arch 90 80] [--quick | --cover] [--kernels NAME ...] [--jobs N]
+                                  [--budget-s S] [--json PATH] [--list]
+
+Each kernel's variants are the constexpr flags, pointer dtypes and launch options its
+launcher passes (KERNELS below, read off the launchers in triton_qat/kernels/), crossed with
+its block configs: for the GEMMs the pinned config (TRITON_QAT_AUTOTUNE=0) and the largest
+autotune tile whose pipelined operands fit the arch's shared memory. --quick takes one config
+per kernel and a covering subset of the flags (every value of every axis at least once);
+--cover the same subset with every config.
+Integer arguments that the launchers pass as 1 (contiguous inner strides, the group size of
+non-grouped weights, one channel per tensor) are specialized to 1 as Triton's JIT does.
+
+Prints one line per variant (ok / FAIL, compile seconds, shared memory); a variant whose
+shared memory exceeds the arch's limit compiles but would not launch and counts as a failure.
+Exit status 1 on any failure. Compilation needs Triton's real JIT path: TRITON_INTERPRET is
+removed from the environment before Triton is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import argparse
+import importlib
+import itertools
+import json
+import multiprocessing
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton
+
+from triton_qat.kernels import configs as gemm_cfg
+
+# Shared memory per block (opt-in maximum) of the targets, bytes.
+SHARED_MEMORY = {90: 232448, 80: 166912}
+ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "i8": 1, "u8": 1}
+FLOAT_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """How a launcher calls one @triton.jit kernel.
+
+    pointers: variant -> Triton dtype of every pointer argument. floats: scalar arguments
+    passed as Python floats (fp32); every other non-constexpr scalar is an int (i32). ones:
+    int arguments the launcher passes as 1. axes: the variant's values; an upper-case name is
+    a constexpr, a lower-case one a pointer dtype choice, "_ones" more ints passed as 1,
+    "_i64" ints of 2**31 or more (int64 arguments).
+    configs: (name, block constexprs and launch options, elements sizes of the two staged
+    operands or None); valid: which axis combinations the launcher produces.
+    """
+
+    module: str
+    attr: str
+    pointers: Callable[[dict], dict]
+    floats: tuple[str, ...]
+    axes: dict
+    configs: Callable[[int, dict], list]
+    ones: tuple[str, ...] = ()
+    valid: Callable[[dict], bool] = lambda v: True
+    fp_fusion: bool = False  # every launcher passes enable_fp_fusion=False
+
+
+def _elementwise_configs(*blocks):
+    """Configs of the fake-quant style launchers: (BLOCK_R, BLOCK_C) tiles, 8 warps from 4096
+    elements (fake_quant.launch)."""
+
+    def make(arch, *_):
+        return [
+            (f"{r}x{c}", {"BLOCK_R": r, "BLOCK_C": c, "num_warps": 8 if r * c >= 4096 else 4})
+            for r, c in blocks
+        ]
+
+    return make
+
+
+def _gemm_config(c: triton.Config) -> tuple[str, dict]:
+    kw = c.kwargs
+    name = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}/s{c.num_stages}/w{c.num_warps}"
+    return name, {**kw, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def _gemm_configs(space: Callable[[], list]):
+    """The pinned config and the largest tile of `space` that the kernel's pruner
+    (configs.prune_configs, with the operands and param_bytes its autotune decorator gave)
+    keeps on the arch: a config it drops is never compiled at run time."""
+
+    def make(arch, pointers, variant, tuner):
+        prune = tuner.early_config_prune.keywords
+        elem_a, elem_b = (ELEMENT_SIZE[pointers[o]] for o in prune["operands"])
+        gathered = gemm_cfg.gathered_param_bytes(prune["param_bytes"], variant)
+        big = 1 << 16  # a problem larger than every tile
+        smem = SHARED_MEMORY[arch]
+        kept = gemm_cfg.select_configs(space(), big, big, elem_a, elem_b, smem, gathered)
+        largest = max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        pinned = gemm_cfg._cfg(*gemm_cfg._UNTUNED_CUDA_CONFIG)
+        return [_gemm_config(pinned), _gemm_config(largest)]
+
+    return make
+
+
+def _float_gemm_space():
+    return gemm_cfg._cuda_configs()
+
+
+def _int_gemm_space():
+    return [gemm_cfg._cfg(*s) for s in gemm_cfg._INT_CUDA_CONFIGS]
+
+
+def _zp(float_zp: bool) -> str:
+    return "fp32" if float_zp else "i32"
+
+
+_X_QUANT = ((False, False), (True, False), (True, True))  # (X_FQ, X_PER_ROW)
+_PRECISIONS = ("ieee", "tf32")
+
+
+def _precision_ok(v: dict) -> bool:
+    # input_precision(): "tf32" only for fp32 operands.
+    return v["INPUT_PRECISION"] == "ieee" or v["dtype"] == "fp32"
+
+
+def _weight_ok(v: dict) -> bool:
+    # ops.py: the weight is in the input's dtype or fp32 (master weights).
+    return v["w"] in (v["dtype"], "fp32")
+
+
+def _fq_gemm_valid(v: dict) -> bool:
+    x_fq, x_per_row = v["X_QUANT"]
+    return _precision_ok(v) and _weight_ok(v) and (x_fq or not x_per_row)
+
+
+def _gemm_ones(v: dict) -> tuple[str, ...]:
+    return () if v["W_GRAN"] == 2 else ("group_size",)
+
+
+def _fq_fwd_pointers(v):
+    d = v["dtype"]
+    x_zp = "i32" if v["X_QUANT"][0] else "fp32"  # x_tensors(): an fp32 placeholder
+    return {
+        "x_ptr": d,
+        "w_ptr": v["w"],
+        "b_ptr": v["w"] if v.get("HAS_BIAS") else d,  # bias in x's or w's dtype; else y itself
+        "y_ptr": d,
+        "w_inv_ptr": "fp32",
+        "w_scale_ptr": "fp32",
+        "w_zp_ptr": _zp(v["W_FLOAT_ZP"]),
+        "x_inv_ptr": "fp32",
+        "x_scale_ptr": "fp32",
+        "x_zp_ptr": x_zp,
+    }
+
+
+def _fq_dx_pointers(v):
+    p = _fq_fwd_pointers(v)
+    return {
+        "dy_ptr": v["dtype"],
+        "w_ptr": v["w"],
+        "x_ptr": v["dtype"],
+        "dx_ptr": v["dtype"],
+        **{k: p[k] for k in ("w_inv_ptr", "w_scale_ptr", "w_zp_ptr", "x_inv_ptr", "x_zp_ptr")},
+    }
+
+
+def _fq_dw_pointers(v):
+    p = _fq_fwd_pointers(v)
+    return {
+        "dy_ptr": v["dtype"],
+        "x_ptr": v["dtype"],
+        "w_ptr": v["w"],
+        "dw_ptr": v["w"],
+        **{k: p[k] for k in ("w_inv_ptr", "w_zp_ptr", "x_inv_ptr", "x_scale_ptr", "x_zp_ptr")},
+    }
+
+
+_QRANGE = ("w_qmin", "w_qmax", "x_qmin", "x_qmax")
+_FQ_AXES = {
+    "dtype": FLOAT_DTYPES,
+    "w": FLOAT_DTYPES,
+    "W_GRAN": (0, 1, 2),
+    "W_FLOAT_ZP": (False, True),
+    "X_QUANT": _X_QUANT,
+    "INPUT_PRECISION": _PRECISIONS,
+}
+
+# The one table: kernel name -> how its launcher calls it.
+KERNELS: dict[str, Kernel] = {
+    "fake_quant_fwd": Kernel(
+        "triton_qat.kernels.fake_quant",
+        "fake_quant_fwd_kernel",
+        lambda v: {
+            "x_ptr": v["dtype"],
+            "y_ptr": v["dtype"],
+            "inv_ptr": "fp32",
+            "scale_ptr": "fp32",
+            "zp_ptr": _zp(v["FLOAT_ZP"]),
+        },
+        ("qmin", "qmax"),
+        {
+            "dtype": FLOAT_DTYPES,
+            "PARAMS_ON_COLS": (False, True),
+            "FLOAT_ZP": (False, True),
+            "_ones": ((), ("rows", "channels")),  # per tensor: one row, one channel
+            "_i64": ((), ("cols",)),  # a per-tensor row of 2**31 elements or more
+        },
+        _elementwise_configs((2, 2048), (64, 64), (1, 16)),
+    ),
+    "fake_quant_bwd": Kernel(
+        "triton_qat.kernels.fake_quant",
+        "fake_quant_bwd_kernel",
+        lambda v: {
+            "x_ptr": v["dtype"],
+            "dy_ptr": v["dtype"],
+            "dx_ptr": v["dtype"],
+            "inv_ptr": "fp32",
+            "zp_ptr": _zp(v["FLOAT_ZP"]),
+        },
+        ("qmin", "qmax"),
+        {
+            "dtype": FLOAT_DTYPES,
+            "PARAMS_ON_COLS": (False, True),
+            "FLOAT_ZP": (False, True),
+            "_ones": ((), ("rows", "channels")),
+            "_i64": ((), ("cols",)),
+        },
+        _elementwise_configs((2, 2048), (64, 64), (1, 16)),
+    ),
+    "learnable_bwd": Kernel(
+        "triton_qat.kernels.learnable",
+        "learnable_fake_quant_bwd_kernel",
+        lambda v: {
+            "x_ptr": v["dtype"],
+            "dy_ptr": v["dtype"],
+            "dx_ptr": v["dtype"],
+            **dict.fromkeys(
+                ("dscale_part_ptr", "dzp_part_ptr", "scale_ptr", "inv_ptr", "zp_ptr"), "fp32"
+            ),
+        },
+        ("qmin", "qmax", "grad_factor"),
+        {
+            "dtype": FLOAT_DTYPES,
+            "PARAMS_ON_COLS": (False, True),
+            "FLOAT_ZP": (True,),  # the launcher always passes a rounded fp32 zero point
+            "_ones": ((), ("rows", "channels")),
+            "_i64": ((), ("cols",)),
+        },
+        _elementwise_configs((2, 2048), (64, 64), (1, 16)),
+    ),
+    "per_token_qparams": Kernel(
+        "triton_qat.kernels.per_token",
+        "per_token_qparams_kernel",
+        lambda v: {"x_ptr": v["dtype"], "scale_ptr": "fp32", "inv_ptr": "fp32", "zp_ptr": "i32"},
+        ("quant_min", "quant_max", "divisor", "eps", "symmetric_zero_point"),
+        {"dtype": FLOAT_DTYPES, "SYMMETRIC": (False, True)},
+        lambda arch, *_: [
+            ("4x1024", {"BLOCK_M": 4, "BLOCK_K": 1024}),
+            ("4x16", {"BLOCK_M": 4, "BLOCK_K": 16}),
+        ],
+        ones=("stride_xk",),
+    ),
+    "minmax_partial": Kernel(
+        "triton_qat.kernels.observe",
+        "_minmax_partial_kernel",
+        lambda v: {"x_ptr": v["dtype"], "pmin_ptr": "fp32", "pmax_ptr": "fp32", "pnan_ptr": "i32"},
+        (),
+        {
+            "dtype": FLOAT_DTYPES,
+            "HAS_OUTER": (False, True),
+            "_i64": ((), ("inner", "per_channel", "chunk")),  # 2**31 elements or more
+        },
+        lambda arch, *_: [
+            # channels innermost (inner == 1): 64 channels x 64 elements
+            ("64x64", {"BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 8, "_ones": ("inner",)}),
+            ("4096x1", {"BLOCK_J": 4096, "BLOCK_C": 1, "num_warps": 8}),
+            ("256x16", {"BLOCK_J": 256, "BLOCK_C": 16, "num_warps": 8}),
+        ],
+    ),
+    "observe_finish": Kernel(
+        "triton_qat.kernels.observe",
+        "_observe_finish_kernel",
+        lambda v: {
+            **dict.fromkeys(("pmin_ptr", "pmax_ptr", "run_min_ptr", "run_max_ptr"), "fp32"),
+            "pnan_ptr": "i32",
+            "scale_ptr": "fp32",
+            "zp_ptr": "i32",
+            "eps_ptr": "fp32",
+            # the flags are int64 buffers; without them the launcher passes pnan (int32)
+            "observer_on_ptr": "i64" if v["HAS_FLAGS"] else "i32",
+            "fake_quant_on_ptr": "i64" if v["HAS_FLAGS"] else "i32",
+        },
+        ("averaging_constant", "qmin", "qmax"),
+        {
+            "UPDATE": (0, 1, 2, 3, 4),
+            "QPARAMS": (0, 1, 2),
+            "SYMMETRIC": (False, True),
+            "NOT_OBSERVED_DEFAULT": (False, True),
+            "HAS_FLAGS": (False, True),
+        },
+        lambda arch, *_: [
+            ("256", {"BLOCK": 256}),
+            ("1", {"BLOCK": 1, "_ones": ("channels",)}),  # per tensor
+        ],
+        # fake_quantize.py: the fused module (flags, fused moving average and qparams), or an
+        # observer (running min / max or moving averages, optionally torch.ao's qparams).
+        valid=lambda v: (
+            v["HAS_FLAGS"] == (v["UPDATE"] == 4) == (v["QPARAMS"] == 2)
+            and (v["QPARAMS"] == 1 or not v["NOT_OBSERVED_DEFAULT"])
+            and (v["QPARAMS"] != 0 or not v["SYMMETRIC"])
+        ),
+    ),
+    "fq_linear_fwd": Kernel(
+        "triton_qat.kernels.fq_matmul",
+        "fq_linear_fwd_kernel",
+        _fq_fwd_pointers,
+        _QRANGE,
+        {**_FQ_AXES, "HAS_BIAS": (False, True)},
+        _gemm_configs(_float_gemm_space),
+        ones=("stride_xk", "stride_wk", "stride_yn"),
+        valid=_fq_gemm_valid,
+    ),
+    "fq_linear_dx": Kernel(
+        "triton_qat.kernels.fq_matmul",
+        "fq_linear_dx_kernel",
+        _fq_dx_pointers,
+        _QRANGE,
+        dict(_FQ_AXES),
+        _gemm_configs(_float_gemm_space),
+        ones=("stride_dyn", "stride_wk", "stride_xk", "stride_dxk"),
+        valid=_fq_gemm_valid,
+    ),
+    "fq_linear_dw": Kernel(
+        "triton_qat.kernels.fq_matmul",
+        "fq_linear_dw_kernel",
+        _fq_dw_pointers,
+        _QRANGE,
+        dict(_FQ_AXES),
+        _gemm_configs(_float_gemm_space),
+        ones=("stride_dyn", "stride_xk", "stride_wk", "stride_dwk"),
+        valid=_fq_gemm_valid,
+    ),
+    "quantize_rows": Kernel(
+        "triton_qat.kernels.int_matmul",
+        "quantize_rows_kernel",
+        lambda v: {
+            "x_ptr": v["dtype"],
+            "q_ptr": "i8",
+            "scale_ptr": "fp32",
+            "zp_ptr": "i32",
+            "sum_ptr": "i32",
+            "static_scale_ptr": "fp32",
+            "static_zp_ptr": "i32",
+        },
+        ("qmin", "qmax", "shift"),
+        {"dtype": FLOAT_DTYPES, "_ones": (("param_stride",), ())},
+        lambda arch, *_: [
+            ("4x1024", {"BLOCK_R": 4, "BLOCK_K": 1024, "num_warps": 4}),
+            ("4x16", {"BLOCK_R": 4, "BLOCK_K": 16, "num_warps": 4}),
+        ],
+        ones=("stride_xk",),
+    ),
+    "int_weight_matmul": Kernel(
+        "triton_qat.kernels.int_matmul",
+        "int_weight_matmul_kernel",
+        lambda v: {
+            "x_ptr": v["dtype"],
+            "w_ptr": "u8" if v["PACKED"] else "i8",
+            "b_ptr": v["dtype"],
+            "y_ptr": v["dtype"],
+            "scale_ptr": "fp32",
+            "zp_ptr": "i32",
+        },
+        (),
+        {
+            "dtype": FLOAT_DTYPES,
+            "W_GRAN": (0, 1, 2),
+            "PACKED": (False, True),
+            "HAS_BIAS": (False, True),
+            "INPUT_PRECISION": _PRECISIONS,
+        },
+        _gemm_configs(_int_gemm_space),
+        ones=("stride_xk", "stride_wk", "stride_yn"),
+        # int4 codes come packed, per group (IntWeight)
+        valid=lambda v: _precision_ok(v) and (not v["PACKED"] or v["W_GRAN"] == 2),
+    ),
+    "int8_matmul": Kernel(
+        "triton_qat.kernels.int_matmul",
+        "int8_matmul_kernel",
+        lambda v: {
+            "x_ptr": "i8",
+            "w_ptr": "u8" if v["PACKED"] else "i8",
+            "b_ptr": v["dtype"],
+            "y_ptr": v["dtype"],
+            "x_scale_ptr": "fp32",
+            "x_zp_ptr": "i32",
+            "x_sum_ptr": "i32",
+            "w_scale_ptr": "fp32",
+            "w_zp_ptr": "i32",
+        },
+        (),
+        {
+            "dtype": FLOAT_DTYPES,
+            "W_GRAN": (0, 1, 2),
+            "PACKED": (False, True),
+            "X_ZP": (False, True),
+            "HAS_BIAS": (False, True),
+            "GROUP_CHUNK": (32, 128),
+        },
+        _gemm_configs(_int_gemm_space),
+        ones=("stride_xk", "stride_wk", "stride_yn"),
+        valid=lambda v: (
+            (not v["PACKED"] or v["W_GRAN"] == 2) and (v["W_GRAN"] == 2 or v["GROUP_CHUNK"] == 32)
+        ),
+    ),
+}
+
+# Where an "_ones" axis or config and the table's ones name group_size, those follow W_GRAN.
+_GROUP_SIZE_KERNELS = {"fq_linear_fwd", "fq_linear_dx", "fq_linear_dw", "int_weight_matmul"}
+
+
+def variants(name: str, quick: bool) -> list[dict]:
+    """The valid axis combinations of kernel `name`; with `quick`, a subset that still holds
+    every value of every axis."""
+    spec = KERNELS[name]
+    keys = list(spec.axes)
+    full = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*spec.axes.values())]
+    full = [v for v in full if spec.valid(v)]
+    if not quick:
+        return full
+    covered: set = set()
+    chosen = []
+    for v in full:
+        pairs = {(k, repr(x)) for k, x in v.items()}
+        if not pairs <= covered:
+            chosen.append(v)
+            covered |= pairs
+    return chosen
+
+
+def _flatten_variant(v: dict) -> dict:
+    """X_QUANT -> X_FQ / X_PER_ROW."""
+    out = dict(v)
+    if "X_QUANT" in out:
+        out["X_FQ"], out["X_PER_ROW"] = out.pop("X_QUANT")
+    return out
+
+
+def jobs_for(names, archs, quick, cover=False):
+    """Every (kernel, arch, variant, config) to compile: with `quick` the covering variants
+    and the first config, with `cover` the covering variants and every config."""
+    out = []
+    for name in names:
+        for arch in archs:
+            for v in variants(name, quick or cover):
+                spec = KERNELS[name]
+                tuner = getattr(importlib.import_module(spec.module), spec.attr)
+                cfgs = spec.configs(arch, spec.pointers(v), v, tuner)
+                for cfg_name, cfg in cfgs[:1] if quick else cfgs:
+                    out.append((name, arch, v, cfg_name, cfg))
+    return out
+
+
+def _jit_function(obj):
+    while not isinstance(obj, triton.runtime.jit.JITFunction):
+        obj = obj.fn  # Autotuner (and the cache hook) wrap the JITFunction
+    return obj
+
+
+def compile_one(job) -> dict:
+    """Compile one variant; {"ok", "seconds", "shared", "error"}."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, arch, v, cfg_name, cfg = job
+    spec = KERNELS[name]
+    fn = _jit_function(getattr(importlib.import_module(spec.module), spec.attr))
+    pointers = spec.pointers(v)
+    v = _flatten_variant(v)
+    cfg = dict(cfg)
+    options = {"enable_fp_fusion": spec.fp_fusion}
+    for opt in ("num_warps", "num_stages"):
+        if opt in cfg:
+            options[opt] = cfg.pop(opt)
+    ones = set(spec.ones) | set(cfg.pop("_ones", ())) | set(v.pop("_ones", ()))
+    wide = set(v.pop("_i64", ()))  # Python ints of 2**31 or more are passed as int64
+    if name in _GROUP_SIZE_KERNELS and v["W_GRAN"] != 2:
+        ones.add("group_size")  # launchers pass max(group_size, 1)
+    constexprs = {k: x for k, x in {**v, **cfg}.items() if k[0].isupper()}
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in ones:
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        elif arg in pointers:
+            signature[arg] = "*" + pointers[arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif arg in spec.floats:
+            signature[arg] = "fp32"
+        elif arg in wide:
+            signature[arg] = "i64"
+        else:
+            signature[arg] = "i32"
+    missing = set(constexprs) - set(fn.arg_names)
+    if missing:
+        raise KeyError(f"{name}: no arguments {sorted(missing)}")
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        shared = int(compiled.metadata.shared)
+        cubin = len(compiled.asm["cubin"])
+        error = None
+        if shared > SHARED_MEMORY[arch]:
+            error = f"shared memory {shared} B exceeds sm_{arch}'s {SHARED_MEMORY[arch]} B"
+    except Exception as exc:  # a compile error of any stage
+        shared = cubin = None
+        # A CompilationError reads "at L:C:", the kernel's source, then the cause.
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        if len(lines) > 4:
+            lines = [lines[0], "...", *lines[-3:]]
+        error = f"{type(exc).__name__}: " + " | ".join(lines)[:800]
+    return {
+        "kernel": name,
+        "arch": arch,
+        "variant": {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.items()},
+        "config": cfg_name,
+        "ones": sorted(ones),
+        "i64": sorted(wide),
+        "ok": error is None,
+        "seconds": round(time.perf_counter() - start, 2),
+        "shared": shared,
+        "cubin_bytes": cubin,
+        "error": error,
+    }
+
+
+def _describe(r: dict) -> str:
+    flags = " ".join(f"{k}={x}" for k, x in r["variant"].items())
+    flags += f" ones={','.join(r['ones'])}" if r["ones"] else ""
+    flags += f" i64={','.join(r['i64'])}" if r["i64"] else ""
+    status = "ok  " if r["ok"] else "FAIL"
+    line = (
+        f"{status} {r['seconds']:7.1f}s sm_{r['arch']} {r['kernel']:<18} {r['config']:<18} "
+        f"smem={r['shared']} {flags}"
+    )
+    return line if r["ok"] else f"{line}\n     {r['error']}"
+
+
+def untabled_kernels() -> list[str]:
+    """The @triton.jit kernels of triton_qat.kernels' modules that KERNELS does not list."""
+    import pkgutil
+
+    import triton_qat.kernels as package
+
+    tabled = {(k.module, k.attr) for k in KERNELS.values()}
+    missing = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for attr, obj in vars(module).items():
+            if not attr.endswith("_kernel") or not hasattr(obj, "fn"):
+                continue
+            if getattr(_jit_function(obj), "__module__", None) != module.__name__:
+                continue  # imported from another module
+            if (module.__name__, attr) not in tabled:
+                missing.append(f"{module.__name__}.{attr}")
+    return missing
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[90, 80])
+    parser.add_argument("--quick", action="store_true", help="one config per kernel, few flags")
+    parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=sorted(KERNELS))
+    parser.add_argument(
+        "--cover", action="store_true", help="--quick's few flags with every config"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="compile processes")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no job after this")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--list", action="store_true", help="list the variants, compile none")
+    parser.add_argument(
+        "--where", nargs="+", default=[], metavar="AXIS=VALUE", help="only these axis values"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="the first N variants only")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    # `timeout` sends SIGTERM: exit through the pool's cleanup, which ends the workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+
+    untabled = untabled_kernels()
+    for name in untabled:
+        print(f"FAIL {name}: a kernel missing from KERNELS (bench/compile_check.py)")
+    jobs = jobs_for(args.kernels, args.arch, args.quick, args.cover)
+    for cond in args.where:
+        axis, _, value = cond.partition("=")
+        jobs = [j for j in jobs if axis not in j[2] or str(j[2][axis]) == value]
+    jobs = jobs[: args.limit]
+    if args.list:
+        for name, arch, v, cfg_name, _ in jobs:
+            print(f"sm_{arch} {name} {cfg_name} {v}")
+        print(f"{len(jobs)} variants")
+        return 1 if untabled else 0
+    # A private, empty cache: the times are real compiles, not cache hits.
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="tq_compile_check_"))
+    print(f"triton {triton.__version__}: {len(jobs)} variants, {args.jobs} job(s)", flush=True)
+    start = time.perf_counter()
+    results: list[dict] = []
+    skipped = 0
+
+    def over_budget() -> bool:
+        return args.budget_s is not None and time.perf_counter() - start > args.budget_s
+
+    if args.jobs == 1:
+        for job in jobs:
+            if over_budget():
+                skipped += 1
+                continue
+            results.append(compile_one(job))
+            print(_describe(results[-1]), flush=True)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.jobs, maxtasksperchild=32) as pool:
+            pending = iter(jobs)
+            for r in pool.imap_unordered(compile_one, pending):
+                results.append(r)
+                print(_describe(r), flush=True)
+                if over_budget():
+                    pool.terminate()
+                    break
+        skipped = len(jobs) - len(results)
+
+    failed = [r for r in results if not r["ok"]]
+    total = time.perf_counter() - start
+    print(
+        f"{len(results) - len(failed)} ok, {len(failed)} failed, {skipped} not run; {total:.0f} s"
+    )
+    if results:
+        slowest = max(results, key=lambda r: r["seconds"])
+        print(f"slowest: {slowest['seconds']:.1f} s {slowest['kernel']} {slowest['config']}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"results": results, "not_run": skipped}, indent=1))
+    return 1 if failed or untabled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
