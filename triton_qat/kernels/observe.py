@@ -43,14 +43,6 @@ _MOVING_AVERAGE: tl.constexpr = tl.constexpr(MOVING_AVERAGE)
 _NO_QPARAMS: tl.constexpr = tl.constexpr(NO_QPARAMS)
 _OBSERVER_QPARAMS: tl.constexpr = tl.constexpr(OBSERVER_QPARAMS)
 
-# The kernels' copies: Triton's JIT reads only constexpr globals.
-_STORE: tl.constexpr = tl.constexpr(STORE)
-_RUNNING_MINMAX: tl.constexpr = tl.constexpr(RUNNING_MINMAX)
-_MOVING_AVERAGE_FIRST: tl.constexpr = tl.constexpr(MOVING_AVERAGE_FIRST)
-_MOVING_AVERAGE: tl.constexpr = tl.constexpr(MOVING_AVERAGE)
-_NO_QPARAMS: tl.constexpr = tl.constexpr(NO_QPARAMS)
-_OBSERVER_QPARAMS: tl.constexpr = tl.constexpr(OBSERVER_QPARAMS)
-
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
 # torch's ChooseQuantizationParams (CPU) raises smaller scales to this.
 SMALL_SCALE: tl.constexpr = tl.constexpr(6.1e-05)
