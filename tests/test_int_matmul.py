@@ -355,14 +355,7 @@ def test_quantized_linear_kernel_path_matches_eager(name, dtype, device):
         assert isinstance(layer, QuantizedLinear)
         y_eager = converted(x)
         # The eager layer's operands, for the rounding bound.
-        if layer.dynamic_input is not None:
-            xin = fake_quantize_per_token(x, *layer.dynamic_input)
-        elif layer.input_range is not None:
-            xin = tq.fake_quantize_per_tensor(
-                x, layer.input_scale, layer.input_zero_point, *layer.input_range
-            )
-        else:
-            xin = x
+        xin = layer.fake_quantized_input(x)
         w = layer.dequantized_weight().to(dtype)
     assert layer.int_weight() is not None
     converted.to(device)

@@ -793,7 +793,6 @@ def check_int_linear(case: IntLinearCase, device: str, seed: int = 0) -> list[Ch
     (dequantize, fake-quantize the input, F.linear); relative error norm against a float64
     product of the eager path's operands, within the dtype's tolerance as the fused linear."""
     from triton_qat.convert import QuantizedLinear
-    from triton_qat.fake_quantize import fake_quantize_per_token
 
     gen = _gen(device, seed)
     m, n, k = case.shape
@@ -806,12 +805,7 @@ def check_int_linear(case: IntLinearCase, device: str, seed: int = 0) -> list[Ch
         q = converted[0]
         assert isinstance(q, QuantizedLinear)
         y_eager = converted(x)
-        if q.dynamic_input is not None:
-            xin = fake_quantize_per_token(x, *q.dynamic_input)
-        elif q.input_range is not None:
-            xin = tq.fake_quantize_per_tensor(x, q.input_scale, q.input_zero_point, *q.input_range)
-        else:
-            xin = x
+        xin = q.fake_quantized_input(x)
         ref = torch.addmm(q.bias.double(), xin.double(), q.dequantized_weight().double().t())
     with torch.no_grad(), tq.use_backend("triton"):
         y = converted(x)

@@ -200,6 +200,20 @@ class QuantizedLinear(torch.nn.Module):
         y = int_matmul.int8_linear(int_matmul.quantize_rows(x2d, rq), wt, bias, input.dtype)
         return y.reshape(*input.shape[:-1], self.out_features)
 
+    def fake_quantized_input(self, input: Tensor) -> Tensor:
+        """The input as the eager path multiplies it: fake-quantized per token (dynamic) or
+        per tensor with the trained qparams, or unchanged when the layer keeps it float."""
+        if self.dynamic_input is not None:
+            from triton_qat.fake_quantize import fake_quantize_per_token
+
+            return fake_quantize_per_token(input, *self.dynamic_input)
+        if self.input_range is not None:
+            qmin, qmax = self.input_range
+            return fake_quantize(
+                input, QParams(self.input_scale, self.input_zero_point, qmin, qmax)
+            )
+        return input
+
     def forward(self, input: Tensor) -> Tensor:
         # The integer GEMMs have no backward: a gradient through the input takes the eager path.
         needs_grad = torch.is_grad_enabled() and input.requires_grad
@@ -207,15 +221,7 @@ class QuantizedLinear(torch.nn.Module):
             y = self._forward_triton(input)
             if y is not None:
                 return y
-        if self.dynamic_input is not None:
-            from triton_qat.fake_quantize import fake_quantize_per_token
-
-            input = fake_quantize_per_token(input, *self.dynamic_input)
-        if self.input_range is not None:
-            qmin, qmax = self.input_range
-            input = fake_quantize(
-                input, QParams(self.input_scale, self.input_zero_point, qmin, qmax)
-            )
+        input = self.fake_quantized_input(input)
         w = self.dequantized_weight().to(input.dtype)
         b = None if self.bias is None else self.bias.to(input.dtype)
         return F.linear(input, w, b)
