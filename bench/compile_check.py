@@ -11,7 +11,8 @@ autotune tile whose pipelined operands fit the arch's shared memory. --quick tak
 per kernel and a covering subset of the flags (every value of every axis at least once);
 --cover the same subset with every config.
 Integer arguments that the launchers pass as 1 (contiguous inner strides, the group size of
-non-grouped weights, one channel per tensor) are specialized to 1 as Triton's JIT does.
+non-grouped weights in int8_matmul, one channel per tensor) are specialized to 1 as Triton's
+JIT does.
 
 Prints one line per variant (ok / FAIL, compile seconds, shared memory); a variant whose
 shared memory exceeds the arch's limit compiles but would not launch and counts as a failure.
@@ -101,7 +102,9 @@ def _gemm_configs(space: Callable[[], list]):
     def make(arch, pointers, variant, tuner):
         prune = tuner.early_config_prune.keywords
         elem_a, elem_b = (ELEMENT_SIZE[pointers[o]] for o in prune["operands"])
-        gathered = gemm_cfg.gathered_param_bytes(prune["param_bytes"], variant)
+        gathered = gemm_cfg.gathered_param_bytes(
+            prune["param_bytes"], variant, prune["group_block"]
+        )
         big = 1 << 16  # a problem larger than every tile
         smem = SHARED_MEMORY[arch]
         kept = gemm_cfg.select_configs(space(), big, big, elem_a, elem_b, smem, gathered)
@@ -138,13 +141,14 @@ def _weight_ok(v: dict) -> bool:
     return v["w"] in (v["dtype"], "fp32")
 
 
+def _group_ok(v: dict) -> bool:
+    # Launchers pass GROUP_SIZE=max(group_size, 1): 1 unless the weight is per group.
+    return (v["W_GRAN"] == 2) == (v["GROUP_SIZE"] != 1)
+
+
 def _fq_gemm_valid(v: dict) -> bool:
     x_fq, x_per_row = v["X_QUANT"]
-    return _precision_ok(v) and _weight_ok(v) and (x_fq or not x_per_row)
-
-
-def _gemm_ones(v: dict) -> tuple[str, ...]:
-    return () if v["W_GRAN"] == 2 else ("group_size",)
+    return _precision_ok(v) and _weight_ok(v) and (x_fq or not x_per_row) and _group_ok(v)
 
 
 def _fq_fwd_pointers(v):
@@ -191,6 +195,9 @@ _FQ_AXES = {
     "dtype": FLOAT_DTYPES,
     "w": FLOAT_DTYPES,
     "W_GRAN": (0, 1, 2),
+    # per group: within a 32 / 64 / 128-wide tile (32, 128), whole groups in a tile (16),
+    # gathered per element (48)
+    "GROUP_SIZE": (1, 32, 128, 16, 48),
     "W_FLOAT_ZP": (False, True),
     "X_QUANT": _X_QUANT,
     "INPUT_PRECISION": _PRECISIONS,
@@ -386,6 +393,7 @@ KERNELS: dict[str, Kernel] = {
         {
             "dtype": FLOAT_DTYPES,
             "W_GRAN": (0, 1, 2),
+            "GROUP_SIZE": (1, 32, 128, 16, 48),
             "PACKED": (False, True),
             "HAS_BIAS": (False, True),
             "INPUT_PRECISION": _PRECISIONS,
@@ -393,7 +401,7 @@ KERNELS: dict[str, Kernel] = {
         _gemm_configs(_int_gemm_space),
         ones=("stride_xk", "stride_wk", "stride_yn"),
         # int4 codes come packed, per group (IntWeight)
-        valid=lambda v: _precision_ok(v) and (not v["PACKED"] or v["W_GRAN"] == 2),
+        valid=lambda v: _precision_ok(v) and (not v["PACKED"] or v["W_GRAN"] == 2) and _group_ok(v),
     ),
     "int8_matmul": Kernel(
         "triton_qat.kernels.int_matmul",
@@ -425,9 +433,6 @@ KERNELS: dict[str, Kernel] = {
         ),
     ),
 }
-
-# Where an "_ones" axis or config and the table's ones name group_size, those follow W_GRAN.
-_GROUP_SIZE_KERNELS = {"fq_linear_fwd", "fq_linear_dx", "fq_linear_dw", "int_weight_matmul"}
 
 
 def variants(name: str, quick: bool) -> list[dict]:
@@ -495,7 +500,7 @@ def compile_one(job) -> dict:
             options[opt] = cfg.pop(opt)
     ones = set(spec.ones) | set(cfg.pop("_ones", ())) | set(v.pop("_ones", ()))
     wide = set(v.pop("_i64", ()))  # Python ints of 2**31 or more are passed as int64
-    if name in _GROUP_SIZE_KERNELS and v["W_GRAN"] != 2:
+    if "group_size" in fn.arg_names and v.get("W_GRAN") != 2:
         ones.add("group_size")  # launchers pass max(group_size, 1)
     constexprs = {k: x for k, x in {**v, **cfg}.items() if k[0].isupper()}
     signature, attrs = {}, {}

@@ -226,7 +226,10 @@ def _check_kernel_against_eager(x, w, b, wqp, xqp, requires=(True, True, True), 
 # --- kernels against the eager composition --------------------------------------------------
 
 # (M, N, K, weight granularity, group size, weight quant range). M and N are never a multiple
-# of a block; K is one only where a group size of 32 or more forces it.
+# of a block; K is one only where a group size of 32 or more forces it. With the interpreter's
+# 32-wide tiles the group sizes take each way of loading per-group qparams (_weight_params):
+# 32 / 64 / 128 one per tile row, 16 one per row and group (K = 80 ends in a tile half past
+# the last group), 3 and 48 one per element.
 CASES = [
     (1, 1, 1, "tensor", None, (-128, 127)),
     (17, 33, 70, "tensor", None, (-128, 127)),
@@ -234,6 +237,7 @@ CASES = [
     (70, 17, 33, "channel", None, (0, 255)),
     (33, 17, 96, "group", 32, (-8, 7)),
     (5, 33, 99, "group", 3, (0, 15)),
+    (17, 9, 80, "group", 16, (-8, 7)),
     (17, 5, 96, "group", 48, (-8, 7)),
     (3, 9, 128, "group", 64, (-128, 127)),
     (9, 3, 128, "group", 128, (0, 15)),
@@ -270,7 +274,7 @@ def test_fp32_matches_eager_composition(device, case, variant):
         (CASES[3], VARIANTS[2]),
         (CASES[4], VARIANTS[0]),
         (CASES[5], VARIANTS[1]),
-        (CASES[8], VARIANTS[2]),
+        (CASES[9], VARIANTS[2]),
     ],
     ids=["tensor", "channel-floatzp", "group32", "group3-floatzp", "group128-floatzp"],
 )

@@ -330,16 +330,35 @@ def test_select_configs_counts_gathered_group_qparams():
     space = cfg._cuda_configs()
     big = 1 << 16
     plain = cfg.select_configs(space, big, big, 2, 2, _H100_SMEM)
-    # Per group, fp32 scale / 1 / scale / zero point come with every weight element.
-    extra = cfg.gathered_param_bytes(12, {"W_GRAN": cfg.PER_GROUP})
+    # A group size that no tile width divides (48): fp32 scale / 1 / scale / zero point come
+    # with every weight element.
+    extra = cfg.gathered_param_bytes(12, {"W_GRAN": cfg.PER_GROUP, "GROUP_SIZE": 48})
     grouped = cfg.select_configs(space, big, big, 2, 2, _H100_SMEM, extra)
-    assert cfg.gathered_param_bytes(12, {"W_GRAN": 1}) == 0
+    assert cfg.gathered_param_bytes(12, {"W_GRAN": 1})(space[0]) == 0
     assert (128, 256, 64, 3) in _tiles(plain)
     # 3 * 64 * (128 + 256) * 2 + 2 * 64 * 256 * 12 B: over the limit with the qparams.
     assert (128, 256, 64, 3) not in _tiles(grouped)
     assert (128, 128, 32, 4) in _tiles(grouped)
     assert _tiles(grouped) < _tiles(plain)
     assert all(cfg.fits_shared_memory(c, 2, 2, _H100_SMEM, extra) for c in grouped)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_group_qparams_per_row_or_group_keep_the_large_tiles(group):
+    from triton_qat.kernels import configs as cfg
+
+    space = cfg._cuda_configs()
+    big = 1 << 16
+    # Groups of 32 and more are loaded one qparam per tile row (a tile within a group) or per
+    # row and group (a tile of whole groups): 12 B per row next to BLOCK_K * 2 B of weights.
+    per_group = cfg.gathered_param_bytes(12, {"W_GRAN": cfg.PER_GROUP, "GROUP_SIZE": group})
+    tile = next(c for c in space if _tiles([c]) == {(128, 256, 64, 3)})
+    assert per_group(tile) == 12 / min(group, 64)
+    grouped = cfg.select_configs(space, big, big, 2, 2, _H100_SMEM, per_group)
+    assert _tiles(grouped) == _tiles(cfg.select_configs(space, big, big, 2, 2, _H100_SMEM))
+    # The dX GEMM's group axis is its output tile's columns (BLOCK_N).
+    dx = cfg.gathered_param_bytes(12, {"W_GRAN": cfg.PER_GROUP, "GROUP_SIZE": group}, "BLOCK_N")
+    assert dx(tile) == 12 / min(group, 256)
 
 
 def test_select_configs_falls_back_to_a_tile_that_fits():

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import triton
 
 from triton_qat.kernels import INTERPRETED_KERNELS
 from triton_qat.qparams import PER_GROUP
+
+# Qparam bytes staged per weight element: a number, or a function of the config.
+Gathered = float | Callable[[triton.Config], float]
 
 # Under the interpreter autotuning cannot run (no GPU driver): exactly one config, kept
 # small so interpreted tiles stay cheap.
@@ -69,29 +73,48 @@ def _max_shared_memory(device_index: int) -> int:
 
 
 def fits_shared_memory(
-    config: triton.Config, elem_a: int, elem_b: int, smem: int, gathered: int = 0
+    config: triton.Config, elem_a: int, elem_b: int, smem: int, gathered: Gathered = 0
 ) -> bool:
     """Whether `config`'s pipelined tiles fit in smem bytes: num_stages copies of a BLOCK_M x
     BLOCK_K tile of elem_a-byte and a BLOCK_N x BLOCK_K tile of elem_b-byte operands, and
     num_stages - 1 copies (the buffers Triton's software pipeline allocates per load; the
-    operands' extra copy covers its scratch) of `gathered` bytes per weight element."""
+    operands' extra copy covers its scratch) of `gathered` bytes per weight element (a number,
+    or a function of the config: gathered_param_bytes)."""
     return shared_memory_bytes(config, config.num_stages, elem_a, elem_b, gathered) <= smem
 
 
 def shared_memory_bytes(
-    config: triton.Config, stages: int, elem_a: int, elem_b: int, gathered: int
-) -> int:
+    config: triton.Config, stages: int, elem_a: int, elem_b: int, gathered: Gathered
+) -> float:
     """fits_shared_memory's estimate for `config` run with `stages` stages."""
     kw = config.kwargs
+    per_element = gathered(config) if callable(gathered) else gathered
     operands = kw["BLOCK_K"] * (kw["BLOCK_M"] * elem_a + kw["BLOCK_N"] * elem_b)
-    return stages * operands + (stages - 1) * kw["BLOCK_K"] * kw["BLOCK_N"] * gathered
+    return stages * operands + (stages - 1) * kw["BLOCK_K"] * kw["BLOCK_N"] * per_element
 
 
-def gathered_param_bytes(param_bytes: int, flags: dict) -> int:
-    """Bytes per weight element of the qparams a GEMM loads with each weight tile:
-    `param_bytes` per group (W_GRAN == PER_GROUP: one qparam per element of the tile, loads
-    that the software pipeline stages in shared memory), else none (vectors)."""
-    return param_bytes if flags.get("W_GRAN") == PER_GROUP else 0
+def gathered_param_bytes(
+    param_bytes: int, flags: dict, group_block: str = "BLOCK_K"
+) -> Callable[[triton.Config], float]:
+    """Bytes per weight element of the qparams a GEMM loads with each weight tile, for a
+    config: none unless W_GRAN == PER_GROUP (vectors per tensor / channel). Per group of
+    GROUP_SIZE along K, with `group_block` the config's tile extent along K: a tile within one
+    group loads `param_bytes` per tile row; a tile of whole groups `param_bytes` per group and
+    row; any other tile `param_bytes` per element (gathered; e.g. a group size of 48). These
+    loads are staged in shared memory by the software pipeline like the operands."""
+    if flags.get("W_GRAN") != PER_GROUP:
+        return lambda config: 0.0
+    group = int(flags.get("GROUP_SIZE", 1))
+
+    def per_element(config: triton.Config) -> float:
+        cols = config.kwargs[group_block]
+        if group % cols == 0:
+            return param_bytes / cols
+        if cols % group == 0:
+            return param_bytes / group
+        return float(param_bytes)
+
+    return per_element
 
 
 def prune_configs(
@@ -102,13 +125,14 @@ def prune_configs(
     cols: str,
     operands: tuple[str, str],
     param_bytes: int = 0,
+    group_block: str = "BLOCK_K",
     **kwargs,
 ):
     """Drop tiles that overflow shared memory, and tiles far larger than a tiny problem.
 
     rows / cols: the names of the kernel's extents along BLOCK_M / BLOCK_N; operands: the two
-    pointers whose tiles are staged in shared memory; param_bytes: see gathered_param_bytes
-    (kwargs: the launch's constexpr flags).
+    pointers whose tiles are staged in shared memory; param_bytes / group_block: see
+    gathered_param_bytes (kwargs: the launch's constexpr flags).
     """
     if len(configs) <= 1:
         return configs
@@ -117,13 +141,13 @@ def prune_configs(
     m, n = named_args[rows], named_args[cols]
     elem_a = named_args[operands[0]].element_size()
     elem_b = named_args[operands[1]].element_size()
-    gathered = gathered_param_bytes(param_bytes, kwargs)
+    gathered = gathered_param_bytes(param_bytes, kwargs, group_block)
     smem = _max_shared_memory(torch.cuda.current_device())
     return select_configs(configs, m, n, elem_a, elem_b, smem, gathered)
 
 
 def select_configs(
-    configs, m: int, n: int, elem_a: int, elem_b: int, smem: int, gathered: int = 0
+    configs, m: int, n: int, elem_a: int, elem_b: int, smem: int, gathered: Gathered = 0
 ) -> list:
     """prune_configs' choice for an (m, n) output, operand element sizes elem_a / elem_b,
     `gathered` qparam bytes per weight element and `smem` bytes of shared memory: never empty."""
@@ -173,10 +197,12 @@ def autotune(
     extra_key=(),
     configs=None,
     param_bytes: int = 0,
+    group_block: str = "BLOCK_K",
 ):
     """triton.autotune over `configs` (default gemm_configs()), keyed on the problem's extents
     and `extra_key` (granularity flags); tensor dtypes are part of Triton's key already.
-    operands / param_bytes: what the pruner counts as staged in shared memory (prune_configs).
+    operands / param_bytes / group_block: what the pruner counts as staged in shared memory
+    (prune_configs).
 
     Compiled, the tuner is backed by triton_qat's on-disk cache (triton_qat.tuning): a key
     tuned by an earlier process is not benchmarked again. The file is read on first use.
@@ -186,7 +212,12 @@ def autotune(
         key=[rows, cols, loop, *extra_key],
         prune_configs_by={
             "early_config_prune": functools.partial(
-                prune_configs, rows=rows, cols=cols, operands=operands, param_bytes=param_bytes
+                prune_configs,
+                rows=rows,
+                cols=cols,
+                operands=operands,
+                param_bytes=param_bytes,
+                group_block=group_block,
             )
         },
     )

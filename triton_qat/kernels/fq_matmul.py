@@ -6,7 +6,8 @@ registers as they are loaded. No fake-quantized copy or mask is ever written to 
     dW:      dw = (dy^T @ fq_x(x)) * mask_w(w)
 
 Weight qparams: W_GRAN 0 per tensor, 1 per output channel (row of w), 2 per group of
-`group_size` along K. Input qparams (X_FQ): per tensor, or per row of x (X_PER_ROW: dynamic
+GROUP_SIZE along K (a constexpr: the common sizes load a qparam per tile row or per group,
+not per element). Input qparams (X_FQ): per tensor, or per row of x (X_PER_ROW: dynamic
 per token, vectors of M from kernels/per_token.py); or none. Fake-quantized tiles are cast to
 the input dtype before tl.dot; products accumulate in fp32.
 """
@@ -23,10 +24,11 @@ from triton_qat.kernels.fake_quant import fake_quant_values, quantize_unclamped
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
 from triton_qat.qparams import LinearQuant
 
-# Granularity flags that select a different kernel variant: part of the autotune key.
-_GRAN_KEY = ("W_GRAN", "X_FQ", "X_PER_ROW")
-# Per group, the forward and dX loops gather 1 / scale, scale and zero point (4 bytes each) for
-# every element of the weight tile (_weight_params); dW reads them in the epilogue only.
+# Granularity flags that select a different kernel variant: part of the autotune key (the
+# group size is a constexpr: it decides how a tile's qparams are loaded, see _weight_params).
+# Per group, the forward and dX loops load 1 / scale, scale and zero point (4 bytes each) with
+# every weight tile (configs.gathered_param_bytes); dW reads them in the epilogue only.
+_GRAN_KEY = ("W_GRAN", "GROUP_SIZE", "X_FQ", "X_PER_ROW")
 _GROUP_PARAM_BYTES = 12
 
 
@@ -47,11 +49,36 @@ def _grouped_pid(
 
 
 @triton.jit
+def _spread_groups(p, GROUP_SIZE: tl.constexpr):
+    """(R, G) qparams, one per row and group -> (R, G * GROUP_SIZE), one per element."""
+    rows: tl.constexpr = p.shape[0]
+    groups: tl.constexpr = p.shape[1]
+    wide = tl.broadcast_to(p[:, :, None], (rows, groups, GROUP_SIZE))
+    return tl.reshape(wide, (rows, groups * GROUP_SIZE))
+
+
+@triton.jit
 def _weight_params(
-    inv_ptr, scale_ptr, zp_ptr, rn, k, n_ok, k_ok, K, group_size, W_GRAN: tl.constexpr
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    rn,
+    k,
+    n_ok,
+    k_ok,
+    k_start,
+    K,
+    W_GRAN: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    COLS: tl.constexpr,
 ):
-    """(inv, scale, zp) of the weight tile at rows rn (BN,) and cols k (BK,), broadcastable
-    to (BN, BK)."""
+    """(inv, scale, zp) of the weight tile at rows rn (BN,) and the COLS cols k = k_start +
+    arange(COLS), broadcastable to (BN, COLS).
+
+    Per group, a tile within one group (GROUP_SIZE a multiple of COLS) loads one qparam per
+    row, a tile of whole groups (COLS a multiple of GROUP_SIZE) one per row and group, spread
+    over the group in registers; only other group sizes (e.g. 48 with COLS 32) gather one
+    qparam per element."""
     if W_GRAN == 0:
         inv = tl.load(inv_ptr)
         scale = tl.load(scale_ptr)
@@ -61,12 +88,25 @@ def _weight_params(
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=1.0)[:, None]
         zp = tl.load(zp_ptr + rn, mask=n_ok, other=0).to(tl.float32)[:, None]
     else:
-        n_groups = K // group_size
-        idx = rn[:, None] * n_groups + (k // group_size)[None, :]
-        ok = n_ok[:, None] & k_ok[None, :]
-        inv = tl.load(inv_ptr + idx, mask=ok, other=1.0)
-        scale = tl.load(scale_ptr + idx, mask=ok, other=1.0)
-        zp = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
+        n_groups = K // GROUP_SIZE
+        if GROUP_SIZE % COLS == 0:
+            idx = rn * n_groups + k_start // GROUP_SIZE
+            inv = tl.load(inv_ptr + idx, mask=n_ok, other=1.0)[:, None]
+            scale = tl.load(scale_ptr + idx, mask=n_ok, other=1.0)[:, None]
+            zp = tl.load(zp_ptr + idx, mask=n_ok, other=0).to(tl.float32)[:, None]
+        elif COLS % GROUP_SIZE == 0:
+            g = k_start // GROUP_SIZE + tl.arange(0, COLS // GROUP_SIZE)
+            idx = rn[:, None] * n_groups + g[None, :]
+            ok = n_ok[:, None] & (g < n_groups)[None, :]
+            inv = _spread_groups(tl.load(inv_ptr + idx, mask=ok, other=1.0), GROUP_SIZE)
+            scale = _spread_groups(tl.load(scale_ptr + idx, mask=ok, other=1.0), GROUP_SIZE)
+            zp = _spread_groups(tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32), GROUP_SIZE)
+        else:
+            idx = rn[:, None] * n_groups + (k // GROUP_SIZE)[None, :]
+            ok = n_ok[:, None] & k_ok[None, :]
+            inv = tl.load(inv_ptr + idx, mask=ok, other=1.0)
+            scale = tl.load(scale_ptr + idx, mask=ok, other=1.0)
+            zp = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
     return inv, scale, zp
 
 
@@ -107,7 +147,6 @@ def fq_linear_fwd_kernel(
     M,
     N,
     K,
-    group_size,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -119,6 +158,7 @@ def fq_linear_fwd_kernel(
     x_qmin,
     x_qmax,
     W_GRAN: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
     W_FLOAT_ZP: tl.constexpr,
     X_FQ: tl.constexpr,
     X_PER_ROW: tl.constexpr,
@@ -155,7 +195,18 @@ def fq_linear_fwd_kernel(
             other=0.0,
         )
         w_inv, w_scale, w_zp = _weight_params(
-            w_inv_ptr, w_scale_ptr, w_zp_ptr, rn, k, n_ok, k_ok, K, group_size, W_GRAN
+            w_inv_ptr,
+            w_scale_ptr,
+            w_zp_ptr,
+            rn,
+            k,
+            n_ok,
+            k_ok,
+            k0 * BLOCK_K,
+            K,
+            W_GRAN,
+            GROUP_SIZE,
+            BLOCK_K,
         )
         wq, _ = fake_quant_values(to_fp32(w), w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP)
         wq = cast_rne(tl.where(k_ok[None, :], wq, 0.0), dtype)
@@ -178,6 +229,7 @@ def fq_linear_fwd_kernel(
     operands=("dy_ptr", "w_ptr"),
     extra_key=_GRAN_KEY,
     param_bytes=_GROUP_PARAM_BYTES,
+    group_block="BLOCK_N",  # the output tile's columns run along K
 )
 @triton.jit
 def fq_linear_dx_kernel(
@@ -193,7 +245,6 @@ def fq_linear_dx_kernel(
     M,
     N,
     K,
-    group_size,
     stride_dym,
     stride_dyn,
     stride_wn,
@@ -207,6 +258,7 @@ def fq_linear_dx_kernel(
     x_qmin,
     x_qmax,
     W_GRAN: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
     W_FLOAT_ZP: tl.constexpr,
     X_FQ: tl.constexpr,
     X_PER_ROW: tl.constexpr,
@@ -238,7 +290,18 @@ def fq_linear_dx_kernel(
             other=0.0,
         )
         w_inv, w_scale, w_zp = _weight_params(
-            w_inv_ptr, w_scale_ptr, w_zp_ptr, rn, rk, n_ok, k_ok, K, group_size, W_GRAN
+            w_inv_ptr,
+            w_scale_ptr,
+            w_zp_ptr,
+            rn,
+            rk,
+            n_ok,
+            k_ok,
+            pid_k * BLOCK_N,
+            K,
+            W_GRAN,
+            GROUP_SIZE,
+            BLOCK_N,
         )
         wq, _ = fake_quant_values(to_fp32(w), w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP)
         wq = cast_rne(tl.where(n_ok[:, None], wq, 0.0), dtype)
@@ -273,7 +336,6 @@ def fq_linear_dw_kernel(
     M,
     N,
     K,
-    group_size,
     stride_dym,
     stride_dyn,
     stride_xm,
@@ -287,6 +349,7 @@ def fq_linear_dw_kernel(
     x_qmin,
     x_qmax,
     W_GRAN: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
     W_FLOAT_ZP: tl.constexpr,
     X_FQ: tl.constexpr,
     X_PER_ROW: tl.constexpr,
@@ -331,7 +394,18 @@ def fq_linear_dw_kernel(
     out_ok = n_ok[:, None] & k_ok[None, :]
     w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=out_ok, other=0.0)
     w_inv, _, w_zp = _weight_params(
-        w_inv_ptr, w_inv_ptr, w_zp_ptr, rn, rk, n_ok, k_ok, K, group_size, W_GRAN
+        w_inv_ptr,
+        w_inv_ptr,
+        w_zp_ptr,
+        rn,
+        rk,
+        n_ok,
+        k_ok,
+        pid_k * BLOCK_N,
+        K,
+        W_GRAN,
+        GROUP_SIZE,
+        BLOCK_N,
     )
     qf = quantize_unclamped(to_fp32(w), w_inv, w_zp, W_FLOAT_ZP)
     if dw_ptr.dtype.element_ty != dtype:
@@ -386,7 +460,6 @@ def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant
         m,
         n,
         k,
-        max(lq.group_size, 1),
         x.stride(0),
         x.stride(1),
         w.stride(0),
@@ -395,6 +468,7 @@ def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant
         y.stride(1),
         *_quant_ranges(lq),
         W_GRAN=lq.w_gran,
+        GROUP_SIZE=max(lq.group_size, 1),
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
         X_PER_ROW=lq.x_per_row,
@@ -429,7 +503,6 @@ def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> T
         m,
         n,
         k,
-        max(lq.group_size, 1),
         dy.stride(0),
         dy.stride(1),
         w.stride(0),
@@ -440,6 +513,7 @@ def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> T
         dx.stride(1),
         *_quant_ranges(lq),
         W_GRAN=lq.w_gran,
+        GROUP_SIZE=max(lq.group_size, 1),
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
         X_PER_ROW=lq.x_per_row,
@@ -472,7 +546,6 @@ def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> 
         m,
         n,
         k,
-        max(lq.group_size, 1),
         dy.stride(0),
         dy.stride(1),
         x.stride(0),
@@ -483,6 +556,7 @@ def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> 
         dw.stride(1),
         *_quant_ranges(lq),
         W_GRAN=lq.w_gran,
+        GROUP_SIZE=max(lq.group_size, 1),
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
         X_PER_ROW=lq.x_per_row,

@@ -72,14 +72,14 @@ from triton_qat.qparams import (
 _INT32_LIMIT = 2**31 - 1
 
 
-def _int_gemm_autotune(param_bytes: int = 0):
+def _int_gemm_autotune(param_bytes: int = 0, extra_key=("W_GRAN",)):
     """The autotuner of an integer GEMM over (M, N, K) with operands x_ptr and w_ptr."""
     return autotune(
         rows="M",
         cols="N",
         loop="K",
         operands=("x_ptr", "w_ptr"),
-        extra_key=("W_GRAN",),
+        extra_key=extra_key,
         configs=int_gemm_configs(),
         param_bytes=param_bytes,
     )
@@ -163,8 +163,8 @@ def quantize_rows_kernel(
     tl.store(sum_ptr + rm, total, mask=m_ok)
 
 
-# Per group the weight-only loop gathers scale and zero point for every weight element.
-@_int_gemm_autotune(param_bytes=8)
+# Per group the weight-only loop loads a scale and zero point with every weight tile.
+@_int_gemm_autotune(param_bytes=8, extra_key=("W_GRAN", "GROUP_SIZE"))
 @triton.jit
 def int_weight_matmul_kernel(
     x_ptr,
@@ -176,7 +176,6 @@ def int_weight_matmul_kernel(
     M,
     N,
     K,
-    group_size,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -185,6 +184,7 @@ def int_weight_matmul_kernel(
     stride_yn,
     w_qmin,
     W_GRAN: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -208,7 +208,18 @@ def int_weight_matmul_kernel(
         q = _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, w_qmin, PACKED)
         if W_GRAN == 2:
             _, scale, zpf = _weight_params(
-                scale_ptr, scale_ptr, zp_ptr, rn, k, n_ok, k_ok, K, group_size, W_GRAN
+                scale_ptr,
+                scale_ptr,
+                zp_ptr,
+                rn,
+                k,
+                n_ok,
+                k_ok,
+                k0 * BLOCK_K,
+                K,
+                W_GRAN,
+                GROUP_SIZE,
+                BLOCK_K,
             )
             w = cast_rne((q.to(tl.float32) - zpf) * scale, dtype)
         else:
@@ -425,7 +436,6 @@ def weight_only_linear(x: Tensor, wt: IntWeight, bias: Tensor | None) -> Tensor:
                 m,
                 n,
                 k,
-                max(wt.group_size, 1),
                 x2d.stride(0),
                 x2d.stride(1),
                 wt.codes.stride(0),
@@ -434,6 +444,7 @@ def weight_only_linear(x: Tensor, wt: IntWeight, bias: Tensor | None) -> Tensor:
                 y.stride(1),
                 wt.quant_min,
                 W_GRAN=wt.gran,
+                GROUP_SIZE=max(wt.group_size, 1),
                 PACKED=wt.packed,
                 HAS_BIAS=bias is not None,
                 INPUT_PRECISION=input_precision(x.dtype),
