@@ -94,10 +94,15 @@ def _gemm_config(c: triton.Config) -> tuple[str, dict]:
     return name, {**kw, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
+# --every-config: a GEMM's whole autotune space (what its pruner keeps), not two configs.
+EVERY_CONFIG = False
+
+
 def _gemm_configs(space: Callable[[], list]):
     """The pinned config and the largest tile of `space` that the kernel's pruner
     (configs.prune_configs, with the operands and param_bytes its autotune decorator gave)
-    keeps on the arch: a config it drops is never compiled at run time."""
+    keeps on the arch (a config it drops is never compiled at run time); every kept config
+    with EVERY_CONFIG."""
 
     def make(arch, pointers, variant, tuner):
         prune = tuner.early_config_prune.keywords
@@ -108,6 +113,8 @@ def _gemm_configs(space: Callable[[], list]):
         big = 1 << 16  # a problem larger than every tile
         smem = SHARED_MEMORY[arch]
         kept = gemm_cfg.select_configs(space(), big, big, elem_a, elem_b, smem, gathered)
+        if EVERY_CONFIG:
+            return [_gemm_config(c) for c in kept]
         largest = max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
         pinned = gemm_cfg._cfg(*gemm_cfg._UNTUNED_CUDA_CONFIG)
         return [_gemm_config(pinned), _gemm_config(largest)]
@@ -498,6 +505,7 @@ def compile_one(job) -> dict:
     for opt in ("num_warps", "num_stages"):
         if opt in cfg:
             options[opt] = cfg.pop(opt)
+    aligned = cfg.pop("_aligned", False)
     ones = set(spec.ones) | set(cfg.pop("_ones", ())) | set(v.pop("_ones", ()))
     wide = set(v.pop("_i64", ()))  # Python ints of 2**31 or more are passed as int64
     if "group_size" in fn.arg_names and v.get("W_GRAN") != 2:
@@ -519,6 +527,8 @@ def compile_one(job) -> dict:
             signature[arg] = "i64"
         else:
             signature[arg] = "i32"
+            if aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as the JIT marks 4096, 14336, ...
     missing = set(constexprs) - set(fn.arg_names)
     if missing:
         raise KeyError(f"{name}: no arguments {sorted(missing)}")
@@ -528,11 +538,13 @@ def compile_one(job) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         shared = int(compiled.metadata.shared)
         cubin = len(compiled.asm["cubin"])
+        machine = machine_code_stats(compiled.asm["cubin"])
         error = None
         if shared > SHARED_MEMORY[arch]:
             error = f"shared memory {shared} B exceeds sm_{arch}'s {SHARED_MEMORY[arch]} B"
     except Exception as exc:  # a compile error of any stage
         shared = cubin = None
+        machine = {}
         # A CompilationError reads "at L:C:", the kernel's source, then the cause.
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
         if len(lines) > 4:
@@ -549,8 +561,60 @@ def compile_one(job) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
         "shared": shared,
         "cubin_bytes": cubin,
+        **machine,
         "error": error,
     }
+
+
+def _nvidia_tool(name: str) -> str | None:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(path) if path.exists() else None
+
+
+def machine_code_stats(cubin: bytes) -> dict:
+    """What the cubin's SASS says about speed, without a GPU: registers per thread, spill
+    bytes (stack and local memory), and the instructions of the hottest loop (the longest
+    backward branch): how many, how many matrix-multiply (MMA) and spill (LDL / STL) ones.
+    Empty where the wheel has no cuobjdump / nvdisasm."""
+    import re
+    import subprocess
+
+    cuobjdump, nvdisasm = _nvidia_tool("cuobjdump"), _nvidia_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    out = {}
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if m:
+        out["registers"] = int(m.group(1))
+        out["spill_bytes"] = int(m.group(2)) + int(m.group(3))
+    labels = {
+        lab: int(off, 16) for lab, off in re.findall(r"\.(L_x_\d+):\s*\n\s*/\*([0-9a-f]+)\*/", sass)
+    }
+    ops = []
+    for line in sass.splitlines():
+        m = re.search(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m:
+            target = re.search(r"`\(\.(L_x_\d+)\)", line)
+            ops.append((int(m.group(1), 16), m.group(2), target.group(1) if target else None))
+    loops = [
+        (labels[t], off)
+        for off, op, t in ops
+        if op.startswith("BRA") and t in labels and labels[t] < off
+    ]
+    if loops:
+        lo, hi = max(loops, key=lambda span: span[1] - span[0])
+        body = [op for off, op, _ in ops if lo <= off <= hi]
+        out["loop_instructions"] = len(body)
+        out["loop_mma"] = sum("MMA" in op for op in body)
+        out["loop_spills"] = sum(op.startswith(("LDL", "STL")) for op in body)
+    return out
 
 
 def _describe(r: dict) -> str:
@@ -558,9 +622,14 @@ def _describe(r: dict) -> str:
     flags += f" ones={','.join(r['ones'])}" if r["ones"] else ""
     flags += f" i64={','.join(r['i64'])}" if r["i64"] else ""
     status = "ok  " if r["ok"] else "FAIL"
+    machine = ""
+    if "registers" in r:
+        machine = f" regs={r['registers']} spill={r['spill_bytes']}"
+    if "loop_instructions" in r:
+        machine += f" loop={r['loop_instructions']}/mma={r['loop_mma']}"
     line = (
         f"{status} {r['seconds']:7.1f}s sm_{r['arch']} {r['kernel']:<18} {r['config']:<18} "
-        f"smem={r['shared']} {flags}"
+        f"smem={r['shared']}{machine} {flags}"
     )
     return line if r["ok"] else f"{line}\n     {r['error']}"
 
@@ -601,7 +670,20 @@ def main(argv=None) -> int:
         "--where", nargs="+", default=[], metavar="AXIS=VALUE", help="only these axis values"
     )
     parser.add_argument("--limit", type=int, default=None, help="the first N variants only")
+    parser.add_argument(
+        "--aligned",
+        action="store_true",
+        help="integer arguments divisible by 16, as the JIT specializes them for shapes such "
+        "as 4096 (the code the benchmarks run; without it: any size)",
+    )
+    parser.add_argument(
+        "--every-config",
+        action="store_true",
+        help="the GEMMs' whole pruned autotune space (default: the pinned and the largest)",
+    )
     args = parser.parse_args(argv)
+    global EVERY_CONFIG
+    EVERY_CONFIG = args.every_config
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     # `timeout` sends SIGTERM: exit through the pool's cleanup, which ends the workers.
@@ -615,6 +697,8 @@ def main(argv=None) -> int:
         axis, _, value = cond.partition("=")
         jobs = [j for j in jobs if axis not in j[2] or str(j[2][axis]) == value]
     jobs = jobs[: args.limit]
+    if args.aligned:
+        jobs = [(*j[:4], {**j[4], "_aligned": True}) for j in jobs]
     if args.list:
         for name, arch, v, cfg_name, _ in jobs:
             print(f"sm_{arch} {name} {cfg_name} {v}")
