@@ -158,12 +158,21 @@ def _fq_gemm_valid(v: dict) -> bool:
     return _precision_ok(v) and _weight_ok(v) and (x_fq or not x_per_row) and _group_ok(v)
 
 
+def _codes_valid(v: dict) -> bool:
+    # int_matmul.fused_weight_codes: integer zero points, per tensor / channel; the float
+    # weight's dtype no longer matters (one of them stands for all)
+    if not v["W_CODES"]:
+        return _fq_gemm_valid(v)
+    plain = not v["W_FLOAT_ZP"] and v["W_GRAN"] != 2 and v["w"] == v["dtype"]
+    return plain and _fq_gemm_valid(v)
+
+
 def _fq_fwd_pointers(v):
     d = v["dtype"]
     x_zp = "i32" if v["X_QUANT"][0] else "fp32"  # x_tensors(): an fp32 placeholder
     return {
         "x_ptr": d,
-        "w_ptr": v["w"],
+        "w_ptr": "i8" if v.get("W_CODES") else v["w"],
         "b_ptr": v["w"] if v.get("HAS_BIAS") else d,  # bias in x's or w's dtype; else y itself
         "y_ptr": d,
         "w_inv_ptr": "fp32",
@@ -179,7 +188,7 @@ def _fq_dx_pointers(v):
     p = _fq_fwd_pointers(v)
     return {
         "dy_ptr": v["dtype"],
-        "w_ptr": v["w"],
+        "w_ptr": p["w_ptr"],
         "x_ptr": v["dtype"],
         "dx_ptr": v["dtype"],
         **{k: p[k] for k in ("w_inv_ptr", "w_scale_ptr", "w_zp_ptr", "x_inv_ptr", "x_zp_ptr")},
@@ -340,20 +349,20 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_fwd_kernel",
         _fq_fwd_pointers,
         _QRANGE,
-        {**_FQ_AXES, "HAS_BIAS": (False, True)},
+        {**_FQ_AXES, "W_CODES": (False, True), "HAS_BIAS": (False, True)},
         _gemm_configs(_float_gemm_space),
         ones=("stride_xk", "stride_wk", "stride_yn"),
-        valid=_fq_gemm_valid,
+        valid=_codes_valid,
     ),
     "fq_linear_dx": Kernel(
         "triton_qat.kernels.fq_matmul",
         "fq_linear_dx_kernel",
         _fq_dx_pointers,
         _QRANGE,
-        dict(_FQ_AXES),
+        {**_FQ_AXES, "W_CODES": (False, True)},
         _gemm_configs(_float_gemm_space),
         ones=("stride_dyn", "stride_wk", "stride_xk", "stride_dxk"),
-        valid=_fq_gemm_valid,
+        valid=_codes_valid,
     ),
     "fq_linear_dw": Kernel(
         "triton_qat.kernels.fq_matmul",

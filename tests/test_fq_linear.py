@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _compare import fresh_view
+from _compare import assert_bitwise_equal, fresh_view
 from torch import Tensor
 
 import triton_qat as tq
@@ -908,3 +908,80 @@ def test_master_weight_grad_rounds_like_the_composition(device):
         out[backend] = ww.grad
     assert torch.equal(out["triton"], out["eager"])
     assert torch.equal(out["eager"], torch.full_like(w, 2048.0))
+
+
+# --- W read as int8 codes (int_matmul.fused_weight_codes) --------------------------------------
+#
+# From CODES_MIN_ROWS rows the forward and dX GEMMs read W's int8 codes, written by one pass,
+# and compute (q - zp) * scale from them: the same fq(w) tiles as quantizing W in the GEMM,
+# so every output and gradient must be bitwise the in-GEMM path's. TRITON_QAT_WEIGHT_CODES=1
+# takes the codes at these small sizes, =0 never.
+
+# (weight granularity, weight quant range, input dtype, weight dtype, input fake quant)
+CODES_CASES = [
+    ("tensor", (-128, 127), torch.float32, torch.float32, None),
+    ("channel", (0, 255), torch.float32, torch.float32, "tensor"),
+    ("channel", (-8, 7), torch.bfloat16, torch.bfloat16, None),
+    ("channel", (-128, 127), torch.bfloat16, torch.float32, "token"),
+    ("tensor", (0, 255), torch.float16, torch.float16, "tensor"),
+]
+
+
+@pytest.mark.parametrize("case", CODES_CASES, ids=lambda c: f"{c[0]}{c[1]}-{c[2]}-{c[3]}-{c[4]}")
+def test_weight_codes_are_bitwise_the_in_gemm_fake_quant(device, monkeypatch, case):
+    from triton_qat.kernels import int_matmul
+
+    gran, qrange, dtype, w_dtype, x_quant = case
+    m, n, k = 19, 21, 70
+    x = _randn((m, k), dtype, device, 40, spread=1.5)
+    w = _randn((n, k), w_dtype, device, 41)
+    w[3, 5], w[4, 6], w[5, 7] = float("nan"), float("inf"), -1e30  # clamp and NaN rules
+    b = _randn((n,), dtype, device, 42)
+    wqp = _weight_qparams(gran, n, k, device, qrange=qrange)
+    if x_quant == "token":
+        xqp = DynamicPerTokenFakeQuantize(torch.qint8, AFFINE, -128, 127)
+        monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", "0")  # the float forward GEMM
+    else:
+        xqp = _input_qparams(device) if x_quant else None
+    dy = _dy_like(x, n)
+    taken = []
+    real = int_matmul.fused_weight_codes
+    monkeypatch.setattr(
+        int_matmul,
+        "fused_weight_codes",
+        lambda *a: taken.append(r := real(*a)) or r,
+    )
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TRITON_QAT_WEIGHT_CODES", mode)
+        taken.clear()
+        results[mode] = _run(_fused(wqp, xqp), "triton", x, w, b, dy)
+        # forward and dX each ask once; with "1" both read codes
+        assert len(taken) == 2 and all((t is not None) == (mode == "1") for t in taken)
+    (y0, g0), (y1, g1) = results["0"], results["1"]
+    assert_bitwise_equal(y1, y0, "forward")
+    for name, a, e in zip(("dx", "dw", "db"), g1, g0, strict=True):
+        assert_bitwise_equal(a, e, name)
+
+
+def test_weight_codes_by_row_count(monkeypatch):
+    """Without the override, codes from CODES_MIN_ROWS rows, for 8-bit integer zero points."""
+    from triton_qat.kernels import int_matmul
+    from triton_qat.ops import linear_quant
+
+    monkeypatch.delenv("TRITON_QAT_WEIGHT_CODES", raising=False)
+    x, w = torch.randn(2, 64), torch.randn(8, 64)
+    rows = int_matmul.CODES_MIN_ROWS
+    cases = {
+        "channel": (_weight_qparams("channel", 8, 64, "cpu"), True),
+        "float_zp": (_weight_qparams("channel", 8, 64, "cpu", float_zp=True), False),
+        "group": (_weight_qparams("group", 8, 64, "cpu", group=32), False),
+        "wide": (_weight_qparams("tensor", 8, 64, "cpu", qrange=(0, 511)), False),
+    }
+    for name, (wqp, expected) in cases.items():
+        lq = linear_quant(x, w, wqp, None)
+        assert (int_matmul.fused_weight_codes(w, lq, rows) is not None) == expected, name
+        assert int_matmul.fused_weight_codes(w, lq, rows - 1) is None, name
+    monkeypatch.setenv("TRITON_QAT_WEIGHT_CODES", "0")
+    lq = linear_quant(x, w, cases["channel"][0], None)
+    assert int_matmul.fused_weight_codes(w, lq, rows) is None

@@ -22,7 +22,7 @@ from torch import Tensor
 from triton_qat.kernels.configs import autotune
 from triton_qat.kernels.fake_quant import fake_quant_values, quantize_unclamped
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
-from triton_qat.qparams import LinearQuant
+from triton_qat.qparams import IntWeight, LinearQuant
 
 # Granularity flags that select a different kernel variant: part of the autotune key (the
 # group size is a constexpr: it decides how a tile's qparams are loaded, see _weight_params).
@@ -111,6 +111,18 @@ def _weight_params(
 
 
 @triton.jit
+def _fake_quant_weight(w, inv, scale, zp, qmin, qmax, FLOAT_ZP: tl.constexpr, CODES: tl.constexpr):
+    """fp32 fq(w) of a weight tile: from the float weight, or (CODES) from its int8 codes
+    c = q - shift, with zp the zero point minus shift: (c - zp) * scale is the fake quant's
+    (q - zp) * scale to the bit (integers of at most 9 bits are exact in fp32)."""
+    if CODES:
+        wq = (w.to(tl.float32) - zp) * scale
+    else:
+        wq, _ = fake_quant_values(to_fp32(w), inv, scale, zp, qmin, qmax, FLOAT_ZP)
+    return wq
+
+
+@triton.jit
 def _input_params(inv_ptr, scale_ptr, zp_ptr, rm, m_ok, X_PER_ROW: tl.constexpr):
     """(inv, scale, zp) of the input rows rm (BM,), broadcastable to a (BM, BK) tile."""
     if X_PER_ROW:
@@ -160,6 +172,7 @@ def fq_linear_fwd_kernel(
     W_GRAN: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     W_FLOAT_ZP: tl.constexpr,
+    W_CODES: tl.constexpr,
     X_FQ: tl.constexpr,
     X_PER_ROW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -208,7 +221,7 @@ def fq_linear_fwd_kernel(
             GROUP_SIZE,
             BLOCK_K,
         )
-        wq, _ = fake_quant_values(to_fp32(w), w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP)
+        wq = _fake_quant_weight(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
         wq = cast_rne(tl.where(k_ok[None, :], wq, 0.0), dtype)
         acc = tl.dot(
             dot_operand(x), tl.trans(dot_operand(wq)), acc, input_precision=INPUT_PRECISION
@@ -260,6 +273,7 @@ def fq_linear_dx_kernel(
     W_GRAN: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     W_FLOAT_ZP: tl.constexpr,
+    W_CODES: tl.constexpr,
     X_FQ: tl.constexpr,
     X_PER_ROW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -303,7 +317,7 @@ def fq_linear_dx_kernel(
             GROUP_SIZE,
             BLOCK_N,
         )
-        wq, _ = fake_quant_values(to_fp32(w), w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP)
+        wq = _fake_quant_weight(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
         wq = cast_rne(tl.where(n_ok[:, None], wq, 0.0), dtype)
         acc = tl.dot(dot_operand(dy), dot_operand(wq), acc, input_precision=INPUT_PRECISION)
     out_ok = m_ok[:, None] & k_ok[None, :]
@@ -438,14 +452,24 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32" if matmul.allow_tf32 else "ieee"
 
 
-def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant) -> Tensor:
-    """y (M, N) in x's dtype from x (M, K) and w (N, K); any strides."""
+def _weight_operand(w: Tensor, lq: LinearQuant, codes: IntWeight | None) -> tuple[Tensor, Tensor]:
+    """The GEMMs' weight operand and zero points: the float weight, or its int8 codes."""
+    return (w, lq.w_zp) if codes is None else (codes.codes, codes.zero_point)
+
+
+def fq_linear_forward(
+    x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant, codes: IntWeight | None = None
+) -> Tensor:
+    """y (M, N) in x's dtype from x (M, K) and w (N, K); any strides. With `codes` (w's int8
+    codes from int_matmul.fused_weight_codes) the GEMM reads them instead of fake-quantizing
+    w itself: the same fq(w) tiles, bit for bit."""
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     x_inv, x_scale, x_zp = lq.x_tensors(x)
+    w, w_zp = _weight_operand(w, lq, codes)
     fq_linear_fwd_kernel[_grid(m, n)](
         x,
         w,
@@ -453,7 +477,7 @@ def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant
         y,
         lq.w_inv,
         lq.w_scale,
-        lq.w_zp,
+        w_zp,
         x_inv,
         x_scale,
         x_zp,
@@ -470,6 +494,7 @@ def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant
         W_GRAN=lq.w_gran,
         GROUP_SIZE=max(lq.group_size, 1),
         W_FLOAT_ZP=lq.w_float_zp,
+        W_CODES=codes is not None,
         X_FQ=lq.x_fq,
         X_PER_ROW=lq.x_per_row,
         HAS_BIAS=bias is not None,
@@ -480,8 +505,10 @@ def fq_linear_forward(x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant
     return y
 
 
-def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> Tensor:
-    """dx (M, K) = (dy @ fq_w(w)) * mask_x(x), in x's dtype."""
+def fq_linear_grad_input(
+    dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant, codes: IntWeight | None = None
+) -> Tensor:
+    """dx (M, K) = (dy @ fq_w(w)) * mask_x(x), in x's dtype; `codes` as fq_linear_forward."""
     m, n = dy.shape
     k = w.shape[1]
     dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
@@ -490,6 +517,7 @@ def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> T
     if n == 0:
         return dx.zero_()
     x_inv, _, x_zp = lq.x_tensors(x)
+    w, w_zp = _weight_operand(w, lq, codes)
     fq_linear_dx_kernel[_grid(m, k)](
         dy,
         w,
@@ -497,7 +525,7 @@ def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> T
         dx,
         lq.w_inv,
         lq.w_scale,
-        lq.w_zp,
+        w_zp,
         x_inv,
         x_zp,
         m,
@@ -515,6 +543,7 @@ def fq_linear_grad_input(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> T
         W_GRAN=lq.w_gran,
         GROUP_SIZE=max(lq.group_size, 1),
         W_FLOAT_ZP=lq.w_float_zp,
+        W_CODES=codes is not None,
         X_FQ=lq.x_fq,
         X_PER_ROW=lq.x_per_row,
         INPUT_PRECISION=input_precision(dy.dtype),

@@ -608,3 +608,27 @@ def fq_linear_int8_forward(
     rows = RowQuant(lq.x_qmin, lq.x_qmax, scale=lq.x_scale, zero_point=lq.x_zp)
     wt = _weight_codes(weight, lq.w_scale, lq.w_zp, lq.w_qmin, lq.w_qmax)
     return int8_linear(quantize_rows(x2d, rows), wt, bias, x2d.dtype)
+
+
+# The fused GEMMs over this many rows (M) or more read W's int8 codes (fused_weight_codes)
+# instead of fake-quantizing each W tile themselves, which they would do once per BLOCK_M rows.
+CODES_MIN_ROWS = 256
+
+
+def fused_weight_codes(weight: Tensor, lq: LinearQuant, rows: int) -> IntWeight | None:
+    """W's int8 codes for the fused forward / dX GEMMs (kernels/fq_matmul.py, W_CODES), or
+    None where they fake-quantize W tiles themselves.
+
+    One pass writes q - shift per element (N * K bytes, freed after the GEMM); the GEMM then
+    computes (q - zp) * scale per element, the fake quant's last two steps, bit for bit: the
+    multiply, rounding and clamp are done once per element instead of once per BLOCK_M rows of
+    x (compiled for sm_90, the in-GEMM fake quant is ~4x the hot loop's instructions of a
+    plain GEMM; see bench/README.md). Taken for integer zero points and at most 256 codes per
+    tensor or channel, from CODES_MIN_ROWS rows; TRITON_QAT_WEIGHT_CODES=0 never takes it,
+    =1 at any row count (tests, benchmarks)."""
+    mode = os.environ.get("TRITON_QAT_WEIGHT_CODES", "").strip()
+    if mode == "0" or lq.group_size or lq.w_zp.is_floating_point():
+        return None
+    if lq.w_qmax - lq.w_qmin > 255 or (mode != "1" and rows < CODES_MIN_ROWS):
+        return None
+    return _weight_codes(weight, lq.w_scale, lq.w_zp, lq.w_qmin, lq.w_qmax)
