@@ -111,6 +111,18 @@ def _weight_params(
 
 
 @triton.jit
+def _load_weight(ptrs, ok, zp, CODES: tl.constexpr):
+    """A weight tile, 0.0 outside the matrix; int8 codes read their zero point there instead,
+    so that (c - zp) * scale is an exact 0 without a select after the fake quant (the float
+    weight's fq(0) is 0 only for an integer zero point within the range)."""
+    if CODES:
+        w = tl.load(ptrs, mask=ok, other=zp.to(tl.int8))
+    else:
+        w = tl.load(ptrs, mask=ok, other=0.0)
+    return w
+
+
+@triton.jit
 def _fake_quant_weight(w, inv, scale, zp, qmin, qmax, FLOAT_ZP: tl.constexpr, CODES: tl.constexpr):
     """fp32 fq(w) of a weight tile: from the float weight, or (CODES) from its int8 codes
     c = q - shift, with zp the zero point minus shift: (c - zp) * scale is the fake quant's
@@ -202,11 +214,6 @@ def fq_linear_fwd_kernel(
         if X_FQ:
             xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
             x = cast_rne(tl.where(k_ok[None, :], xq, 0.0), dtype)
-        w = tl.load(
-            w_ptr + rn[:, None] * stride_wn + k[None, :] * stride_wk,
-            mask=n_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
         w_inv, w_scale, w_zp = _weight_params(
             w_inv_ptr,
             w_scale_ptr,
@@ -221,8 +228,16 @@ def fq_linear_fwd_kernel(
             GROUP_SIZE,
             BLOCK_K,
         )
+        w = _load_weight(
+            w_ptr + rn[:, None] * stride_wn + k[None, :] * stride_wk,
+            n_ok[:, None] & k_ok[None, :],
+            w_zp,
+            W_CODES,
+        )
         wq = _fake_quant_weight(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
-        wq = cast_rne(tl.where(k_ok[None, :], wq, 0.0), dtype)
+        if not W_CODES:
+            wq = tl.where(k_ok[None, :], wq, 0.0)
+        wq = cast_rne(wq, dtype)
         acc = tl.dot(
             dot_operand(x), tl.trans(dot_operand(wq)), acc, input_precision=INPUT_PRECISION
         )
@@ -298,11 +313,6 @@ def fq_linear_dx_kernel(
             mask=m_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        w = tl.load(
-            w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
-            mask=n_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
         w_inv, w_scale, w_zp = _weight_params(
             w_inv_ptr,
             w_scale_ptr,
@@ -317,8 +327,16 @@ def fq_linear_dx_kernel(
             GROUP_SIZE,
             BLOCK_N,
         )
+        w = _load_weight(
+            w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+            n_ok[:, None] & k_ok[None, :],
+            w_zp,
+            W_CODES,
+        )
         wq = _fake_quant_weight(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
-        wq = cast_rne(tl.where(n_ok[:, None], wq, 0.0), dtype)
+        if not W_CODES:
+            wq = tl.where(n_ok[:, None], wq, 0.0)
+        wq = cast_rne(wq, dtype)
         acc = tl.dot(dot_operand(dy), dot_operand(wq), acc, input_precision=INPUT_PRECISION)
     out_ok = m_ok[:, None] & k_ok[None, :]
     if X_FQ:
