@@ -8,8 +8,11 @@
                                            the forward of the QAT linear with 8-bit weights
                                            (per tensor / per output channel) and 8-bit
                                            per-token (or static per-tensor) activations
-    fq_linear_int8_forward(x2d, w, b, lq)  the same for the fused op (triton_qat::fq_linear),
-                                           with the per-token qparams it computed already
+    fq_linear_int8_forward(x2d, w, b, lq)  the fused op's (triton_qat::fq_linear) forward with
+                                           a dynamic per-token 8-bit input: W's codes (per
+                                           tensor / channel, or per group with a range at
+                                           most 127 wide: w4a8), the per-token qparams the op
+                                           computed already, int8_linear
     fq_linear_codes_forward(x2d, w, b, lq) the fused op's forward as W's int8 codes and the
                                            weight-only GEMM (opt-in, TRITON_QAT_CODES_FORWARD=1)
 
@@ -26,14 +29,16 @@ within the matmul's rounding (for fp16 / bf16 the epilogue form skips the weight
 the input dtype; tests/test_int_matmul.py bounds both against float64).
 
 Integer paths: input rows are quantized by quantize_rows with the numerics of
-triton_qat.fake_quantize.fake_quantize_per_token (same codes, scales and zero points); codes
-outside int8 (e.g. 0..255) are stored shifted by `shift` (code - shift fits int8). With
-per-tensor / per-channel weights the int32 sum S = sum cx * cw gets the zero-point
-corrections in the epilogue, D = S - zx * sum_k cw - zw * sum_k cx + K * zx * zw (exact in
-int32 while |D| < 2**31, wrap-around in between does no harm), then y = (D * sx) * sw + b in
-fp32. Per group, each group's int32 sum over cx * (cw - zw) (a code difference that fits int8
-for ranges up to 127 wide) is corrected by zx * sum(cw - zw), scaled by the group's scale into
-an fp32 accumulator inside the K loop, and multiplied by sx in the epilogue. The result is the
+triton_qat.fake_quantize.fake_quantize_per_token (same codes, scales and zero points); a
+float weight's codes come from one pass of kernels.fake_quant.quantized_codes (the fake
+quant's own codes, per tensor, per channel or per group). Codes outside int8 (e.g. 0..255)
+are stored shifted by `shift` (code - shift fits int8). With per-tensor / per-channel
+weights the int32 sum S = sum cx * cw gets the zero-point corrections in the epilogue,
+D = S - zx * sum_k cw - zw * sum_k cx + K * zx * zw (exact in int32 while |D| < 2**31,
+wrap-around in between does no harm), then y = (D * sx) * sw + b in fp32. Per group, each
+group's int32 sum over cx * (cw - zw) (a code difference that fits int8 for ranges up to 127
+wide) is corrected by zx * sum(cw - zw), scaled by the group's scale into an fp32
+accumulator inside the K loop, and multiplied by sx in the epilogue. The result is the
 fake-quant float path's F.linear(fq(x), fq(w)) up to the rounding of these final float steps.
 
 w8a8_linear interface (for the fused QAT forward): x (..., K) float, w (N, K) float weights,
@@ -584,9 +589,9 @@ def fq_linear_codes_forward(
 def int8_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
     """Whether the fused linear's forward runs as one int8 GEMM (fq_linear_int8_forward): a
     dynamic per-token 8-bit input (at most 256 codes) and weights with integer zero points,
-    per tensor / per channel with at most 256 codes (w8a8) or per group with at most 128
-    (e.g. int4: w4a8), int8_linear_supports' rule; K (or the group) small enough for exact
-    int32 sums. The backward stays on the float kernels. TRITON_QAT_INT8_FORWARD=0 keeps
+    per tensor / per channel with at most 256 codes (w8a8) or per group with a range at most
+    127 wide (e.g. int4: w4a8; int8_linear_supports' rule); K (or the group) small enough for
+    exact int32 sums. The backward stays on the float kernels. TRITON_QAT_INT8_FORWARD=0 keeps
     the forward float too."""
     if os.environ.get("TRITON_QAT_INT8_FORWARD", "1").strip() == "0":
         return False
