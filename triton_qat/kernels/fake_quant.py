@@ -104,6 +104,28 @@ def load_param(ptr, pidx, p_ok, other, PARAMS_ON_COLS: tl.constexpr):
 
 
 @triton.jit
+def x_tile_and_params(
+    pid,
+    x_ptr,
+    inv_ptr,
+    zp_ptr,
+    rows,
+    cols,
+    channels,
+    PARAMS_ON_COLS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Program pid's tile of x in fp32 with its 1 / scale and zero point, plus tile()'s
+    offsets, element mask, param index and param mask."""
+    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
+    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
+    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
+    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    return x, inv, zp, offs, mask, pidx, p_ok
+
+
+@triton.jit
 def fake_quant_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -121,11 +143,10 @@ def fake_quant_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
-    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
+    x, inv, zp, offs, mask, pidx, p_ok = x_tile_and_params(
+        pid, x_ptr, inv_ptr, zp_ptr, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C
+    )
     scale = load_param(scale_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
-    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     y, _ = fake_quant_values(x, inv, scale, zp, qmin, qmax, FLOAT_ZP)
     tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
 
@@ -148,10 +169,9 @@ def fake_quant_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
-    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
-    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    x, inv, zp, offs, mask, _, _ = x_tile_and_params(
+        pid, x_ptr, inv_ptr, zp_ptr, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C
+    )
     dy = to_fp32(tl.load(dy_ptr + offs, mask=mask, other=0.0))
     qf = quantize_unclamped(x, inv, zp, FLOAT_ZP)
     keep = (qf >= qmin) & (qf <= qmax)
@@ -179,10 +199,9 @@ def quantized_codes_kernel(
 ):
     """int8 codes clamp(q) - shift, as triton_qat.reference.quantized_codes_ref."""
     pid = tl.program_id(0).to(tl.int64)
-    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
-    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
-    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    x, inv, zp, offs, mask, _, _ = x_tile_and_params(
+        pid, x_ptr, inv_ptr, zp_ptr, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C
+    )
     q = clamp_codes(quantize_unclamped(x, inv, zp, FLOAT_ZP), qmin, qmax) - shift
     tl.store(q_ptr + offs, q.to(tl.int32).to(tl.int8), mask=mask)
 
