@@ -10,11 +10,14 @@ torch_linear (plain bf16 F.linear, the floor), torch_ao_qat (torch.ao.nn.qat.Lin
 x86 QAT qconfig, fp32 master weights under autocast), eager_compiled (torch.compile of
 F.linear over torch.fake_quantize_per_channel_affine), triton_qat (tq.fq_linear, Triton
 backend, bf16 weights) and triton_qat_fp32_master (fp32 master weights under autocast, the
-setting of torch_ao_qat). Three more qconfigs run on the headline shape 8192x4096x4096 only,
+setting of torch_ao_qat). Four more qconfigs run on the headline shape 8192x4096x4096 only,
 with eager_compiled and triton_qat: int4 per group of 128 (0..15, zero points), w8a8_static
-(the int8 weights plus static per-tensor int8 input fake quant) and w8a8_dynamic (the int8
-weights plus dynamic per-token symmetric int8 input fake quant, the preset of that name).
---qconfig NAME (repeatable) runs only those qconfigs.
+(the int8 weights plus static per-tensor int8 input fake quant), w8a8_dynamic (the int8
+weights plus dynamic per-token symmetric int8 input fake quant, the preset of that name) and
+w4a8_dynamic (the preset: int4 symmetric weights per group of 32, dynamic per-token affine
+int8 input fake quant). The two dynamic qconfigs also run triton_qat_float_fwd: the float
+forward side by side with the integer one. --qconfig NAME (repeatable) runs only those
+qconfigs.
 
 Benches: linear_fwd (the forward of a training step: autograd on, what the backward needs
 saved) and linear_fwd_bwd (forward, then y.backward(dy) with grads for input, weight and bias,
@@ -71,14 +74,17 @@ GROUP_SIZE = 128
 INT4_GROUP = f"int4_per_group{GROUP_SIZE}"
 W8A8 = "w8a8_static"
 W8A8_DYNAMIC = "w8a8_dynamic"
-QCONFIGS = (INT8_PC, INT4_GROUP, W8A8, W8A8_DYNAMIC)
+W4A8_DYNAMIC = "w4a8_dynamic"
+QCONFIGS = (INT8_PC, INT4_GROUP, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC)
+DYNAMIC_QCONFIGS = (W8A8_DYNAMIC, W4A8_DYNAMIC)
 
 TORCH_LINEAR = "torch_linear"
 TORCH_AO = "torch_ao_qat"
 COMPILED = "eager_compiled"
 TQ = "triton_qat"
 TQ_MASTER = "triton_qat_fp32_master"
-# w8a8_dynamic with the float forward (TRITON_QAT_INT8_FORWARD=0): the int8 forward's gain.
+# w8a8_dynamic / w4a8_dynamic with the float forward (TRITON_QAT_INT8_FORWARD=0): the int8
+# forward's gain.
 TQ_FLOAT_FWD = "triton_qat_float_fwd"
 # int8_per_channel with W's int8 codes + the weight-only GEMM as the forward
 # (TRITON_QAT_CODES_FORWARD=1), against re-quantizing W tiles inside the fused GEMM.
@@ -101,6 +107,7 @@ PROVIDERS_BY_QCONFIG = {
     INT4_GROUP: (COMPILED, TQ),
     W8A8: (COMPILED, TQ),
     W8A8_DYNAMIC: (COMPILED, TQ, TQ_FLOAT_FWD),
+    W4A8_DYNAMIC: (COMPILED, TQ, TQ_FLOAT_FWD),
 }
 
 FWD = "linear_fwd"
@@ -197,11 +204,18 @@ def make_tensors(shape: tuple[int, int, int]) -> Tensors:
 
 def weight_qparams(qconfig: str, w: Tensor):
     """int8 per channel: symmetric, scale = row abs max / 127, zp 0. int4 per group of 128:
-    asymmetric 0..15 from each group's min and max (0 included), zero points 0..15."""
+    asymmetric 0..15 from each group's min and max (0 included), zero points 0..15.
+    w4a8_dynamic: the preset's weight fake quant (int4 -8..7 symmetric per group of 32,
+    scale = group abs max / 7.5, zp 0) after observing w once."""
     import triton_qat as tq
 
     wf = w.detach().float()
     n, k = wf.shape
+    if qconfig == W4A8_DYNAMIC:
+        fq = tq.get_qconfig(W4A8_DYNAMIC).weight().to(w.device)
+        with torch.no_grad():
+            fq(wf)
+        return fq.qparams()
     if qconfig == INT4_GROUP:
         groups = wf.view(n, k // GROUP_SIZE, GROUP_SIZE)
         lo = groups.amin(dim=-1).clamp(max=0.0)
@@ -216,11 +230,12 @@ def weight_qparams(qconfig: str, w: Tensor):
 
 def input_qparams(qconfig: str, x: Tensor):
     """w8a8_static: one int8 scale for the input, fixed beforehand (x's abs max / 127), zp 0.
-    w8a8_dynamic: the preset's per-token spec (each row's qparams computed per call)."""
+    w8a8_dynamic / w4a8_dynamic: the preset's per-token spec (each row's qparams computed per
+    call; symmetric / affine)."""
     import triton_qat as tq
 
-    if qconfig == W8A8_DYNAMIC:
-        return tq.nn.Linear(1, 1, qconfig=W8A8_DYNAMIC).input_fake_quant.per_token_spec()
+    if qconfig in DYNAMIC_QCONFIGS:
+        return tq.get_qconfig(qconfig).activation().per_token_spec()
     if qconfig != W8A8:
         return None
     return tq.QParams(max(float(x.detach().abs().amax().float()) / 127, 1e-8), 0, -128, 127)
@@ -234,18 +249,25 @@ def torch_composition(wqp, xqp, upcast: bool) -> Callable[[Tensor, Tensor, Tenso
     it back for the matmul.
     """
     from triton_qat.qparams import PerTokenQParams
+    from triton_qat.reference import per_token_qparams_ref
 
     w_scale, w_zp = wqp.scale.reshape(-1), wqp.zero_point.reshape(-1)
     group = wqp.group_size
 
     def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
         if isinstance(xqp, PerTokenQParams):
-            # Symmetric per token, torch.ao's formula: scale = max(row abs max / 127.5, eps).
             xf = x.float() if upcast else x
-            amax = xf.detach().abs().amax(dim=1).float()
-            half_range = (xqp.quant_max - xqp.quant_min) / 2
-            scale = torch.clamp_min(amax / half_range, xqp.eps)
-            zp = torch.zeros_like(scale, dtype=torch.int32)
+            if xqp.symmetric:
+                # Symmetric per token, torch.ao's formula: scale = max(row abs max / 127.5, eps).
+                amax = xf.detach().abs().amax(dim=1).float()
+                half_range = (xqp.quant_max - xqp.quant_min) / 2
+                scale = torch.clamp_min(amax / half_range, xqp.eps)
+                zp = torch.zeros_like(scale, dtype=torch.int32)
+            else:
+                # Affine per token (w4a8_dynamic): torch.ao's formula, as the reference has it.
+                scale, zp = per_token_qparams_ref(
+                    xf.detach(), xqp.quant_min, xqp.quant_max, False, 0, xqp.eps
+                )
             x = torch.fake_quantize_per_channel_affine(
                 xf, scale, zp, 0, xqp.quant_min, xqp.quant_max
             )
@@ -343,9 +365,8 @@ def build_compiled(t: Tensors, qconfig: str) -> Provider:
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit, static shapes
         w_src = t.w_master if upcast else t.w
         b_src = t.b_master if upcast else t.b
-        composition = torch_composition(
-            weight_qparams(qconfig, w_src), input_qparams(qconfig, t.x), upcast
-        )
+        wqp = weight_qparams(qconfig, w_src)
+        composition = torch_composition(wqp, input_qparams(qconfig, t.x), upcast)
         compiled = torch.compile(composition, dynamic=False)
         x, w, b = leaf(t.x), leaf(w_src), leaf(b_src)
 
@@ -354,9 +375,10 @@ def build_compiled(t: Tensors, qconfig: str) -> Provider:
                 return compiled(x, w, b)
 
         notes = []
-        if qconfig == INT4_GROUP:
+        if wqp.group_size:
             notes.append(
-                "per group via torch.fake_quantize_per_channel_affine on the (-1, 128) view"
+                "per group via torch.fake_quantize_per_channel_affine on the "
+                f"(-1, {wqp.group_size}) view"
             )
         if upcast:
             notes.append(f"torch refused bf16 ({refused}); fp32 weight under autocast")

@@ -261,6 +261,26 @@ KERNELS: dict[str, Kernel] = {
         },
         _elementwise_configs((2, 2048), (64, 64), (1, 16)),
     ),
+    "quantized_codes": Kernel(
+        "triton_qat.kernels.fake_quant",
+        "quantized_codes_kernel",
+        lambda v: {
+            "x_ptr": v["dtype"],
+            "q_ptr": "i8",
+            "inv_ptr": "fp32",
+            "zp_ptr": _zp(v["FLOAT_ZP"]),
+        },
+        ("qmin", "qmax", "shift"),
+        {
+            "dtype": FLOAT_DTYPES,
+            "PARAMS_ON_COLS": (False, True),
+            "FLOAT_ZP": (False, True),
+            "_ones": ((), ("rows", "channels")),
+            "_i64": ((), ("cols",)),
+        },
+        # per channel (rows of K), per group of 32 (K / 32 rows per weight row), tiny
+        _elementwise_configs((2, 2048), (128, 32), (1, 16)),
+    ),
     "learnable_bwd": Kernel(
         "triton_qat.kernels.learnable",
         "learnable_fake_quant_bwd_kernel",

@@ -15,7 +15,11 @@ from _compare import assert_bitwise_equal
 
 import triton_qat as tq
 from triton_qat.convert import QuantizedLinear, _pack_int4
-from triton_qat.fake_quantize import fake_quantize_per_token, per_token_qparams
+from triton_qat.fake_quantize import (
+    DynamicPerTokenFakeQuantize,
+    fake_quantize_per_token,
+    per_token_qparams,
+)
 from triton_qat.kernels import int_matmul as im
 from triton_qat.qparams import QParams, int_weight, normalize, row_quant, static_row_quant
 from triton_qat.reference import quantized_codes_ref
@@ -27,6 +31,8 @@ UNIT = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 def _assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str):
     """|actual - expected| <= bound elementwise; reports the worst element."""
     err = (actual.double() - expected).abs()
+    if err.numel() == 0:
+        return
     excess = err - bound
     worst = int(excess.argmax())
     assert bool((excess <= 0).all()), (
@@ -256,7 +262,7 @@ def test_fused_w8a8_forward_is_the_int8_gemm(monkeypatch, dtype, device):
 
     def run(int8: str):
         monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", int8)
-        xx, ww, bb = (t.to(device).requires_grad_() for t in (x, w, b))
+        xx, ww, bb = (t.clone().to(device).requires_grad_() for t in (x, w, b))
         wqp = QParams(wscale.to(device), torch.zeros(33, dtype=torch.int32, device=device),
                       -128, 127, axis=0)  # fmt: skip
         with tq.use_backend("triton"):
@@ -282,6 +288,187 @@ def test_fused_w8a8_forward_is_the_int8_gemm(monkeypatch, dtype, device):
     _assert_within(y_float, ref, bound + 70 * U32 * mag, "float forward")
 
 
+# qparams granularity, quant range, float zero point: the weight codes pass of the integer
+# forward (im._weight_codes over kernels.fake_quant.quantized_codes).
+CODES_CASES = [
+    ("tensor", (-128, 127), False),
+    ("channel", (0, 255), False),  # uint8 range: stored shifted into int8
+    ("group32", (-8, 7), False),
+    ("group48", (0, 15), False),
+    ("group32", (-8, 7), True),  # float zero point: codes only (no integer GEMM takes it)
+]
+
+
+@pytest.mark.parametrize("case", CODES_CASES, ids=lambda c: f"{c[0]}-{c[1][0]}-{c[2]}")
+def test_weight_codes_are_the_reference_codes(case, device):
+    """W's int8 codes, bit for bit those of reference.quantized_codes_ref: NaN (-> quant_min),
+    +-inf, ties at every element (power-of-two scales), values far beyond the range."""
+    from triton_qat.kernels.fake_quant import quantized_codes
+    from triton_qat.reference import reciprocal
+
+    gran, (qmin, qmax), float_zp = case
+    gen = torch.Generator().manual_seed(11)
+    n, k = 5, 96
+    # Halves of multiples of a power-of-two scale: x * inv lands on .5 exactly (a tie).
+    w = (torch.randint(-40, 40, (n, k), generator=gen) + 0.5) * 2.0 ** -torch.randint(
+        0, 4, (n, k), generator=gen
+    )
+    w[:, 1::3] = torch.randn(n, k // 3, generator=gen) * 4  # anything
+    w[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, -0.0])
+    if gran == "tensor":
+        qp = QParams(0.25, 3, qmin, qmax)
+    elif gran == "channel":
+        scale = 2.0 ** -torch.randint(0, 4, (n,), generator=gen).float()
+        scale[1] = 0.0123  # and an inexact 1 / scale
+        qp = QParams(scale, torch.randint(qmin, qmax + 1, (n,), generator=gen), qmin, qmax, axis=0)
+    else:
+        g = int(gran[5:])
+        scale = 2.0 ** -torch.randint(0, 4, (n, k // g), generator=gen).float()
+        scale[1] = 0.0371
+        zp = torch.randint(qmin, qmax + 1, (n, k // g), generator=gen)
+        zp = zp.float() * 0.5 + 0.25 if float_zp else zp.int()  # within the range
+        qp = QParams(scale, zp, qmin, qmax, group_size=g)
+    nq = normalize(w, qp)
+    want = quantized_codes_ref(w, nq)
+    nq_dev = nq._replace(scale=nq.scale.to(device), zero_point=nq.zero_point.to(device))
+    if float_zp:
+        got = quantized_codes(w.to(device), nq_dev, reciprocal(nq_dev.scale))
+        assert_bitwise_equal(got.cpu().int(), want, "codes")
+        return
+    wt = im._weight_codes(w.to(device), nq_dev, reciprocal(nq_dev.scale))
+    shift = im.code_shift(qmin, qmax)
+    assert_bitwise_equal(wt.codes.cpu().int() + shift, want, "codes")
+    assert (wt.quant_min + shift, wt.quant_max + shift) == (qmin, qmax)
+    assert_bitwise_equal(wt.zero_point.cpu() + shift, nq.zero_point, "zero points")
+    assert wt.group_size == (int(gran[5:]) if gran.startswith("group") else 0)
+
+
+# (M, N, K), group size, weight range, weight zero points, input qscheme, x dtype, weight
+# dtype (float32: master weights under a bf16 input), bias
+W4A8_CASES = [
+    ((17, 33, 128), 32, (-8, 7), False, torch.per_tensor_affine, torch.float32, torch.float32,
+     True),
+    ((9, 17, 128), 64, (-8, 7), True, torch.per_tensor_symmetric, torch.bfloat16,
+     torch.bfloat16, False),
+    ((5, 19, 96), 48, (0, 15), True, torch.per_tensor_affine, torch.bfloat16, torch.float32,
+     True),
+    ((0, 17, 64), 32, (-8, 7), True, torch.per_tensor_affine, torch.float32, torch.float32,
+     True),
+]  # fmt: skip
+
+
+def _w4a8_bounds(fq_x, fq_w, bias, dtype, k, groups):
+    """F.linear(fq_x, fq_w, b) in float64 and the bounds on |y - it| of the integer forward
+    and of the float forward, from the eager operands fq_x, fq_w (as the float path rounds
+    them) of a per-token input and per-group weight.
+
+    Exact values X = (cx - zx) * sx, W = (cw - zw) * sw. The eager operands round X and W to
+    fp32 (u32) and then to the input dtype (u_in; the same rounding for fp32): the reference
+    is off the exact sum by at most 2 * u_op * mag. The integer forward sums each group in
+    int32 exactly, then D_g to fp32, D_g * s_g, the fp32 sum over the groups, * sx and + b:
+    at most (groups + 3) fp32 roundings of the magnitude, and the cast of y (u_out). The float
+    forward multiplies the eager operands exactly into fp32 and sums K of them, plus the bias:
+    (K + 1) u32, and the cast of y."""
+    u_in = UNIT[dtype]
+    u_op = U32 if dtype == torch.float32 else U32 + u_in
+    b64 = torch.zeros(fq_w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    ref = F.linear(fq_x.double(), fq_w.double(), b64)
+    mag = F.linear(fq_x.double().abs(), fq_w.double().abs(), b64.abs())
+    bound_int = (2 * u_op + (groups + 3) * U32) * mag + u_in * ref.abs()
+    bound_float = (k + 1) * U32 * mag + u_in * ref.abs()
+    return ref, bound_int, bound_float
+
+
+@pytest.mark.parametrize("case", W4A8_CASES, ids=lambda c: f"{c[0]}-g{c[1]}-{c[5]}")
+def test_fused_w4a8_forward_is_the_int8_gemm(monkeypatch, case, device):
+    """tq.fq_linear with a dynamic per-token 8-bit input and per-group 4-bit weights (the
+    w4a8_dynamic preset) runs its forward as the int8 GEMM with group scales in the K loop:
+    the float path's and the eager composition's result within the bounds of _w4a8_bounds;
+    the backward (float kernels) is the float path's, bit for bit."""
+    (m, n, k), g, (qmin, qmax), with_zp, qscheme, dtype, w_dtype, has_bias = case
+    calls = []
+    real = im.fq_linear_int8_forward
+    monkeypatch.setattr(im, "fq_linear_int8_forward", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn(m, k, generator=gen) + 0.3).to(dtype)
+    w = (torch.randn(n, k, generator=gen) * 0.1).to(w_dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    dy = torch.randn(m, n, generator=gen).to(dtype)
+    wg = w.float().view(n, k // g, g)
+    if with_zp:  # affine per group, as int4_per_group128
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        wscale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
+        wzp = (qmin - torch.round(lo / wscale)).clamp(qmin, qmax).int()
+    else:  # symmetric, zero point 0, as the w4a8_dynamic preset
+        wscale = wg.abs().amax(-1) / ((qmax - qmin) / 2)
+        wzp = torch.zeros_like(wscale, dtype=torch.int32)
+    spec = DynamicPerTokenFakeQuantize(torch.qint8, qscheme, -128, 127).per_token_spec()
+
+    def run(int8: str):
+        monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", int8)
+        leaves = [t.clone().to(device).requires_grad_() for t in (x, w, b) if t is not None]
+        wqp = QParams(wscale.to(device), wzp.to(device), qmin, qmax, group_size=g)
+        with tq.use_backend("triton"):
+            y = tq.fq_linear(*leaves[:2], leaves[2] if has_bias else None, weight_qparams=wqp,
+                             input_qparams=spec)  # fmt: skip
+            y.backward(dy.to(device))
+        return y.detach().cpu(), [t.grad.cpu() for t in leaves]
+
+    y_int, grads_int = run("1")
+    assert len(calls) == 1
+    y_float, grads_float = run("0")
+    assert len(calls) == 1
+    assert y_int.shape == (m, n) and y_int.dtype == dtype
+    for name, a, e in zip(("dx", "dw", "db"), grads_int, grads_float, strict=False):
+        assert_bitwise_equal(a, e, name)
+    with tq.use_backend("eager"):
+        fq_x = fake_quantize_per_token(x, -128, 127, qscheme)
+        fq_w = tq.fake_quantize_per_group(w, wscale, wzp, g, qmin, qmax).to(dtype)
+    ref, bound_int, bound_float = _w4a8_bounds(fq_x, fq_w, b, dtype, k, k // g)
+    _assert_within(y_int, ref, bound_int, "int8 forward vs eager composition")
+    _assert_within(y_float, ref, bound_float, "float forward vs eager composition")
+    _assert_within(y_int, y_float.double(), bound_int + bound_float, "int8 vs float forward")
+
+
+def test_w4a8_linear_layer_takes_the_int8_forward(monkeypatch, device):
+    """tq.nn.Linear with the w4a8_dynamic preset, training, Triton backend: the forward is
+    the int8 GEMM (fq_linear_int8_forward runs), within _w4a8_bounds of the float forward;
+    its gradients are bitwise those of TRITON_QAT_INT8_FORWARD=0."""
+    import copy
+
+    calls = []
+    real = im.fq_linear_int8_forward
+    monkeypatch.setattr(im, "fq_linear_int8_forward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(13)
+    layer = tq.nn.Linear(64, 17, qconfig="w4a8_dynamic").to(device)
+    gen = torch.Generator().manual_seed(14)
+    x = (torch.randn(2, 5, 64, generator=gen) * 2).to(device)
+    dy = torch.randn(2, 5, 17, generator=gen).to(device)
+
+    def run(int8: str):
+        monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", int8)
+        mod = copy.deepcopy(layer)  # the same observer state for both runs
+        xi = x.clone().requires_grad_()
+        with tq.use_backend("triton"):
+            y = mod(xi)
+            y.backward(dy)
+        grads = [t.grad.cpu() for t in (xi, mod.weight, mod.bias)]
+        with torch.no_grad(), tq.use_backend("eager"):
+            fq_w = mod.weight_fake_quant(mod.weight).cpu()
+        return y.detach().cpu(), grads, fq_w
+
+    y_int, grads_int, fq_w = run("1")
+    assert len(calls) == 1
+    y_float, grads_float, fq_w_float = run("0")
+    assert len(calls) == 1
+    assert_bitwise_equal(fq_w, fq_w_float, "fake-quantized weight")
+    for name, a, e in zip(("dx", "dw", "db"), grads_int, grads_float, strict=True):
+        assert_bitwise_equal(a, e, name)
+    fq_x = fake_quantize_per_token(x.cpu(), -128, 127, torch.per_tensor_affine)
+    _, bound_int, bound_float = _w4a8_bounds(fq_x, fq_w, layer.bias.cpu(), torch.float32, 64, 2)
+    _assert_within(y_int, y_float.double(), bound_int + bound_float, "int8 vs float forward")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_codes_forward_is_the_weight_only_gemm(monkeypatch, dtype, device):
     """TRITON_QAT_CODES_FORWARD=1: an int8 per-channel weight without input fake quant runs
@@ -300,7 +487,7 @@ def test_codes_forward_is_the_weight_only_gemm(monkeypatch, dtype, device):
 
     def run(codes: str):
         monkeypatch.setenv("TRITON_QAT_CODES_FORWARD", codes)
-        xx, ww, bb = (t.to(device).requires_grad_() for t in (x, w, b))
+        xx, ww, bb = (t.clone().to(device).requires_grad_() for t in (x, w, b))
         wqp = QParams(wscale.to(device), zp.to(device), -128, 127, axis=0)
         with tq.use_backend("triton"):
             y = tq.fq_linear(xx, ww, bb, weight_qparams=wqp)

@@ -3,7 +3,9 @@
 The input, made contiguous, is seen as a (rows, cols) matrix; the qparam index of an element
 is `row % channels`, or `col` when PARAMS_ON_COLS (see triton_qat.qparams.NormQParams).
 That one layout covers per tensor (one channel), per channel along any axis and per group.
-The backward kernel recomputes the mask from x: no mask tensor is ever stored.
+The backward kernel recomputes the mask from x: no mask tensor is ever stored. The codes
+kernel writes the integer codes clamp(q) behind the fake quant (int8, optionally shifted),
+the operand of the integer GEMMs in kernels/int_matmul.py.
 """
 
 from __future__ import annotations
@@ -36,12 +38,18 @@ def quantize_unclamped(xf, inv_scale, zp, FLOAT_ZP: tl.constexpr):
 
 
 @triton.jit
+def clamp_codes(qf, qmin, qmax):
+    """clamp(q, qmin, qmax) of integer-valued fp32 q, as triton_qat.reference.clamp_quantized:
+    NaN fails both comparisons and lands on qmin, as fmin(fmax(NaN, qmin), qmax) does."""
+    return tl.where(qf > qmax, qmax, tl.where(qf >= qmin, qf, qmin))
+
+
+@triton.jit
 def fake_quant_values(xf, inv_scale, scale, zp, qmin, qmax, FLOAT_ZP: tl.constexpr):
     """fp32 fake quant of an fp32 tile: (y, mask), as triton_qat.reference.fake_quant_core."""
     qf = quantize_unclamped(xf, inv_scale, zp, FLOAT_ZP)
     mask = (qf >= qmin) & (qf <= qmax)
-    # NaN fails both comparisons and lands on qmin, as fmin(fmax(NaN, qmin), qmax) does.
-    q = tl.where(qf > qmax, qmax, tl.where(qf >= qmin, qf, qmin))
+    q = clamp_codes(qf, qmin, qmax)
     if FLOAT_ZP:
         # torch dequantizes in float64 here; (q - zp) is not exact in fp32 for a float zp.
         y = ((q.to(tl.float64) - zp.to(tl.float64)) * scale.to(tl.float64)).to(tl.float32)
@@ -96,6 +104,28 @@ def load_param(ptr, pidx, p_ok, other, PARAMS_ON_COLS: tl.constexpr):
 
 
 @triton.jit
+def x_tile_and_params(
+    pid,
+    x_ptr,
+    inv_ptr,
+    zp_ptr,
+    rows,
+    cols,
+    channels,
+    PARAMS_ON_COLS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Program pid's tile of x in fp32 with its 1 / scale and zero point, plus tile()'s
+    offsets, element mask, param index and param mask."""
+    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
+    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
+    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
+    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    return x, inv, zp, offs, mask, pidx, p_ok
+
+
+@triton.jit
 def fake_quant_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -113,11 +143,10 @@ def fake_quant_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
-    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
+    x, inv, zp, offs, mask, pidx, p_ok = x_tile_and_params(
+        pid, x_ptr, inv_ptr, zp_ptr, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C
+    )
     scale = load_param(scale_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
-    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     y, _ = fake_quant_values(x, inv, scale, zp, qmin, qmax, FLOAT_ZP)
     tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
 
@@ -140,16 +169,41 @@ def fake_quant_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
-    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    zp = load_param(zp_ptr, pidx, p_ok, 0, PARAMS_ON_COLS)
-    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    x, inv, zp, offs, mask, _, _ = x_tile_and_params(
+        pid, x_ptr, inv_ptr, zp_ptr, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C
+    )
     dy = to_fp32(tl.load(dy_ptr + offs, mask=mask, other=0.0))
     qf = quantize_unclamped(x, inv, zp, FLOAT_ZP)
     keep = (qf >= qmin) & (qf <= qmax)
     # dy * mask rather than a select, as torch: NaN or inf gradients stay NaN where clamped.
     dx = dy * keep.to(tl.float32)
     tl.store(dx_ptr + offs, cast_rne(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def quantized_codes_kernel(
+    x_ptr,
+    q_ptr,
+    inv_ptr,
+    zp_ptr,
+    rows,
+    cols,
+    channels,
+    qmin,
+    qmax,
+    shift,
+    PARAMS_ON_COLS: tl.constexpr,
+    FLOAT_ZP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """int8 codes clamp(q) - shift, as triton_qat.reference.quantized_codes_ref."""
+    pid = tl.program_id(0).to(tl.int64)
+    x, inv, zp, offs, mask, _, _ = x_tile_and_params(
+        pid, x_ptr, inv_ptr, zp_ptr, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C
+    )
+    q = clamp_codes(quantize_unclamped(x, inv, zp, FLOAT_ZP), qmin, qmax) - shift
+    tl.store(q_ptr + offs, q.to(tl.int32).to(tl.int8), mask=mask)
 
 
 def blocks(nq: NormQParams) -> tuple[int, int, int]:
@@ -198,3 +252,13 @@ def fake_quant_backward(x: Tensor, grad_y: Tensor, nq: NormQParams, inv_scale: T
     if x.numel():
         launch(fake_quant_bwd_kernel, (x, grad_y, grad_x, inv_scale, nq.zero_point), nq)
     return grad_x
+
+
+def quantized_codes(x: Tensor, nq: NormQParams, inv_scale: Tensor, shift: int = 0) -> Tensor:
+    """The codes clamp(q) - shift behind fake_quant_forward(x), int8 in x's shape (the caller
+    picks `shift` so that [quant_min - shift, quant_max - shift] lies within int8)."""
+    x = x.contiguous()
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    if x.numel():
+        launch(quantized_codes_kernel, (x, codes, inv_scale, nq.zero_point), nq, (float(shift),))
+    return codes

@@ -8,8 +8,11 @@
                                            the forward of the QAT linear with 8-bit weights
                                            (per tensor / per output channel) and 8-bit
                                            per-token (or static per-tensor) activations
-    fq_linear_int8_forward(x2d, w, b, lq)  the same for the fused op (triton_qat::fq_linear),
-                                           with the per-token qparams it computed already
+    fq_linear_int8_forward(x2d, w, b, lq)  the fused op's (triton_qat::fq_linear) forward with
+                                           a dynamic per-token 8-bit input: W's codes (per
+                                           tensor / channel, or per group with a range at
+                                           most 127 wide: w4a8), the per-token qparams the op
+                                           computed already, int8_linear
     fq_linear_codes_forward(x2d, w, b, lq) the fused op's forward as W's int8 codes and the
                                            weight-only GEMM (opt-in, TRITON_QAT_CODES_FORWARD=1)
 
@@ -26,14 +29,16 @@ within the matmul's rounding (for fp16 / bf16 the epilogue form skips the weight
 the input dtype; tests/test_int_matmul.py bounds both against float64).
 
 Integer paths: input rows are quantized by quantize_rows with the numerics of
-triton_qat.fake_quantize.fake_quantize_per_token (same codes, scales and zero points); codes
-outside int8 (e.g. 0..255) are stored shifted by `shift` (code - shift fits int8). With
-per-tensor / per-channel weights the int32 sum S = sum cx * cw gets the zero-point
-corrections in the epilogue, D = S - zx * sum_k cw - zw * sum_k cx + K * zx * zw (exact in
-int32 while |D| < 2**31, wrap-around in between does no harm), then y = (D * sx) * sw + b in
-fp32. Per group, each group's int32 sum over cx * (cw - zw) (a code difference that fits int8
-for ranges up to 127 wide) is corrected by zx * sum(cw - zw), scaled by the group's scale into
-an fp32 accumulator inside the K loop, and multiplied by sx in the epilogue. The result is the
+triton_qat.fake_quantize.fake_quantize_per_token (same codes, scales and zero points); a
+float weight's codes come from one pass of kernels.fake_quant.quantized_codes (the fake
+quant's own codes, per tensor, per channel or per group). Codes outside int8 (e.g. 0..255)
+are stored shifted by `shift` (code - shift fits int8). With per-tensor / per-channel
+weights the int32 sum S = sum cx * cw gets the zero-point corrections in the epilogue,
+D = S - zx * sum_k cw - zw * sum_k cx + K * zx * zw (exact in int32 while |D| < 2**31,
+wrap-around in between does no harm), then y = (D * sx) * sw + b in fp32. Per group, each
+group's int32 sum over cx * (cw - zw) (a code difference that fits int8 for ranges up to 127
+wide) is corrected by zx * sum(cw - zw), scaled by the group's scale into an fp32
+accumulator inside the K loop, and multiplied by sx in the epilogue. The result is the
 fake-quant float path's F.linear(fq(x), fq(w)) up to the rounding of these final float steps.
 
 w8a8_linear interface (for the fused QAT forward): x (..., K) float, w (N, K) float weights,
@@ -54,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from triton_qat.kernels.configs import autotune, int_gemm_configs
-from triton_qat.kernels.fake_quant import quantize_unclamped
+from triton_qat.kernels.fake_quant import clamp_codes, quantize_unclamped, quantized_codes
 from triton_qat.kernels.fq_matmul import _grid, _grouped_pid, _weight_params, input_precision
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
 from triton_qat.qparams import (
@@ -62,11 +67,13 @@ from triton_qat.qparams import (
     PER_GROUP,
     IntWeight,
     LinearQuant,
+    NormQParams,
     QParams,
     RowQuant,
     int_weight,
     normalize,
 )
+from triton_qat.reference import reciprocal
 
 # The largest |D| an int32 accumulator holds.
 _INT32_LIMIT = 2**31 - 1
@@ -115,12 +122,6 @@ def _load_codes(w_ptr, rn, k, n_ok, k_ok, stride_wn, stride_wk, qmin, PACKED: tl
 
 
 @triton.jit
-def _clamp_codes(qf, qmin, qmax):
-    """clamp(q, qmin, qmax) of integer-valued fp32 q; NaN lands on qmin, as in the fake quant."""
-    return tl.where(qf > qmax, qmax, tl.where(qf >= qmin, qf, qmin))
-
-
-@triton.jit
 def quantize_rows_kernel(
     x_ptr,
     q_ptr,
@@ -157,7 +158,7 @@ def quantize_rows_kernel(
         ok = m_ok[:, None] & (k < K)[None, :]
         x = to_fp32(_load_tile(x_ptr, rm, k, m_ok, k < K, stride_xm, stride_xk))
         qf = quantize_unclamped(x, inv[:, None], zp[:, None], False)
-        c = tl.where(ok, _clamp_codes(qf, qmin, qmax) - shift, 0.0).to(tl.int32)
+        c = tl.where(ok, clamp_codes(qf, qmin, qmax) - shift, 0.0).to(tl.int32)
         tl.store(q_ptr + rm[:, None] * stride_qm + k[None, :], c.to(tl.int8), mask=ok)
         total += tl.sum(c, axis=1)
     tl.store(sum_ptr + rm, total, mask=m_ok)
@@ -453,16 +454,24 @@ def weight_only_linear(x: Tensor, wt: IntWeight, bias: Tensor | None) -> Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
-def _int32_reach(wt: IntWeight, x_span: int) -> int:
-    """A bound on |sum (cx - zx)(cw - zw)| over one int32 sum (all of K, or one group)."""
-    return (wt.group_size or wt.in_features) * x_span * max(wt.quant_max - wt.quant_min, 1)
+def _int32_reach(w_span: int, sum_len: int, x_span: int) -> int:
+    """A bound on |sum (cx - zx)(cw - zw)| over one int32 sum of `sum_len` products (all of K,
+    or one group), with |cx - zx| <= x_span and |cw - zw| <= w_span."""
+    return sum_len * x_span * max(w_span, 1)
+
+
+def _int8_gemm_takes(w_span: int, sum_len: int, x_span: int, per_group: bool) -> bool:
+    """int8_matmul_kernel's rule: per group, cw - zw is an int8 operand (weight codes at most
+    127 wide); every int32 sum is exact."""
+    if per_group and w_span > 127:
+        return False
+    return _int32_reach(w_span, sum_len, x_span) <= _INT32_LIMIT
 
 
 def int8_linear_supports(wt: IntWeight, rq: RowQuant) -> bool:
     """Whether int8_linear takes these weights with inputs quantized by `rq`."""
-    if wt.gran == PER_GROUP and wt.quant_max - wt.quant_min > 127:
-        return False
-    return _int32_reach(wt, rq.quant_max - rq.quant_min) <= _INT32_LIMIT
+    w_span, sum_len = wt.quant_max - wt.quant_min, wt.group_size or wt.in_features
+    return _int8_gemm_takes(w_span, sum_len, rq.quant_max - rq.quant_min, wt.gran == PER_GROUP)
 
 
 def int8_linear(
@@ -481,7 +490,8 @@ def int8_linear(
     if k != wt.in_features:
         raise ValueError(f"input codes have {k} columns, the weight in_features={wt.in_features}")
     # |cx - zx| <= 255, or 128 when every zero point is 0.
-    if _int32_reach(wt, 255 if xq.may_have_zero_point else 128) > _INT32_LIMIT:
+    x_span = 255 if xq.may_have_zero_point else 128
+    if _int32_reach(wt.quant_max - wt.quant_min, wt.group_size or k, x_span) > _INT32_LIMIT:
         raise ValueError(
             f"in_features={k} is too large for an int32 accumulator of these 8-bit products"
         )
@@ -544,18 +554,23 @@ def w8a8_linear(
         raise ValueError("w8a8_linear takes per-tensor or per-channel (axis 0) integer qparams")
     if nq.granularity == "per_channel" and weight_qparams.axis not in (0, -2):
         raise ValueError(f"weight_qparams per channel must use axis 0, got {weight_qparams.axis}")
-    wt = _weight_codes(w, nq.scale, nq.zero_point, nq.quant_min, nq.quant_max)
+    wt = _weight_codes(w, nq, reciprocal(nq.scale))
     x2d = _flatten(x, k)
     y = int8_linear(quantize_rows(x2d, input_quant), wt, bias, x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
-def _weight_codes(w: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int) -> IntWeight:
-    """int8 codes of a float weight (N, K), each row quantized with its channel's (or the
-    one) scale and integer zero point."""
-    wq = quantize_rows(w, RowQuant(qmin, qmax, scale=scale, zero_point=zp))
-    shift = wq.shift
-    return int_weight(wq.codes, scale, zp - shift, qmin - shift, qmax - shift, w.shape[1])
+def _weight_codes(w: Tensor, nq: NormQParams, inv_scale: Tensor) -> IntWeight:
+    """The integer weight of a float weight w (N, K) with integer-zero-point qparams nq per
+    tensor, per output channel or per group along K (its NormQParams, inv_scale = 1 / scale):
+    the fake quant's codes clamp(q), one pass over w, shifted into int8 where the range
+    needs it (at most 256 codes)."""
+    qmin, qmax = nq.quant_min, nq.quant_max
+    shift = code_shift(qmin, qmax)
+    codes = quantized_codes(w, nq, inv_scale, shift)
+    group_size = nq.cols if nq.granularity == "per_group" else None
+    zp = nq.zero_point - shift
+    return int_weight(codes, nq.scale, zp, qmin - shift, qmax - shift, w.shape[1], group_size)
 
 
 def codes_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
@@ -578,35 +593,41 @@ def fq_linear_codes_forward(
     sum x * (q - zp), exact, times the scale in the epilogue; the float path's result up to
     that scaling's rounding (for bf16 / fp16 inputs without rounding fq(w) to the input
     dtype). x2d (M, K); y (M, N) in x2d's dtype."""
-    wt = _weight_codes(weight, lq.w_scale, lq.w_zp, lq.w_qmin, lq.w_qmax)
+    wt = _weight_codes(weight, lq.weight_norm(weight), lq.w_inv)
     return weight_only_linear(x2d, wt, bias)
 
 
 def int8_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
     """Whether the fused linear's forward runs as one int8 GEMM (fq_linear_int8_forward): a
-    dynamic per-token input and per-tensor / per-channel weights with integer zero points,
-    both 8-bit (at most 256 codes), and K small enough for exact int32 sums. The backward
-    stays on the float kernels. TRITON_QAT_INT8_FORWARD=0 keeps the forward float too."""
+    dynamic per-token 8-bit input (at most 256 codes) and weights with integer zero points,
+    per tensor / per channel with at most 256 codes (w8a8) or per group with a range at most
+    127 wide (e.g. int4: w4a8; int8_linear_supports' rule); K (or the group) small enough for
+    exact int32 sums. The backward stays on the float kernels. TRITON_QAT_INT8_FORWARD=0 keeps
+    the forward float too."""
     if os.environ.get("TRITON_QAT_INT8_FORWARD", "1").strip() == "0":
         return False
-    if not lq.x_per_row or lq.group_size or lq.w_zp.is_floating_point():
+    if not lq.x_per_row or lq.w_zp.is_floating_point():
         return False
     w_span, x_span = lq.w_qmax - lq.w_qmin, lq.x_qmax - lq.x_qmin
     if w_span > 255 or x_span > 255:
         return False
-    return weight.shape[1] * max(w_span, 1) * 255 <= _INT32_LIMIT
+    # |cx - zx| <= 255: a per-token zero point may lie anywhere in the input's range.
+    sum_len = lq.group_size or weight.shape[1]
+    return _int8_gemm_takes(w_span, sum_len, 255, lq.group_size > 0)
 
 
 def fq_linear_int8_forward(
     x2d: Tensor, weight: Tensor, bias: Tensor | None, lq: LinearQuant
 ) -> Tensor:
     """The fused linear's forward F.linear(fq_rows(x), fq(w), b) as an int8 GEMM, with the
-    per-token qparams the caller computed (lq.x_scale / lq.x_zp, one per row): the codes are
-    those of the float path, the integer sums exact, and the result differs from the float
-    path only in the rounding of its final scaling (and, for half inputs, in not rounding
-    fq(w) to the input dtype). x2d (M, K); y (M, N) in x2d's dtype."""
+    per-token qparams the caller computed (lq.x_scale / lq.x_zp, one per row) and W's codes
+    from one pass over W (per tensor, per channel or per group): the codes are those of the
+    float path, the integer sums exact (per group: each group's), and the result differs
+    from the float path only in the rounding of its final scaling (per group: the fp32 sum
+    of the scaled group sums) and, for half inputs, in not rounding fq(x) and fq(w) to the
+    input dtype. x2d (M, K); y (M, N) in x2d's dtype."""
     rows = RowQuant(lq.x_qmin, lq.x_qmax, scale=lq.x_scale, zero_point=lq.x_zp)
-    wt = _weight_codes(weight, lq.w_scale, lq.w_zp, lq.w_qmin, lq.w_qmax)
+    wt = _weight_codes(weight, lq.weight_norm(weight), lq.w_inv)
     return int8_linear(quantize_rows(x2d, rows), wt, bias, x2d.dtype)
 
 

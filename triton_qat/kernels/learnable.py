@@ -20,8 +20,8 @@ from triton_qat.kernels.fake_quant import (
     launch,
     load_param,
     quantize_unclamped,
-    tile,
     tile_coords,
+    x_tile_and_params,
 )
 from triton_qat.kernels.rounding import cast_rne, to_fp32
 from triton_qat.qparams import NormQParams
@@ -70,11 +70,10 @@ def learnable_fake_quant_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs, mask, pidx, p_ok = tile(pid, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)
+    x, inv, zp, offs, mask, pidx, p_ok = x_tile_and_params(
+        pid, x_ptr, inv_ptr, zp_ptr, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C
+    )
     scale = load_param(scale_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    inv = load_param(inv_ptr, pidx, p_ok, 1.0, PARAMS_ON_COLS)
-    zp = load_param(zp_ptr, pidx, p_ok, 0.0, PARAMS_ON_COLS)
-    x = to_fp32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     dy = to_fp32(tl.load(dy_ptr + offs, mask=mask, other=0.0))
     # FLOAT_ZP is set by the launcher: torch adds the zero point before rounding here.
     xq = quantize_unclamped(x, inv, zp, FLOAT_ZP)
