@@ -86,22 +86,22 @@ TQ_MASTER = "triton_qat_fp32_master"
 # w8a8_dynamic / w4a8_dynamic with the float forward (TRITON_QAT_INT8_FORWARD=0): the int8
 # forward's gain.
 TQ_FLOAT_FWD = "triton_qat_float_fwd"
-# int8_per_channel with W's int8 codes + the weight-only GEMM as the forward
-# (TRITON_QAT_CODES_FORWARD=1), against re-quantizing W tiles inside the fused GEMM.
-TQ_CODES_FWD = "triton_qat_codes_fwd"
-# The environment each variant runs its forward under, and its record's note.
+# int8_per_channel with W fake-quantized inside the forward and dX GEMMs
+# (TRITON_QAT_WEIGHT_CODES=0), against W's int8 codes written by one pass (the default).
+TQ_IN_GEMM = "triton_qat_in_gemm_fq"
+# The environment each variant runs its forward and backward under, and its record's note.
 VARIANT_ENV = {
     TQ_FLOAT_FWD: ({"TRITON_QAT_INT8_FORWARD": "0"}, "forward on the float kernels (no int8 GEMM)"),
-    TQ_CODES_FWD: (
-        {"TRITON_QAT_CODES_FORWARD": "1"},
-        "forward: W's int8 codes + the weight-only GEMM",
+    TQ_IN_GEMM: (
+        {"TRITON_QAT_WEIGHT_CODES": "0"},
+        "W fake-quantized inside the forward / dX GEMMs (no codes pass)",
     ),
 }
 PROVIDERS = (TORCH_LINEAR, TORCH_AO, COMPILED, TQ, TQ_MASTER)
 # Rows whose failure is a failure of this package (or of the floor every ratio needs).
-OWN_PROVIDERS = (TQ, TQ_MASTER, TQ_FLOAT_FWD, TQ_CODES_FWD, TORCH_LINEAR)
+OWN_PROVIDERS = (TQ, TQ_MASTER, TQ_FLOAT_FWD, TQ_IN_GEMM, TORCH_LINEAR)
 PROVIDERS_BY_QCONFIG = {
-    INT8_PC: (*PROVIDERS, TQ_CODES_FWD),
+    INT8_PC: (*PROVIDERS, TQ_IN_GEMM),
     # torch.ao has no per-group weight fake quant, and its qat.Linear never fake-quantizes
     # its input; torch_linear is the same floor as in the int8_per_channel rows.
     INT4_GROUP: (COMPILED, TQ),
@@ -145,13 +145,26 @@ class Provider:
     leaves: list[Tensor]
     backend: str | None = None  # a triton_qat backend to run forward and backward under
     fields: dict = field(default_factory=dict)  # extra record fields (note, check, ...)
+    env: dict = field(default_factory=dict)  # environment variables set while it runs
 
-    def context(self) -> contextlib.AbstractContextManager:
-        if self.backend is None:
-            return contextlib.nullcontext()
-        import triton_qat as tq
+    @contextlib.contextmanager
+    def context(self):
+        before = {name: os.environ.get(name) for name in self.env}
+        os.environ.update(self.env)
+        try:
+            if self.backend is None:
+                yield
+            else:
+                import triton_qat as tq
 
-        return tq.use_backend(self.backend)
+                with tq.use_backend(self.backend):
+                    yield
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
 
 def one_line(err: BaseException) -> str:
@@ -414,7 +427,7 @@ def build_compiled(t: Tensors, qconfig: str) -> Provider:
 def build_triton(t: Tensors, qconfig: str, master: bool, variant: str | None = None) -> Provider:
     """tq.fq_linear, Triton backend. The first step (compile + autotune) is timed as
     first_call_s; its y and grads are checked against the eager backend. variant: a key of
-    VARIANT_ENV, whose environment is set while each forward runs."""
+    VARIANT_ENV, whose environment is set while each step runs (Provider.context)."""
     import triton_qat as tq
 
     w_src = t.w_master if master else t.w
@@ -429,27 +442,12 @@ def build_triton(t: Tensors, qconfig: str, master: bool, variant: str | None = N
                 return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
         return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
 
-    if variant is not None:
-        plain_forward = forward
-        variant_env = VARIANT_ENV[variant][0]
-
-        def forward() -> Tensor:
-            before = {name: os.environ.get(name) for name in variant_env}
-            os.environ.update(variant_env)
-            try:
-                return plain_forward()
-            finally:
-                for name, value in before.items():
-                    if value is None:
-                        del os.environ[name]
-                    else:
-                        os.environ[name] = value
-
     p = Provider(
         variant or (TQ_MASTER if master else TQ),
         forward,
         [x, w, b],
         backend="triton",
+        env=VARIANT_ENV[variant][0] if variant else {},
         fields={
             "weight_dtype": "float32" if master else "bfloat16",
             "note": "fp32 master weights under autocast"
@@ -475,7 +473,7 @@ BUILDERS: dict[str, Callable[[Tensors, str], Provider]] = {
     TQ: lambda t, q: build_triton(t, q, master=False),
     TQ_MASTER: lambda t, q: build_triton(t, q, master=True),
     TQ_FLOAT_FWD: lambda t, q: build_triton(t, q, master=False, variant=TQ_FLOAT_FWD),
-    TQ_CODES_FWD: lambda t, q: build_triton(t, q, master=False, variant=TQ_CODES_FWD),
+    TQ_IN_GEMM: lambda t, q: build_triton(t, q, master=False, variant=TQ_IN_GEMM),
 }
 
 

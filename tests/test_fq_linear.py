@@ -917,27 +917,35 @@ def test_master_weight_grad_rounds_like_the_composition(device):
 # so every output and gradient must be bitwise the in-GEMM path's. TRITON_QAT_WEIGHT_CODES=1
 # takes the codes at these small sizes, =0 never.
 
-# (weight granularity, weight quant range, input dtype, weight dtype, input fake quant)
+# (weight granularity, group size, weight quant range, input dtype, weight dtype, input fq).
+# Group sizes against the interpreter's 32-wide tiles: 16 whole groups per tile, 32 one group
+# per tile row, 48 one qparam per element (see _weight_params).
 CODES_CASES = [
-    ("tensor", (-128, 127), torch.float32, torch.float32, None),
-    ("channel", (0, 255), torch.float32, torch.float32, "tensor"),
-    ("channel", (-8, 7), torch.bfloat16, torch.bfloat16, None),
-    ("channel", (-128, 127), torch.bfloat16, torch.float32, "token"),
-    ("tensor", (0, 255), torch.float16, torch.float16, "tensor"),
+    ("tensor", None, (-128, 127), torch.float32, torch.float32, None),
+    ("channel", None, (0, 255), torch.float32, torch.float32, "tensor"),
+    ("channel", None, (-8, 7), torch.bfloat16, torch.bfloat16, None),
+    ("channel", None, (-128, 127), torch.bfloat16, torch.float32, "token"),
+    ("tensor", None, (0, 255), torch.float16, torch.float16, "tensor"),
+    ("group", 16, (-8, 7), torch.bfloat16, torch.float32, "token"),
+    ("group", 32, (0, 15), torch.float32, torch.float32, None),
+    ("group", 48, (-128, 127), torch.bfloat16, torch.bfloat16, "tensor"),
 ]
 
 
-@pytest.mark.parametrize("case", CODES_CASES, ids=lambda c: f"{c[0]}{c[1]}-{c[2]}-{c[3]}-{c[4]}")
+CODES_IDS = [f"{c[0]}{c[1] or ''}{c[2]}-{c[3]}-{c[5]}" for c in CODES_CASES]
+
+
+@pytest.mark.parametrize("case", CODES_CASES, ids=CODES_IDS)
 def test_weight_codes_are_bitwise_the_in_gemm_fake_quant(device, monkeypatch, case):
     from triton_qat.kernels import int_matmul
 
-    gran, qrange, dtype, w_dtype, x_quant = case
-    m, n, k = 19, 21, 70
+    gran, group, qrange, dtype, w_dtype, x_quant = case
+    m, n, k = 19, 21, 96 if group else 70
     x = _randn((m, k), dtype, device, 40, spread=1.5)
     w = _randn((n, k), w_dtype, device, 41)
     w[3, 5], w[4, 6], w[5, 7] = float("nan"), float("inf"), -1e30  # clamp and NaN rules
     b = _randn((n,), dtype, device, 42)
-    wqp = _weight_qparams(gran, n, k, device, qrange=qrange)
+    wqp = _weight_qparams(gran, n, k, device, group=group, qrange=qrange)
     if x_quant == "token":
         xqp = DynamicPerTokenFakeQuantize(torch.qint8, AFFINE, -128, 127)
         monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", "0")  # the float forward GEMM
@@ -975,7 +983,7 @@ def test_weight_codes_by_row_count(monkeypatch):
     cases = {
         "channel": (_weight_qparams("channel", 8, 64, "cpu"), True),
         "float_zp": (_weight_qparams("channel", 8, 64, "cpu", float_zp=True), False),
-        "group": (_weight_qparams("group", 8, 64, "cpu", group=32), False),
+        "group": (_weight_qparams("group", 8, 64, "cpu", group=32), True),
         "wide": (_weight_qparams("tensor", 8, 64, "cpu", qrange=(0, 511)), False),
     }
     for name, (wqp, expected) in cases.items():

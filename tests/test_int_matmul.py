@@ -469,50 +469,6 @@ def test_w4a8_linear_layer_takes_the_int8_forward(monkeypatch, device):
     _assert_within(y_int, y_float.double(), bound_int + bound_float, "int8 vs float forward")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_codes_forward_is_the_weight_only_gemm(monkeypatch, dtype, device):
-    """TRITON_QAT_CODES_FORWARD=1: an int8 per-channel weight without input fake quant runs
-    the forward as W's codes plus the weight-only GEMM: the float path's result within the
-    bound below; the backward (float kernels) is the float path's, bit for bit."""
-    calls = []
-    real = im.fq_linear_codes_forward
-    monkeypatch.setattr(im, "fq_linear_codes_forward", lambda *a: calls.append(1) or real(*a))
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 9, 70, generator=gen).to(dtype)
-    w = (torch.randn(33, 70, generator=gen) * 0.1).to(dtype)
-    b = torch.randn(33, generator=gen).to(dtype)
-    dy = torch.randn(2, 9, 33, generator=gen).to(dtype)
-    wscale = w.float().abs().amax(1) / 127
-    zp = torch.randint(-3, 4, (33,), generator=gen, dtype=torch.int32)
-
-    def run(codes: str):
-        monkeypatch.setenv("TRITON_QAT_CODES_FORWARD", codes)
-        xx, ww, bb = (t.clone().to(device).requires_grad_() for t in (x, w, b))
-        wqp = QParams(wscale.to(device), zp.to(device), -128, 127, axis=0)
-        with tq.use_backend("triton"):
-            y = tq.fq_linear(xx, ww, bb, weight_qparams=wqp)
-            y.backward(dy.to(device))
-        return y.detach().cpu(), [t.grad.cpu() for t in (xx, ww, bb)]
-
-    y_codes, grads_codes = run("1")
-    assert len(calls) == 1
-    y_float, grads_float = run("0")
-    assert len(calls) == 1
-    for name, a, e in zip(("dx", "dw", "db"), grads_codes, grads_float, strict=True):
-        assert_bitwise_equal(a, e, name)
-    with tq.use_backend("eager"):
-        # In fp32: the codes path multiplies exact (q - zp) by the fp32 scale, no rounding
-        # of fq(w) to a half dtype.
-        fq_w = tq.fake_quantize_per_channel(w.float(), wscale, zp, 0, -128, 127).double()
-    ref = F.linear(x.double(), fq_w, b.double())
-    mag = F.linear(x.double().abs(), fq_w.abs(), b.double().abs())
-    # Exact products summed in fp32 (K = 70 steps), the scale and the bias (2 more), the
-    # output cast; the float path also rounds fq(w) to the input dtype (u_in).
-    bound = (72 * U32) * mag + UNIT[dtype] * ref.abs()
-    _assert_within(y_codes, ref, bound, "codes forward")
-    _assert_within(y_float, ref, bound + UNIT[dtype] * mag, "float forward")
-
-
 def _qat_layer(name: str, dtype: torch.dtype, k: int = 64, n: int = 17) -> torch.nn.Module:
     torch.manual_seed(6)
     model = torch.nn.Sequential(torch.nn.Linear(k, n)).to(dtype)

@@ -13,8 +13,8 @@
                                            tensor / channel, or per group with a range at
                                            most 127 wide: w4a8), the per-token qparams the op
                                            computed already, int8_linear
-    fq_linear_codes_forward(x2d, w, b, lq) the fused op's forward as W's int8 codes and the
-                                           weight-only GEMM (opt-in, TRITON_QAT_CODES_FORWARD=1)
+    fused_weight_codes(w, lq, rows)        W's int8 codes for the fused float GEMMs (W_CODES in
+                                           kernels/fq_matmul.py), from CODES_MIN_ROWS rows
 
 Weights arrive as a checked triton_qat.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
 (N, ceil(K / 2)) holding two 4-bit codes q - quant_min, low nibble first (unpacked in
@@ -573,30 +573,6 @@ def _weight_codes(w: Tensor, nq: NormQParams, inv_scale: Tensor) -> IntWeight:
     return int_weight(codes, nq.scale, zp, qmin - shift, qmax - shift, w.shape[1], group_size)
 
 
-def codes_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
-    """Whether the fused linear's forward runs as an int8 code prepass of the weight plus the
-    weight-only GEMM (fq_linear_codes_forward): opt-in with TRITON_QAT_CODES_FORWARD=1, for
-    per-tensor / per-channel weights of at most 256 codes with integer zero points and no
-    input fake quant. An alternative to re-quantizing W tiles inside the GEMM (each W tile
-    is fake-quantized once per M tile there), to be measured side by side on a GPU."""
-    if os.environ.get("TRITON_QAT_CODES_FORWARD", "0").strip() != "1":
-        return False
-    if lq.x_scale is not None or lq.group_size or lq.w_zp.is_floating_point():
-        return False
-    return lq.w_qmax - lq.w_qmin <= 255
-
-
-def fq_linear_codes_forward(
-    x2d: Tensor, weight: Tensor, bias: Tensor | None, lq: LinearQuant
-) -> Tensor:
-    """F.linear(x, fq(w), b) as int8 codes of W (one pass over W) and the weight-only GEMM:
-    sum x * (q - zp), exact, times the scale in the epilogue; the float path's result up to
-    that scaling's rounding (for bf16 / fp16 inputs without rounding fq(w) to the input
-    dtype). x2d (M, K); y (M, N) in x2d's dtype."""
-    wt = _weight_codes(weight, lq.weight_norm(weight), lq.w_inv)
-    return weight_only_linear(x2d, wt, bias)
-
-
 def int8_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
     """Whether the fused linear's forward runs as one int8 GEMM (fq_linear_int8_forward): a
     dynamic per-token 8-bit input (at most 256 codes) and weights with integer zero points,
@@ -638,18 +614,18 @@ CODES_MIN_ROWS = 256
 
 def fused_weight_codes(weight: Tensor, lq: LinearQuant, rows: int) -> IntWeight | None:
     """W's int8 codes for the fused forward / dX GEMMs (kernels/fq_matmul.py, W_CODES), or
-    None where they fake-quantize W tiles themselves.
+    None where they fake-quantize W tiles themselves. Per tensor, per channel or per group.
 
     One pass writes q - shift per element (N * K bytes, freed after the GEMM); the GEMM then
     computes (q - zp) * scale per element, the fake quant's last two steps, bit for bit: the
     multiply, rounding and clamp are done once per element instead of once per BLOCK_M rows of
     x (compiled for sm_90, the in-GEMM fake quant is ~4x the hot loop's instructions of a
     plain GEMM; see bench/README.md). Taken for integer zero points and at most 256 codes per
-    tensor or channel, from CODES_MIN_ROWS rows; TRITON_QAT_WEIGHT_CODES=0 never takes it,
+    tensor, channel or group, from CODES_MIN_ROWS rows; TRITON_QAT_WEIGHT_CODES=0 never takes it,
     =1 at any row count (tests, benchmarks)."""
     mode = os.environ.get("TRITON_QAT_WEIGHT_CODES", "").strip()
-    if mode == "0" or lq.group_size or lq.w_zp.is_floating_point():
+    if mode == "0" or lq.w_zp.is_floating_point():
         return None
     if lq.w_qmax - lq.w_qmin > 255 or (mode != "1" and rows < CODES_MIN_ROWS):
         return None
-    return _weight_codes(weight, lq.w_scale, lq.w_zp, lq.w_qmin, lq.w_qmax)
+    return _weight_codes(weight, lq.weight_norm(weight), lq.w_inv)
