@@ -207,6 +207,8 @@ def _fq_dw_pointers(v):
 
 
 _QRANGE = ("w_qmin", "w_qmax", "x_qmin", "x_qmax")
+# configs.autotune(loop_even=True): the loop's extent a multiple of BLOCK_K (4096) or not
+_LOOP_EVEN = {"LOOP_EVEN": (True, False)}
 _FQ_AXES = {
     "dtype": FLOAT_DTYPES,
     "w": FLOAT_DTYPES,
@@ -369,7 +371,7 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_fwd_kernel",
         _fq_fwd_pointers,
         _QRANGE,
-        {**_FQ_AXES, "W_CODES": (False, True), "HAS_BIAS": (False, True)},
+        {**_FQ_AXES, "W_CODES": (False, True), "HAS_BIAS": (False, True), **_LOOP_EVEN},
         _gemm_configs(_float_gemm_space),
         ones=("stride_xk", "stride_wk", "stride_yn"),
         valid=_codes_valid,
@@ -379,7 +381,7 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_dx_kernel",
         _fq_dx_pointers,
         _QRANGE,
-        {**_FQ_AXES, "W_CODES": (False, True)},
+        {**_FQ_AXES, "W_CODES": (False, True), **_LOOP_EVEN},
         _gemm_configs(_float_gemm_space),
         ones=("stride_dyn", "stride_wk", "stride_xk", "stride_dxk"),
         valid=_codes_valid,
@@ -389,7 +391,7 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_dw_kernel",
         _fq_dw_pointers,
         _QRANGE,
-        dict(_FQ_AXES),
+        {**_FQ_AXES, **_LOOP_EVEN},
         _gemm_configs(_float_gemm_space),
         ones=("stride_dyn", "stride_xk", "stride_wk", "stride_dwk"),
         valid=_fq_gemm_valid,

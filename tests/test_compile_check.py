@@ -40,3 +40,28 @@ def test_one_variant_compiles_to_a_cubin_and_every_kernel_is_listed(tmp_path):
     (result,) = json.loads(out.read_text())["results"]
     assert result["ok"] and result["kernel"] == "fake_quant_fwd"
     assert result["cubin_bytes"] > 0
+
+
+def test_gemm_machine_code_stats(tmp_path):
+    """A fused GEMM compiled with --aligned: registers, spills and its hot loop's MMAs read off
+    the SASS (the wheel's cuobjdump / nvdisasm). About 10 s."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton.backends.nvidia import compiler as nvidia
+
+    tools = Path(nvidia.__file__).parent / "bin"
+    if not (tools / "cuobjdump").exists() or not (tools / "nvdisasm").exists():
+        pytest.skip("this triton wheel has no cuobjdump / nvdisasm")
+    out = tmp_path / "result.json"
+    where = ["dtype=bf16", "w=bf16", "W_GRAN=1", "W_CODES=True", "X_QUANT=(False, False)"]
+    done = _run(
+        "--arch", "90", "--kernels", "fq_linear_fwd", "--aligned", "--limit", "1",
+        "--json", str(out), "--where", *where,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["variant"]["W_CODES"] is True
+    assert 0 < result["registers"] <= 255
+    assert result["spill_bytes"] >= 0
+    # sm_90: the K loop issues warpgroup MMAs among its other instructions
+    assert 0 < result["loop_mma"] < result["loop_instructions"]
+    assert "regs=" in done.stdout and "loop=" in done.stdout

@@ -229,7 +229,8 @@ def _check_kernel_against_eager(x, w, b, wqp, xqp, requires=(True, True, True), 
 # of a block; K is one only where a group size of 32 or more forces it. With the interpreter's
 # 32-wide tiles the group sizes take each way of loading per-group qparams (_weight_params):
 # 32 / 64 / 128 one per tile row, 16 one per row and group (K = 80 ends in a tile half past
-# the last group), 3 and 48 one per element.
+# the last group), 3 and 48 one per element. N = 64 and K = 64 / 96 take the GEMMs' loops
+# without masks (LOOP_EVEN: the dX loop runs over N, the forward's over K).
 CASES = [
     (1, 1, 1, "tensor", None, (-128, 127)),
     (17, 33, 70, "tensor", None, (-128, 127)),
@@ -238,6 +239,8 @@ CASES = [
     (33, 17, 96, "group", 32, (-8, 7)),
     (5, 33, 99, "group", 3, (0, 15)),
     (17, 9, 80, "group", 16, (-8, 7)),
+    (9, 64, 96, "group", 16, (-8, 7)),
+    (33, 64, 64, "channel", None, (-128, 127)),
     (17, 5, 96, "group", 48, (-8, 7)),
     (3, 9, 128, "group", 64, (-128, 127)),
     (9, 3, 128, "group", 128, (0, 15)),
@@ -274,7 +277,7 @@ def test_fp32_matches_eager_composition(device, case, variant):
         (CASES[3], VARIANTS[2]),
         (CASES[4], VARIANTS[0]),
         (CASES[5], VARIANTS[1]),
-        (CASES[9], VARIANTS[2]),
+        (CASES[11], VARIANTS[2]),
     ],
     ids=["tensor", "channel-floatzp", "group32", "group3-floatzp", "group128-floatzp"],
 )
@@ -940,7 +943,7 @@ def test_weight_codes_are_bitwise_the_in_gemm_fake_quant(device, monkeypatch, ca
     from triton_qat.kernels import int_matmul
 
     gran, group, qrange, dtype, w_dtype, x_quant = case
-    m, n, k = 19, 21, 96 if group else 70
+    m, n, k = (19, 32, 96) if group else (19, 21, 70)  # loops with and without masks
     x = _randn((m, k), dtype, device, 40, spread=1.5)
     w = _randn((n, k), w_dtype, device, 41)
     w[3, 5], w[4, 6], w[5, 7] = float("nan"), float("inf"), -1e30  # clamp and NaN rules

@@ -198,11 +198,13 @@ def autotune(
     configs=None,
     param_bytes: int = 0,
     group_block: str = "BLOCK_K",
+    loop_even: bool = False,
 ):
     """triton.autotune over `configs` (default gemm_configs()), keyed on the problem's extents
     and `extra_key` (granularity flags); tensor dtypes are part of Triton's key already.
     operands / param_bytes / group_block: what the pruner counts as staged in shared memory
-    (prune_configs).
+    (prune_configs). loop_even: the kernel takes a LOOP_EVEN constexpr, set per launch to
+    whether `loop` is a multiple of the config's BLOCK_K (no mask on the loop's loads).
 
     Compiled, the tuner is backed by triton_qat's on-disk cache (triton_qat.tuning): a key
     tuned by an earlier process is not benchmarked again. The file is read on first use.
@@ -223,6 +225,8 @@ def autotune(
     )
 
     def decorator(fn):
+        if loop_even:
+            fn = triton.heuristics({"LOOP_EVEN": lambda a: a[loop] % a["BLOCK_K"] == 0})(fn)
         tuner = tune(fn)
         if INTERPRETED_KERNELS:
             return tuner  # one config: Triton never consults its cache

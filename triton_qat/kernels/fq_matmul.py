@@ -111,11 +111,24 @@ def _weight_params(
 
 
 @triton.jit
-def _load_weight(ptrs, ok, zp, CODES: tl.constexpr):
-    """A weight tile, 0.0 outside the matrix; int8 codes read their zero point there instead,
-    so that (c - zp) * scale is an exact 0 without a select after the fake quant (the float
-    weight's fq(0) is 0 only for an integer zero point within the range)."""
-    if CODES:
+def _load_operand(ptrs, ok, MASKED: tl.constexpr):
+    """A tile of the loop's operands: rows are wrapped into the matrix by the caller, so only
+    the loop dimension's last, partial step (MASKED) needs a mask; 0.0 past its end."""
+    if MASKED:
+        t = tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _load_weight(ptrs, ok, zp, CODES: tl.constexpr, MASKED: tl.constexpr):
+    """A weight tile as _load_operand; int8 codes read their zero point past the end instead
+    of 0, so that (c - zp) * scale is an exact 0 without a select after the fake quant (the
+    float weight's fq(0) is 0 only for an integer zero point within the range)."""
+    if not MASKED:
+        w = tl.load(ptrs)
+    elif CODES:
         w = tl.load(ptrs, mask=ok, other=zp.to(tl.int8))
     else:
         w = tl.load(ptrs, mask=ok, other=0.0)
@@ -155,6 +168,7 @@ def _input_params(inv_ptr, scale_ptr, zp_ptr, rm, m_ok, X_PER_ROW: tl.constexpr)
     operands=("x_ptr", "w_ptr"),
     extra_key=_GRAN_KEY,
     param_bytes=_GROUP_PARAM_BYTES,
+    loop_even=True,
 )
 @triton.jit
 def fq_linear_fwd_kernel(
@@ -193,6 +207,7 @@ def fq_linear_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LOOP_EVEN: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -202,23 +217,29 @@ def fq_linear_fwd_kernel(
     dtype = y_ptr.dtype.element_ty
     if X_FQ:
         x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, X_PER_ROW)
+    # Rows past M / N read rows inside the matrix (their results are never stored): the
+    # loop's loads need a mask only on a partial last K step (LOOP_EVEN: K % BLOCK_K == 0).
+    rm_in = rm % M
+    rn_in = rn % N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
         k_ok = k < K
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
+        x = _load_operand(
+            x_ptr + rm_in[:, None] * stride_xm + k[None, :] * stride_xk,
+            k_ok[None, :],
+            not LOOP_EVEN,
         )
         if X_FQ:
             xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
-            x = cast_rne(tl.where(k_ok[None, :], xq, 0.0), dtype)
+            if not LOOP_EVEN:
+                xq = tl.where(k_ok[None, :], xq, 0.0)
+            x = cast_rne(xq, dtype)
         w_inv, w_scale, w_zp = _weight_params(
             w_inv_ptr,
             w_scale_ptr,
             w_zp_ptr,
-            rn,
+            rn_in,
             k,
             n_ok,
             k_ok,
@@ -229,13 +250,14 @@ def fq_linear_fwd_kernel(
             BLOCK_K,
         )
         w = _load_weight(
-            w_ptr + rn[:, None] * stride_wn + k[None, :] * stride_wk,
-            n_ok[:, None] & k_ok[None, :],
+            w_ptr + rn_in[:, None] * stride_wn + k[None, :] * stride_wk,
+            k_ok[None, :],
             w_zp,
             W_CODES,
+            not LOOP_EVEN,
         )
         wq = _fake_quant_weight(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
-        if not W_CODES:
+        if not W_CODES and not LOOP_EVEN:
             wq = tl.where(k_ok[None, :], wq, 0.0)
         wq = cast_rne(wq, dtype)
         acc = tl.dot(
@@ -258,6 +280,7 @@ def fq_linear_fwd_kernel(
     extra_key=_GRAN_KEY,
     param_bytes=_GROUP_PARAM_BYTES,
     group_block="BLOCK_N",  # the output tile's columns run along K
+    loop_even=True,
 )
 @triton.jit
 def fq_linear_dx_kernel(
@@ -296,6 +319,7 @@ def fq_linear_dx_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LOOP_EVEN: tl.constexpr,
 ):
     # Output tile (BLOCK_M rows of M, BLOCK_N cols of K); the loop runs over N in BLOCK_K.
     pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
@@ -304,21 +328,25 @@ def fq_linear_dx_kernel(
     m_ok = rm < M
     k_ok = rk < K
     dtype = dy_ptr.dtype.element_ty
+    # Rows past M and cols past K read inside the matrix (never stored): only a partial last
+    # N step needs a mask (LOOP_EVEN: N % BLOCK_K == 0).
+    rm_in = rm % M
+    rk_in = rk % K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for n0 in range(0, tl.cdiv(N, BLOCK_K)):
         rn = tl.arange(0, BLOCK_K).to(tl.int64) + n0 * BLOCK_K
         n_ok = rn < N
-        dy = tl.load(
-            dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-            mask=m_ok[:, None] & n_ok[None, :],
-            other=0.0,
+        dy = _load_operand(
+            dy_ptr + rm_in[:, None] * stride_dym + rn[None, :] * stride_dyn,
+            n_ok[None, :],
+            not LOOP_EVEN,
         )
         w_inv, w_scale, w_zp = _weight_params(
             w_inv_ptr,
             w_scale_ptr,
             w_zp_ptr,
             rn,
-            rk,
+            rk_in,
             n_ok,
             k_ok,
             pid_k * BLOCK_N,
@@ -328,13 +356,14 @@ def fq_linear_dx_kernel(
             BLOCK_N,
         )
         w = _load_weight(
-            w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
-            n_ok[:, None] & k_ok[None, :],
+            w_ptr + rn[:, None] * stride_wn + rk_in[None, :] * stride_wk,
+            n_ok[:, None],
             w_zp,
             W_CODES,
+            not LOOP_EVEN,
         )
         wq = _fake_quant_weight(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
-        if not W_CODES:
+        if not W_CODES and not LOOP_EVEN:
             wq = tl.where(n_ok[:, None], wq, 0.0)
         wq = cast_rne(wq, dtype)
         acc = tl.dot(dot_operand(dy), dot_operand(wq), acc, input_precision=INPUT_PRECISION)
@@ -353,7 +382,9 @@ def fq_linear_dx_kernel(
     )
 
 
-@autotune(rows="N", cols="K", loop="M", operands=("dy_ptr", "x_ptr"), extra_key=_GRAN_KEY)
+@autotune(
+    rows="N", cols="K", loop="M", operands=("dy_ptr", "x_ptr"), extra_key=_GRAN_KEY, loop_even=True
+)
 @triton.jit
 def fq_linear_dw_kernel(
     dy_ptr,
@@ -390,6 +421,7 @@ def fq_linear_dw_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LOOP_EVEN: tl.constexpr,
 ):
     # Output tile (BLOCK_M rows of N, BLOCK_N cols of K); the loop runs over M in BLOCK_K.
     pid_n, pid_k = _grouped_pid(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
@@ -400,19 +432,23 @@ def fq_linear_dw_kernel(
     dtype = dy_ptr.dtype.element_ty
     if X_FQ and not X_PER_ROW:
         x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, 0, True, False)
+    # Rows past N and cols past K read inside the matrix (never stored): only a partial last
+    # M step needs a mask (LOOP_EVEN: M % BLOCK_K == 0).
+    rn_in = rn % N
+    rk_in = rk % K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(0, tl.cdiv(M, BLOCK_K)):
         rm = tl.arange(0, BLOCK_K).to(tl.int64) + m0 * BLOCK_K
         m_ok = rm < M
-        dy_t = tl.load(
-            dy_ptr + rn[:, None] * stride_dyn + rm[None, :] * stride_dym,
-            mask=n_ok[:, None] & m_ok[None, :],
-            other=0.0,
+        dy_t = _load_operand(
+            dy_ptr + rn_in[:, None] * stride_dyn + rm[None, :] * stride_dym,
+            m_ok[None, :],
+            not LOOP_EVEN,
         )
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
+        x = _load_operand(
+            x_ptr + rm[:, None] * stride_xm + rk_in[None, :] * stride_xk,
+            m_ok[:, None],
+            not LOOP_EVEN,
         )
         if X_FQ:
             if X_PER_ROW:
@@ -421,7 +457,9 @@ def fq_linear_dw_kernel(
                     x_inv_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True
                 )
             xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
-            x = cast_rne(tl.where(m_ok[:, None], xq, 0.0), dtype)
+            if not LOOP_EVEN:
+                xq = tl.where(m_ok[:, None], xq, 0.0)
+            x = cast_rne(xq, dtype)
         acc = tl.dot(dot_operand(dy_t), dot_operand(x), acc, input_precision=INPUT_PRECISION)
     out_ok = n_ok[:, None] & k_ok[None, :]
     w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=out_ok, other=0.0)
