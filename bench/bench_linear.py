@@ -83,15 +83,21 @@ TORCH_AO = "torch_ao_qat"
 COMPILED = "eager_compiled"
 TQ = "triton_qat"
 TQ_MASTER = "triton_qat_fp32_master"
-# w8a8_dynamic / w4a8_dynamic with the float forward (TRITON_QAT_INT8_FORWARD=0): the int8
-# forward's gain.
+# w8a8_dynamic with the float forward (TRITON_QAT_INT8_FORWARD=0): the int8 forward's gain.
 TQ_FLOAT_FWD = "triton_qat_float_fwd"
 # int8_per_channel with W fake-quantized inside the forward and dX GEMMs
 # (TRITON_QAT_WEIGHT_CODES=0), against W's int8 codes written by one pass (the default).
 TQ_IN_GEMM = "triton_qat_in_gemm_fq"
+# w4a8_dynamic with the per-group int8 forward (TRITON_QAT_INT8_FORWARD=group), against the
+# float forward it runs by default.
+TQ_INT8_GROUP = "triton_qat_int8_group_fwd"
 # The environment each variant runs its forward and backward under, and its record's note.
 VARIANT_ENV = {
     TQ_FLOAT_FWD: ({"TRITON_QAT_INT8_FORWARD": "0"}, "forward on the float kernels (no int8 GEMM)"),
+    TQ_INT8_GROUP: (
+        {"TRITON_QAT_INT8_FORWARD": "group"},
+        "forward: the per-group int8 GEMM (int4 x int8 codes)",
+    ),
     TQ_IN_GEMM: (
         {"TRITON_QAT_WEIGHT_CODES": "0"},
         "W fake-quantized inside the forward / dX GEMMs (no codes pass)",
@@ -99,7 +105,7 @@ VARIANT_ENV = {
 }
 PROVIDERS = (TORCH_LINEAR, TORCH_AO, COMPILED, TQ, TQ_MASTER)
 # Rows whose failure is a failure of this package (or of the floor every ratio needs).
-OWN_PROVIDERS = (TQ, TQ_MASTER, TQ_FLOAT_FWD, TQ_IN_GEMM, TORCH_LINEAR)
+OWN_PROVIDERS = (TQ, TQ_MASTER, TQ_FLOAT_FWD, TQ_IN_GEMM, TQ_INT8_GROUP, TORCH_LINEAR)
 PROVIDERS_BY_QCONFIG = {
     INT8_PC: (*PROVIDERS, TQ_IN_GEMM),
     # torch.ao has no per-group weight fake quant, and its qat.Linear never fake-quantizes
@@ -107,7 +113,7 @@ PROVIDERS_BY_QCONFIG = {
     INT4_GROUP: (COMPILED, TQ),
     W8A8: (COMPILED, TQ),
     W8A8_DYNAMIC: (COMPILED, TQ, TQ_FLOAT_FWD),
-    W4A8_DYNAMIC: (COMPILED, TQ, TQ_FLOAT_FWD),
+    W4A8_DYNAMIC: (COMPILED, TQ, TQ_INT8_GROUP),
 }
 
 FWD = "linear_fwd"
@@ -474,6 +480,7 @@ BUILDERS: dict[str, Callable[[Tensors, str], Provider]] = {
     TQ_MASTER: lambda t, q: build_triton(t, q, master=True),
     TQ_FLOAT_FWD: lambda t, q: build_triton(t, q, master=False, variant=TQ_FLOAT_FWD),
     TQ_IN_GEMM: lambda t, q: build_triton(t, q, master=False, variant=TQ_IN_GEMM),
+    TQ_INT8_GROUP: lambda t, q: build_triton(t, q, master=False, variant=TQ_INT8_GROUP),
 }
 
 

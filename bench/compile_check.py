@@ -159,11 +159,11 @@ def _fq_gemm_valid(v: dict) -> bool:
 
 
 def _codes_valid(v: dict) -> bool:
-    # int_matmul.fused_weight_codes: integer zero points, per tensor / channel; the float
-    # weight's dtype no longer matters (one of them stands for all)
+    # int_matmul.fused_weight_codes: integer zero points; the float weight's dtype no longer
+    # matters (one of them stands for all)
     if not v["W_CODES"]:
         return _fq_gemm_valid(v)
-    plain = not v["W_FLOAT_ZP"] and v["W_GRAN"] != 2 and v["w"] == v["dtype"]
+    plain = not v["W_FLOAT_ZP"] and v["w"] == v["dtype"]
     return plain and _fq_gemm_valid(v)
 
 

@@ -414,7 +414,7 @@ def test_fused_w4a8_forward_is_the_int8_gemm(monkeypatch, case, device):
             y.backward(dy.to(device))
         return y.detach().cpu(), [t.grad.cpu() for t in leaves]
 
-    y_int, grads_int = run("1")
+    y_int, grads_int = run("group")
     assert len(calls) == 1
     y_float, grads_float = run("0")
     assert len(calls) == 1
@@ -431,9 +431,10 @@ def test_fused_w4a8_forward_is_the_int8_gemm(monkeypatch, case, device):
 
 
 def test_w4a8_linear_layer_takes_the_int8_forward(monkeypatch, device):
-    """tq.nn.Linear with the w4a8_dynamic preset, training, Triton backend: the forward is
-    the int8 GEMM (fq_linear_int8_forward runs), within _w4a8_bounds of the float forward;
-    its gradients are bitwise those of TRITON_QAT_INT8_FORWARD=0."""
+    """tq.nn.Linear with the w4a8_dynamic preset, training, Triton backend, and
+    TRITON_QAT_INT8_FORWARD=group: the forward is the int8 GEMM (fq_linear_int8_forward
+    runs), within _w4a8_bounds of the float forward; its gradients are bitwise those of
+    TRITON_QAT_INT8_FORWARD=0."""
     import copy
 
     calls = []
@@ -457,7 +458,7 @@ def test_w4a8_linear_layer_takes_the_int8_forward(monkeypatch, device):
             fq_w = mod.weight_fake_quant(mod.weight).cpu()
         return y.detach().cpu(), grads, fq_w
 
-    y_int, grads_int, fq_w = run("1")
+    y_int, grads_int, fq_w = run("group")
     assert len(calls) == 1
     y_float, grads_float, fq_w_float = run("0")
     assert len(calls) == 1
@@ -602,3 +603,25 @@ if given is not None:
         xrange = (0, 255) if scheme == "static" else (-128, 127)
         case = ((m, n, k), scheme, xrange, gran, wrange, packed, g, dtype, bias)
         test_int8_linear_is_the_integer_sum(case, device)
+
+
+def test_per_group_integer_forward_is_opt_in(monkeypatch):
+    """Per-group weights keep the float forward unless TRITON_QAT_INT8_FORWARD=group; per
+    channel takes the integer forward by default (int8_forward_applies' docstring: why)."""
+    from triton_qat.ops import linear_quant
+
+    x, w = torch.randn(4, 64), torch.randn(8, 64)
+    spec = DynamicPerTokenFakeQuantize(torch.qint8, torch.per_tensor_affine, -128, 127)
+    group = QParams(torch.full((8, 2), 0.1), torch.zeros(8, 2, dtype=torch.int32), -8, 7,
+                    group_size=32)  # fmt: skip
+    channel = QParams(torch.full((8,), 0.1), torch.zeros(8, dtype=torch.int32), -128, 127, axis=0)
+    lq_group = linear_quant(x, w, group, spec.per_token_spec())
+    lq_channel = linear_quant(x, w, channel, spec.per_token_spec())
+    expected = {"1": (False, True), "group": (True, True), "0": (False, False)}
+    for mode, (on_group, on_channel) in expected.items():
+        monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", mode)
+        assert im.int8_forward_applies(w, lq_group) is on_group, mode
+        assert im.int8_forward_applies(w, lq_channel) is on_channel, mode
+    monkeypatch.delenv("TRITON_QAT_INT8_FORWARD")
+    assert not im.int8_forward_applies(w, lq_group)
+    assert im.int8_forward_applies(w, lq_channel)

@@ -10,9 +10,9 @@
                                            per-token (or static per-tensor) activations
     fq_linear_int8_forward(x2d, w, b, lq)  the fused op's (triton_qat::fq_linear) forward with
                                            a dynamic per-token 8-bit input: W's codes (per
-                                           tensor / channel, or per group with a range at
-                                           most 127 wide: w4a8), the per-token qparams the op
-                                           computed already, int8_linear
+                                           tensor / channel; per group with a range at most
+                                           127 wide, w4a8, with TRITON_QAT_INT8_FORWARD=group),
+                                           the per-token qparams the op computed, int8_linear
     fused_weight_codes(w, lq, rows)        W's int8 codes for the fused float GEMMs (W_CODES in
                                            kernels/fq_matmul.py), from CODES_MIN_ROWS rows
 
@@ -578,11 +578,18 @@ def int8_forward_applies(weight: Tensor, lq: LinearQuant) -> bool:
     dynamic per-token 8-bit input (at most 256 codes) and weights with integer zero points,
     per tensor / per channel with at most 256 codes (w8a8) or per group with a range at most
     127 wide (e.g. int4: w4a8; int8_linear_supports' rule); K (or the group) small enough for
-    exact int32 sums. The backward stays on the float kernels. TRITON_QAT_INT8_FORWARD=0 keeps
-    the forward float too."""
-    if os.environ.get("TRITON_QAT_INT8_FORWARD", "1").strip() == "0":
+    exact int32 sums. The backward stays on the float kernels.
+
+    TRITON_QAT_INT8_FORWARD=0 keeps every forward float; per-group weights take the integer
+    forward only with TRITON_QAT_INT8_FORWARD=group: each group's int32 sum must be rescaled
+    into the fp32 accumulator, ~2 instructions per accumulator element per group, which for
+    groups of 32 makes the loop issue-bound far beyond its int8 MMAs (compiled for sm_90:
+    ~390 instructions per 128x64x32 int8 MMA against ~280 per 128x128x64 bf16 MMA of the
+    float GEMM reading W's codes; bench/README.md)."""
+    mode = os.environ.get("TRITON_QAT_INT8_FORWARD", "1").strip()
+    if mode == "0" or not lq.x_per_row or lq.w_zp.is_floating_point():
         return False
-    if not lq.x_per_row or lq.w_zp.is_floating_point():
+    if lq.group_size and mode != "group":
         return False
     w_span, x_span = lq.w_qmax - lq.w_qmin, lq.x_qmax - lq.x_qmin
     if w_span > 255 or x_span > 255:
