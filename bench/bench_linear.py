@@ -86,7 +86,7 @@ TQ_MASTER = "triton_qat_fp32_master"
 # w8a8_dynamic with the float forward (TRITON_QAT_INT8_FORWARD=0): the int8 forward's gain.
 TQ_FLOAT_FWD = "triton_qat_float_fwd"
 # int8_per_channel with W fake-quantized inside the forward and dX GEMMs
-# (TRITON_QAT_WEIGHT_CODES=0), against W's int8 codes written by one pass (the default).
+# (TRITON_QAT_CODES=0), against W's int8 codes written by one pass (the default).
 TQ_IN_GEMM = "triton_qat_in_gemm_fq"
 # w4a8_dynamic with the per-group int8 forward (TRITON_QAT_INT8_FORWARD=group), against the
 # float forward it runs by default.
@@ -99,7 +99,7 @@ VARIANT_ENV = {
         "forward: the per-group int8 GEMM (int4 x int8 codes)",
     ),
     TQ_IN_GEMM: (
-        {"TRITON_QAT_WEIGHT_CODES": "0"},
+        {"TRITON_QAT_CODES": "0"},
         "W fake-quantized inside the forward / dX GEMMs (no codes pass)",
     ),
 }

@@ -159,6 +159,9 @@ def _fq_gemm_valid(v: dict) -> bool:
 
 
 def _codes_valid(v: dict) -> bool:
+    # int_matmul.fused_input_codes: x's codes come with per-row qparams (X_PER_ROW)
+    if v.get("X_CODES") and v["X_QUANT"] != (True, True):
+        return False
     # int_matmul.fused_weight_codes: integer zero points; the float weight's dtype no longer
     # matters (one of them stands for all)
     if not v["W_CODES"]:
@@ -171,7 +174,7 @@ def _fq_fwd_pointers(v):
     d = v["dtype"]
     x_zp = "i32" if v["X_QUANT"][0] else "fp32"  # x_tensors(): an fp32 placeholder
     return {
-        "x_ptr": d,
+        "x_ptr": "i8" if v.get("X_CODES") else d,
         "w_ptr": "i8" if v.get("W_CODES") else v["w"],
         "b_ptr": v["w"] if v.get("HAS_BIAS") else d,  # bias in x's or w's dtype; else y itself
         "y_ptr": d,
@@ -371,7 +374,13 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_fwd_kernel",
         _fq_fwd_pointers,
         _QRANGE,
-        {**_FQ_AXES, "W_CODES": (False, True), "HAS_BIAS": (False, True), **_LOOP_EVEN},
+        {
+            **_FQ_AXES,
+            "W_CODES": (False, True),
+            "X_CODES": (False, True),
+            "HAS_BIAS": (False, True),
+            **_LOOP_EVEN,
+        },
         _gemm_configs(_float_gemm_space),
         ones=("stride_xk", "stride_wk", "stride_yn"),
         valid=_codes_valid,

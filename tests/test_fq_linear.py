@@ -913,12 +913,13 @@ def test_master_weight_grad_rounds_like_the_composition(device):
     assert torch.equal(out["eager"], torch.full_like(w, 2048.0))
 
 
-# --- W read as int8 codes (int_matmul.fused_weight_codes) --------------------------------------
+# --- operands read as int8 codes (int_matmul.fused_weight_codes / fused_input_codes) --------
 #
 # From CODES_MIN_ROWS rows the forward and dX GEMMs read W's int8 codes, written by one pass,
-# and compute (q - zp) * scale from them: the same fq(w) tiles as quantizing W in the GEMM,
-# so every output and gradient must be bitwise the in-GEMM path's. TRITON_QAT_WEIGHT_CODES=1
-# takes the codes at these small sizes, =0 never.
+# and compute (q - zp) * scale from them: the same fq(w) tiles as quantizing W in the GEMM;
+# likewise the forward reads a fake-quantized x's codes from CODES_MIN_ROWS output features.
+# So every output and gradient must be bitwise the in-GEMM path's. TRITON_QAT_CODES=1 takes
+# the codes at these small sizes, =0 never.
 
 # (weight granularity, group size, weight quant range, input dtype, weight dtype, input fq).
 # Group sizes against the interpreter's 32-wide tiles: 16 whole groups per tile, 32 one group
@@ -928,7 +929,7 @@ CODES_CASES = [
     ("channel", None, (0, 255), torch.float32, torch.float32, "tensor"),
     ("channel", None, (-8, 7), torch.bfloat16, torch.bfloat16, None),
     ("channel", None, (-128, 127), torch.bfloat16, torch.float32, "token"),
-    ("tensor", None, (0, 255), torch.float16, torch.float16, "tensor"),
+    ("tensor", None, (0, 255), torch.float16, torch.float16, "tensor_u8"),
     ("group", 16, (-8, 7), torch.bfloat16, torch.float32, "token"),
     ("group", 32, (0, 15), torch.float32, torch.float32, None),
     ("group", 48, (-128, 127), torch.bfloat16, torch.bfloat16, "tensor"),
@@ -947,28 +948,33 @@ def test_weight_codes_are_bitwise_the_in_gemm_fake_quant(device, monkeypatch, ca
     x = _randn((m, k), dtype, device, 40, spread=1.5)
     w = _randn((n, k), w_dtype, device, 41)
     w[3, 5], w[4, 6], w[5, 7] = float("nan"), float("inf"), -1e30  # clamp and NaN rules
+    x[1, 2], x[2, 3] = float("-inf"), 1e30
     b = _randn((n,), dtype, device, 42)
     wqp = _weight_qparams(gran, n, k, device, group=group, qrange=qrange)
     if x_quant == "token":
         xqp = DynamicPerTokenFakeQuantize(torch.qint8, AFFINE, -128, 127)
         monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", "0")  # the float forward GEMM
+    elif x_quant == "tensor_u8":
+        xqp = tq.QParams(0.03, 133, 0, 255)  # codes stored shifted by 128
     else:
         xqp = _input_qparams(device) if x_quant else None
     dy = _dy_like(x, n)
-    taken = []
-    real = int_matmul.fused_weight_codes
-    monkeypatch.setattr(
-        int_matmul,
-        "fused_weight_codes",
-        lambda *a: taken.append(r := real(*a)) or r,
-    )
+    taken: dict[str, list] = {"fused_weight_codes": [], "fused_input_codes": []}
+    for name, calls in taken.items():
+        real = getattr(int_matmul, name)
+        monkeypatch.setattr(
+            int_matmul, name, lambda *a, real=real, calls=calls: calls.append(r := real(*a)) or r
+        )
     results = {}
     for mode in ("0", "1"):
-        monkeypatch.setenv("TRITON_QAT_WEIGHT_CODES", mode)
-        taken.clear()
+        monkeypatch.setenv("TRITON_QAT_CODES", mode)
+        for calls in taken.values():
+            calls.clear()
         results[mode] = _run(_fused(wqp, xqp), "triton", x, w, b, dy)
-        # forward and dX each ask once; with "1" both read codes
-        assert len(taken) == 2 and all((t is not None) == (mode == "1") for t in taken)
+        # forward and dX ask for W's codes, the forward for x's; with "1" they get them
+        w_codes, x_codes = taken["fused_weight_codes"], taken["fused_input_codes"]
+        assert len(w_codes) == 2 and all((t is not None) == (mode == "1") for t in w_codes)
+        assert len(x_codes) == 1 and (x_codes[0] is not None) == (mode == "1" and bool(x_quant))
     (y0, g0), (y1, g1) = results["0"], results["1"]
     assert_bitwise_equal(y1, y0, "forward")
     for name, a, e in zip(("dx", "dw", "db"), g1, g0, strict=True):
@@ -980,7 +986,7 @@ def test_weight_codes_by_row_count(monkeypatch):
     from triton_qat.kernels import int_matmul
     from triton_qat.ops import linear_quant
 
-    monkeypatch.delenv("TRITON_QAT_WEIGHT_CODES", raising=False)
+    monkeypatch.delenv("TRITON_QAT_CODES", raising=False)
     x, w = torch.randn(2, 64), torch.randn(8, 64)
     rows = int_matmul.CODES_MIN_ROWS
     cases = {
@@ -993,6 +999,6 @@ def test_weight_codes_by_row_count(monkeypatch):
         lq = linear_quant(x, w, wqp, None)
         assert (int_matmul.fused_weight_codes(w, lq, rows) is not None) == expected, name
         assert int_matmul.fused_weight_codes(w, lq, rows - 1) is None, name
-    monkeypatch.setenv("TRITON_QAT_WEIGHT_CODES", "0")
+    monkeypatch.setenv("TRITON_QAT_CODES", "0")
     lq = linear_quant(x, w, cases["channel"][0], None)
     assert int_matmul.fused_weight_codes(w, lq, rows) is None

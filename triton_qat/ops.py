@@ -205,7 +205,8 @@ def _fq_linear_op(
         if int_matmul.int8_forward_applies(weight, lq):
             return int_matmul.fq_linear_int8_forward(x, weight, bias, lq)
         codes = int_matmul.fused_weight_codes(weight, lq, x.shape[0])
-        return fq_linear_forward(x, weight, bias, lq, codes)
+        x_codes = int_matmul.fused_input_codes(x, lq, weight.shape[0])
+        return fq_linear_forward(x, weight, bias, lq, codes, x_codes)
     return reference.fq_linear_ref(x, weight, bias, lq, fake_quantize_with_mask_eager)
 
 

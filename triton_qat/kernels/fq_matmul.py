@@ -14,6 +14,8 @@ the input dtype before tl.dot; products accumulate in fp32.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -122,10 +124,11 @@ def _load_operand(ptrs, ok, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _load_weight(ptrs, ok, zp, CODES: tl.constexpr, MASKED: tl.constexpr):
-    """A weight tile as _load_operand; int8 codes read their zero point past the end instead
-    of 0, so that (c - zp) * scale is an exact 0 without a select after the fake quant (the
-    float weight's fq(0) is 0 only for an integer zero point within the range)."""
+def _load_quantized(ptrs, ok, zp, CODES: tl.constexpr, MASKED: tl.constexpr):
+    """A tile of a fake-quantized operand as _load_operand; int8 codes read their zero point
+    past the end instead of 0, so that (c - zp) * scale is an exact 0 without a select after
+    the fake quant (a float operand's fq(0) is 0 only for an integer zero point within the
+    range)."""
     if not MASKED:
         w = tl.load(ptrs)
     elif CODES:
@@ -136,8 +139,8 @@ def _load_weight(ptrs, ok, zp, CODES: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fake_quant_weight(w, inv, scale, zp, qmin, qmax, FLOAT_ZP: tl.constexpr, CODES: tl.constexpr):
-    """fp32 fq(w) of a weight tile: from the float weight, or (CODES) from its int8 codes
+def _fake_quant_tile(w, inv, scale, zp, qmin, qmax, FLOAT_ZP: tl.constexpr, CODES: tl.constexpr):
+    """fp32 fq(t) of an operand tile: from the float values, or (CODES) from their int8 codes
     c = q - shift, with zp the zero point minus shift: (c - zp) * scale is the fake quant's
     (q - zp) * scale to the bit (integers of at most 9 bits are exact in fp32)."""
     if CODES:
@@ -201,6 +204,7 @@ def fq_linear_fwd_kernel(
     W_CODES: tl.constexpr,
     X_FQ: tl.constexpr,
     X_PER_ROW: tl.constexpr,
+    X_CODES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -225,16 +229,19 @@ def fq_linear_fwd_kernel(
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
         k_ok = k < K
-        x = _load_operand(
-            x_ptr + rm_in[:, None] * stride_xm + k[None, :] * stride_xk,
-            k_ok[None, :],
-            not LOOP_EVEN,
-        )
-        if X_FQ:
-            xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
-            if not LOOP_EVEN:
-                xq = tl.where(k_ok[None, :], xq, 0.0)
-            x = cast_rne(xq, dtype)
+        x_ptrs = x_ptr + rm_in[:, None] * stride_xm + k[None, :] * stride_xk
+        if X_CODES:
+            x = _load_quantized(x_ptrs, k_ok[None, :], x_zp, True, not LOOP_EVEN)
+            x = cast_rne(
+                _fake_quant_tile(x, x_inv, x_scale, x_zp, x_qmin, x_qmax, False, True), dtype
+            )
+        else:
+            x = _load_operand(x_ptrs, k_ok[None, :], not LOOP_EVEN)
+            if X_FQ:
+                xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
+                if not LOOP_EVEN:
+                    xq = tl.where(k_ok[None, :], xq, 0.0)
+                x = cast_rne(xq, dtype)
         w_inv, w_scale, w_zp = _weight_params(
             w_inv_ptr,
             w_scale_ptr,
@@ -249,14 +256,14 @@ def fq_linear_fwd_kernel(
             GROUP_SIZE,
             BLOCK_K,
         )
-        w = _load_weight(
+        w = _load_quantized(
             w_ptr + rn_in[:, None] * stride_wn + k[None, :] * stride_wk,
             k_ok[None, :],
             w_zp,
             W_CODES,
             not LOOP_EVEN,
         )
-        wq = _fake_quant_weight(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
+        wq = _fake_quant_tile(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
         if not W_CODES and not LOOP_EVEN:
             wq = tl.where(k_ok[None, :], wq, 0.0)
         wq = cast_rne(wq, dtype)
@@ -355,14 +362,14 @@ def fq_linear_dx_kernel(
             GROUP_SIZE,
             BLOCK_N,
         )
-        w = _load_weight(
+        w = _load_quantized(
             w_ptr + rn[:, None] * stride_wn + rk_in[None, :] * stride_wk,
             n_ok[:, None],
             w_zp,
             W_CODES,
             not LOOP_EVEN,
         )
-        wq = _fake_quant_weight(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
+        wq = _fake_quant_tile(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
         if not W_CODES and not LOOP_EVEN:
             wq = tl.where(n_ok[:, None], wq, 0.0)
         wq = cast_rne(wq, dtype)
@@ -508,23 +515,41 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32" if matmul.allow_tf32 else "ieee"
 
 
+class QuantizedInput(NamedTuple):
+    """x's int8 codes (M, K) for the forward GEMM (X_CODES): q - shift per element, and per
+    row its scale and its zero point minus shift."""
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+
+
 def _weight_operand(w: Tensor, lq: LinearQuant, codes: IntWeight | None) -> tuple[Tensor, Tensor]:
     """The GEMMs' weight operand and zero points: the float weight, or its int8 codes."""
     return (w, lq.w_zp) if codes is None else (codes.codes, codes.zero_point)
 
 
 def fq_linear_forward(
-    x: Tensor, w: Tensor, bias: Tensor | None, lq: LinearQuant, codes: IntWeight | None = None
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    lq: LinearQuant,
+    codes: IntWeight | None = None,
+    x_codes: QuantizedInput | None = None,
 ) -> Tensor:
     """y (M, N) in x's dtype from x (M, K) and w (N, K); any strides. With `codes` (w's int8
     codes from int_matmul.fused_weight_codes) the GEMM reads them instead of fake-quantizing
-    w itself: the same fq(w) tiles, bit for bit."""
+    w itself, with `x_codes` (int_matmul.fused_input_codes) x's: the same fq tiles, bit for
+    bit."""
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     x_inv, x_scale, x_zp = lq.x_tensors(x)
+    x_per_row = lq.x_per_row
+    if x_codes is not None:
+        x, x_scale, x_zp, x_per_row = x_codes.codes, x_codes.scale, x_codes.zero_point, True
     w, w_zp = _weight_operand(w, lq, codes)
     fq_linear_fwd_kernel[_grid(m, n)](
         x,
@@ -552,7 +577,8 @@ def fq_linear_forward(
         W_FLOAT_ZP=lq.w_float_zp,
         W_CODES=codes is not None,
         X_FQ=lq.x_fq,
-        X_PER_ROW=lq.x_per_row,
+        X_PER_ROW=x_per_row,
+        X_CODES=x_codes is not None,
         HAS_BIAS=bias is not None,
         INPUT_PRECISION=input_precision(x.dtype),
         # x * inv + 1.5 * 2**23 must not become one FMA: it would round the exact product.

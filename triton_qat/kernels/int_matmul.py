@@ -15,6 +15,8 @@
                                            the per-token qparams the op computed, int8_linear
     fused_weight_codes(w, lq, rows)        W's int8 codes for the fused float GEMMs (W_CODES in
                                            kernels/fq_matmul.py), from CODES_MIN_ROWS rows
+    fused_input_codes(x2d, lq, cols)       a fake-quantized x's int8 codes for the fused
+                                           forward GEMM (X_CODES), from CODES_MIN_ROWS cols
 
 Weights arrive as a checked triton_qat.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
 (N, ceil(K / 2)) holding two 4-bit codes q - quant_min, low nibble first (unpacked in
@@ -614,9 +616,15 @@ def fq_linear_int8_forward(
     return int8_linear(quantize_rows(x2d, rows), wt, bias, x2d.dtype)
 
 
-# The fused GEMMs over this many rows (M) or more read W's int8 codes (fused_weight_codes)
-# instead of fake-quantizing each W tile themselves, which they would do once per BLOCK_M rows.
+# The fused GEMMs read an operand's int8 codes (fused_weight_codes, fused_input_codes) where
+# the other operand's extent reaches this: below it, each tile of the operand is
+# fake-quantized in the GEMM only a few times (once per BLOCK_M rows of x, BLOCK_N rows of W).
 CODES_MIN_ROWS = 256
+
+
+def _codes_mode() -> str:
+    """TRITON_QAT_CODES: "0" never read codes, "1" whenever the quantizer allows, else by size."""
+    return os.environ.get("TRITON_QAT_CODES", "").strip()
 
 
 def fused_weight_codes(weight: Tensor, lq: LinearQuant, rows: int) -> IntWeight | None:
@@ -628,11 +636,28 @@ def fused_weight_codes(weight: Tensor, lq: LinearQuant, rows: int) -> IntWeight 
     multiply, rounding and clamp are done once per element instead of once per BLOCK_M rows of
     x (compiled for sm_90, the in-GEMM fake quant is ~4x the hot loop's instructions of a
     plain GEMM; see bench/README.md). Taken for integer zero points and at most 256 codes per
-    tensor, channel or group, from CODES_MIN_ROWS rows; TRITON_QAT_WEIGHT_CODES=0 never takes it,
+    tensor, channel or group, from CODES_MIN_ROWS rows; TRITON_QAT_CODES=0 never takes it,
     =1 at any row count (tests, benchmarks)."""
-    mode = os.environ.get("TRITON_QAT_WEIGHT_CODES", "").strip()
+    mode = _codes_mode()
     if mode == "0" or lq.w_zp.is_floating_point():
         return None
     if lq.w_qmax - lq.w_qmin > 255 or (mode != "1" and rows < CODES_MIN_ROWS):
         return None
     return _weight_codes(weight, lq.weight_norm(weight), lq.w_inv)
+
+
+def fused_input_codes(x2d: Tensor, lq: LinearQuant, cols: int):
+    """x's int8 codes for the fused forward GEMM (X_CODES) when x is fake-quantized (per
+    tensor, or per token with the qparams the op computed): the same trade as
+    fused_weight_codes, x's tiles being fake-quantized once per BLOCK_N of the `cols` output
+    features otherwise. Forward only: M * K bytes, freed after the GEMM, while the step's
+    memory is far from its peak (backward). None where the GEMM quantizes x itself."""
+    from triton_qat.kernels.fq_matmul import QuantizedInput
+
+    mode = _codes_mode()
+    if mode == "0" or not lq.x_fq or lq.x_qmax - lq.x_qmin > 255:
+        return None
+    if mode != "1" and cols < CODES_MIN_ROWS:
+        return None
+    rows = quantize_rows(x2d, RowQuant(lq.x_qmin, lq.x_qmax, scale=lq.x_scale, zero_point=lq.x_zp))
+    return QuantizedInput(rows.codes, rows.scale, rows.zero_point - rows.shift)
