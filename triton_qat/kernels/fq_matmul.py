@@ -151,6 +151,42 @@ def _fake_quant_tile(w, inv, scale, zp, qmin, qmax, FLOAT_ZP: tl.constexpr, CODE
 
 
 @triton.jit
+def _weight_tile(
+    ptrs,
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    rn,
+    k,
+    n_ok,
+    k_ok,
+    ok,
+    k_start,
+    K,
+    qmin,
+    qmax,
+    dtype: tl.constexpr,
+    W_GRAN: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    COLS: tl.constexpr,
+    FLOAT_ZP: tl.constexpr,
+    CODES: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """fq(w) in `dtype` of the weight tile at `ptrs` (rows rn, the COLS cols k from k_start;
+    see _weight_params), from the float weight or its int8 codes (CODES); `ok` masks the
+    loop's partial last step (MASKED), where the tile must be 0."""
+    inv, scale, zp = _weight_params(
+        inv_ptr, scale_ptr, zp_ptr, rn, k, n_ok, k_ok, k_start, K, W_GRAN, GROUP_SIZE, COLS
+    )
+    w = _load_quantized(ptrs, ok, zp, CODES, MASKED)
+    wq = _fake_quant_tile(w, inv, scale, zp, qmin, qmax, FLOAT_ZP, CODES)
+    if MASKED and not CODES:
+        wq = tl.where(ok, wq, 0.0)
+    return cast_rne(wq, dtype)
+
+
+@triton.jit
 def _input_params(inv_ptr, scale_ptr, zp_ptr, rm, m_ok, X_PER_ROW: tl.constexpr):
     """(inv, scale, zp) of the input rows rm (BM,), broadcastable to a (BM, BK) tile."""
     if X_PER_ROW:
@@ -242,7 +278,8 @@ def fq_linear_fwd_kernel(
                 if not LOOP_EVEN:
                     xq = tl.where(k_ok[None, :], xq, 0.0)
                 x = cast_rne(xq, dtype)
-        w_inv, w_scale, w_zp = _weight_params(
+        wq = _weight_tile(
+            w_ptr + rn_in[:, None] * stride_wn + k[None, :] * stride_wk,
             w_inv_ptr,
             w_scale_ptr,
             w_zp_ptr,
@@ -250,23 +287,19 @@ def fq_linear_fwd_kernel(
             k,
             n_ok,
             k_ok,
+            k_ok[None, :],
             k0 * BLOCK_K,
             K,
+            w_qmin,
+            w_qmax,
+            dtype,
             W_GRAN,
             GROUP_SIZE,
             BLOCK_K,
-        )
-        w = _load_quantized(
-            w_ptr + rn_in[:, None] * stride_wn + k[None, :] * stride_wk,
-            k_ok[None, :],
-            w_zp,
+            W_FLOAT_ZP,
             W_CODES,
             not LOOP_EVEN,
         )
-        wq = _fake_quant_tile(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
-        if not W_CODES and not LOOP_EVEN:
-            wq = tl.where(k_ok[None, :], wq, 0.0)
-        wq = cast_rne(wq, dtype)
         acc = tl.dot(
             dot_operand(x), tl.trans(dot_operand(wq)), acc, input_precision=INPUT_PRECISION
         )
@@ -348,7 +381,8 @@ def fq_linear_dx_kernel(
             n_ok[None, :],
             not LOOP_EVEN,
         )
-        w_inv, w_scale, w_zp = _weight_params(
+        wq = _weight_tile(
+            w_ptr + rn[:, None] * stride_wn + rk_in[None, :] * stride_wk,
             w_inv_ptr,
             w_scale_ptr,
             w_zp_ptr,
@@ -356,23 +390,19 @@ def fq_linear_dx_kernel(
             rk_in,
             n_ok,
             k_ok,
+            n_ok[:, None],
             pid_k * BLOCK_N,
             K,
+            w_qmin,
+            w_qmax,
+            dtype,
             W_GRAN,
             GROUP_SIZE,
             BLOCK_N,
-        )
-        w = _load_quantized(
-            w_ptr + rn[:, None] * stride_wn + rk_in[None, :] * stride_wk,
-            n_ok[:, None],
-            w_zp,
+            W_FLOAT_ZP,
             W_CODES,
             not LOOP_EVEN,
         )
-        wq = _fake_quant_tile(w, w_inv, w_scale, w_zp, w_qmin, w_qmax, W_FLOAT_ZP, W_CODES)
-        if not W_CODES and not LOOP_EVEN:
-            wq = tl.where(n_ok[:, None], wq, 0.0)
-        wq = cast_rne(wq, dtype)
         acc = tl.dot(dot_operand(dy), dot_operand(wq), acc, input_precision=INPUT_PRECISION)
     out_ok = m_ok[:, None] & k_ok[None, :]
     if X_FQ:
