@@ -1002,3 +1002,20 @@ def test_weight_codes_by_row_count(monkeypatch):
     monkeypatch.setenv("TRITON_QAT_CODES", "0")
     lq = linear_quant(x, w, cases["channel"][0], None)
     assert int_matmul.fused_weight_codes(w, lq, rows) is None
+
+
+@pytest.mark.parametrize("gran", ["channel", "group"])
+def test_opcheck_with_operand_codes(device, monkeypatch, gran):
+    """The custom ops' contract (fake implementations, no mutation, autograd registration)
+    with both operands read as int8 codes."""
+    monkeypatch.setenv("TRITON_QAT_CODES", "1")
+    x, w, lq = _op_sample(device, gran, True)
+    x.requires_grad_()
+    w.requires_grad_()
+    dy = _randn((x.shape[0], w.shape[0]), torch.float32, device, 84)
+    with tq.use_backend("triton"):
+        torch.library.opcheck(
+            torch.ops.triton_qat.fq_linear.default, (x, w, None, *ops._op_args(lq))
+        )
+        args = (dy, x.detach(), w.detach(), *ops._op_args(lq), True, True)
+        torch.library.opcheck(torch.ops.triton_qat.fq_linear_backward.default, args)
