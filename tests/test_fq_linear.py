@@ -399,9 +399,12 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("codes", ["", "1"], ids=["in_gemm", "codes"])
 @pytest.mark.parametrize("gran", ["channel", "group"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_strided_operands(device, layout, gran):
+def test_strided_operands(device, monkeypatch, layout, gran, codes):
+    """Views of any strides; "codes": the codes passes read them (TRITON_QAT_CODES=1)."""
+    monkeypatch.setenv("TRITON_QAT_CODES", codes)
     m, n, k = 9, 17, 40
     x_view, w_view, x_base_shape, w_base_shape = LAYOUTS[layout]
     x_base = _randn(x_base_shape(m, k), torch.float32, device, 20, spread=1.5)
