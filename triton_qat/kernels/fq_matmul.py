@@ -1,5 +1,7 @@
 """Fused fake-quant linear: forward, dX and dW GEMMs that fake-quantize operand tiles in
-registers as they are loaded. No fake-quantized copy or mask is ever written to memory.
+registers as they are loaded. No fake-quantized copy or mask is ever written to memory; an
+operand may arrive as its int8 codes instead (W_CODES / X_CODES, written by one pass in
+int_matmul), whose (q - zp) * scale is the same fake-quantized tile.
 
     forward: y  = fq_x(x) @ fq_w(w)^T + b          x (M, K), w (N, K), y (M, N)
     dX:      dx = (dy @ fq_w(w)) * mask_x(x)        dy (M, N)
