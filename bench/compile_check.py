@@ -456,7 +456,8 @@ KERNELS: dict[str, Kernel] = {
         lambda v: {
             "x_ptr": "i8",
             "w_ptr": "u8" if v["PACKED"] else "i8",
-            "b_ptr": v["dtype"],
+            # the fused op's forward passes the bias as given: fp32 next to bf16 / fp16 input
+            "b_ptr": "fp32" if v["bias"] == "fp32" else v["dtype"],
             "y_ptr": v["dtype"],
             "x_scale_ptr": "fp32",
             "x_zp_ptr": "i32",
@@ -471,12 +472,17 @@ KERNELS: dict[str, Kernel] = {
             "PACKED": (False, True),
             "X_ZP": (False, True),
             "HAS_BIAS": (False, True),
-            "GROUP_CHUNK": (32, 128),
+            "bias": ("x", "fp32"),
+            # max(32, min(next_pow2(group_size), 128)): groups of 32, 48 / 64, 128 and more
+            "GROUP_CHUNK": (32, 64, 128),
         },
         _gemm_configs(_int_gemm_space),
         ones=("stride_xk", "stride_wk", "stride_yn"),
         valid=lambda v: (
-            (not v["PACKED"] or v["W_GRAN"] == 2) and (v["W_GRAN"] == 2 or v["GROUP_CHUNK"] == 32)
+            (not v["PACKED"] or v["W_GRAN"] == 2)
+            and (v["W_GRAN"] == 2 or v["GROUP_CHUNK"] == 32)
+            and (v["HAS_BIAS"] or v["bias"] == "x")
+            and (v["bias"] == "x" or v["dtype"] != "fp32")
         ),
     ),
 }
