@@ -1022,3 +1022,18 @@ def test_opcheck_with_operand_codes(device, monkeypatch, gran):
         )
         args = (dy, x.detach(), w.detach(), *ops._op_args(lq), True, True)
         torch.library.opcheck(torch.ops.triton_qat.fq_linear_backward.default, args)
+
+
+def test_codes_keep_the_inputs_matmul_precision(device, monkeypatch):
+    """With both operands as int8 codes, the forward's tl.dot precision still follows the
+    fp32 input (torch's TF32 setting), not the codes' int8 dtype."""
+    from triton_qat.kernels import fq_matmul
+
+    monkeypatch.setenv("TRITON_QAT_CODES", "1")
+    asked = []
+    real = fq_matmul.input_precision
+    monkeypatch.setattr(fq_matmul, "input_precision", lambda d: asked.append(d) or real(d))
+    x, w, lq = _op_sample(device, "group", True)
+    with tq.use_backend("triton"):
+        torch.ops.triton_qat.fq_linear(x, w, None, *ops._op_args(lq))
+    assert asked == [torch.float32]

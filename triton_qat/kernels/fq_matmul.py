@@ -257,7 +257,11 @@ def fq_linear_fwd_kernel(
     m_ok = rm < M
     n_ok = rn < N
     dtype = y_ptr.dtype.element_ty
-    if X_FQ:
+    if X_CODES:
+        # The codes come with a scale and zero point per row; 1 / scale is never read (x_inv_ptr
+        # may hold one value for the whole tensor).
+        x_inv, x_scale, x_zp = _input_params(x_scale_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True)
+    elif X_FQ:
         x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, X_PER_ROW)
     # Rows past M / N read rows inside the matrix (their results are never stored): the
     # loop's loads need a mask only on a partial last K step (LOOP_EVEN: K % BLOCK_K == 0).
@@ -579,13 +583,13 @@ def fq_linear_forward(
     if m == 0 or n == 0:
         return y
     x_inv, x_scale, x_zp = lq.x_tensors(x)
-    x_per_row = lq.x_per_row
+    x_op, x_per_row = x, lq.x_per_row
     if x_codes is not None:
-        x, x_scale, x_zp, x_per_row = x_codes.codes, x_codes.scale, x_codes.zero_point, True
-    w, w_zp = _weight_operand(w, lq, codes)
+        x_op, x_scale, x_zp, x_per_row = x_codes.codes, x_codes.scale, x_codes.zero_point, True
+    w_op, w_zp = _weight_operand(w, lq, codes)
     fq_linear_fwd_kernel[_grid(m, n)](
-        x,
-        w,
+        x_op,
+        w_op,
         y if bias is None else bias.contiguous(),
         y,
         lq.w_inv,
@@ -597,10 +601,10 @@ def fq_linear_forward(
         m,
         n,
         k,
-        x.stride(0),
-        x.stride(1),
-        w.stride(0),
-        w.stride(1),
+        x_op.stride(0),
+        x_op.stride(1),
+        w_op.stride(0),
+        w_op.stride(1),
         y.stride(0),
         y.stride(1),
         *_quant_ranges(lq),
@@ -631,10 +635,10 @@ def fq_linear_grad_input(
     if n == 0:
         return dx.zero_()
     x_inv, _, x_zp = lq.x_tensors(x)
-    w, w_zp = _weight_operand(w, lq, codes)
+    w_op, w_zp = _weight_operand(w, lq, codes)
     fq_linear_dx_kernel[_grid(m, k)](
         dy,
-        w,
+        w_op,
         x,
         dx,
         lq.w_inv,
@@ -647,8 +651,8 @@ def fq_linear_grad_input(
         k,
         dy.stride(0),
         dy.stride(1),
-        w.stride(0),
-        w.stride(1),
+        w_op.stride(0),
+        w_op.stride(1),
         x.stride(0),
         x.stride(1),
         dx.stride(0),
