@@ -62,7 +62,13 @@ from torch import Tensor
 
 from triton_qat.kernels.configs import autotune, int_gemm_configs
 from triton_qat.kernels.fake_quant import clamp_codes, quantize_unclamped, quantized_codes
-from triton_qat.kernels.fq_matmul import _grid, _grouped_pid, _weight_params, input_precision
+from triton_qat.kernels.fq_matmul import (
+    QuantizedInput,
+    _grid,
+    _grouped_pid,
+    _weight_params,
+    input_precision,
+)
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
 from triton_qat.qparams import (
     INT8_RANGE,
@@ -611,9 +617,14 @@ def fq_linear_int8_forward(
     from the float path only in the rounding of its final scaling (per group: the fp32 sum
     of the scaled group sums) and, for half inputs, in not rounding fq(x) and fq(w) to the
     input dtype. x2d (M, K); y (M, N) in x2d's dtype."""
-    rows = RowQuant(lq.x_qmin, lq.x_qmax, scale=lq.x_scale, zero_point=lq.x_zp)
     wt = _weight_codes(weight, lq.weight_norm(weight), lq.w_inv)
-    return int8_linear(quantize_rows(x2d, rows), wt, bias, x2d.dtype)
+    return int8_linear(_input_codes(x2d, lq), wt, bias, x2d.dtype)
+
+
+def _input_codes(x2d: Tensor, lq: LinearQuant) -> QuantizedRows:
+    """x's int8 codes with the fused op's input qparams (per tensor, or the per-token ones it
+    computed): the fake quant's own codes."""
+    return quantize_rows(x2d, RowQuant(lq.x_qmin, lq.x_qmax, scale=lq.x_scale, zero_point=lq.x_zp))
 
 
 # The fused GEMMs read an operand's int8 codes (fused_weight_codes, fused_input_codes) where
@@ -622,9 +633,12 @@ def fq_linear_int8_forward(
 CODES_MIN_ROWS = 256
 
 
-def _codes_mode() -> str:
-    """TRITON_QAT_CODES: "0" never read codes, "1" whenever the quantizer allows, else by size."""
-    return os.environ.get("TRITON_QAT_CODES", "").strip()
+def _codes_wanted(extent: int) -> bool:
+    """Whether to read an operand as codes where the other's extent is `extent`:
+    TRITON_QAT_CODES=0 never, =1 always (where the quantizer allows), else from
+    CODES_MIN_ROWS."""
+    mode = os.environ.get("TRITON_QAT_CODES", "").strip()
+    return mode == "1" or (mode != "0" and extent >= CODES_MIN_ROWS)
 
 
 def fused_weight_codes(weight: Tensor, lq: LinearQuant, rows: int) -> IntWeight | None:
@@ -638,26 +652,18 @@ def fused_weight_codes(weight: Tensor, lq: LinearQuant, rows: int) -> IntWeight 
     plain GEMM; see bench/README.md). Taken for integer zero points and at most 256 codes per
     tensor, channel or group, from CODES_MIN_ROWS rows; TRITON_QAT_CODES=0 never takes it,
     =1 at any row count (tests, benchmarks)."""
-    mode = _codes_mode()
-    if mode == "0" or lq.w_zp.is_floating_point():
-        return None
-    if lq.w_qmax - lq.w_qmin > 255 or (mode != "1" and rows < CODES_MIN_ROWS):
+    if not _codes_wanted(rows) or lq.w_zp.is_floating_point() or lq.w_qmax - lq.w_qmin > 255:
         return None
     return _weight_codes(weight, lq.weight_norm(weight), lq.w_inv)
 
 
-def fused_input_codes(x2d: Tensor, lq: LinearQuant, cols: int):
+def fused_input_codes(x2d: Tensor, lq: LinearQuant, cols: int) -> QuantizedInput | None:
     """x's int8 codes for the fused forward GEMM (X_CODES) when x is fake-quantized (per
     tensor, or per token with the qparams the op computed): the same trade as
     fused_weight_codes, x's tiles being fake-quantized once per BLOCK_N of the `cols` output
     features otherwise. Forward only: M * K bytes, freed after the GEMM, while the step's
     memory is far from its peak (backward). None where the GEMM quantizes x itself."""
-    from triton_qat.kernels.fq_matmul import QuantizedInput
-
-    mode = _codes_mode()
-    if mode == "0" or not lq.x_fq or lq.x_qmax - lq.x_qmin > 255:
+    if not _codes_wanted(cols) or not lq.x_fq or lq.x_qmax - lq.x_qmin > 255:
         return None
-    if mode != "1" and cols < CODES_MIN_ROWS:
-        return None
-    rows = quantize_rows(x2d, RowQuant(lq.x_qmin, lq.x_qmax, scale=lq.x_scale, zero_point=lq.x_zp))
+    rows = _input_codes(x2d, lq)
     return QuantizedInput(rows.codes, rows.scale, rows.zero_point - rows.shift)
