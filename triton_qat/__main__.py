@@ -257,21 +257,18 @@ def _autotune_shape(job, dtype_name: str) -> list[str]:
     if job.input_fq:
         xqp = tq.QParams(max(x.float().abs().max().item(), 1e-8) / 127, 0, -128, 127)
     lq = ops.linear_quant(x, w, wqp, xqp)
-
-    # As the op runs them: with the operands' int8 codes where it reads them (their pass is
-    # part of the time), so the tuned keys are the ones training uses.
-    def forward():
-        codes = int_matmul.fused_weight_codes(w, lq, m)
-        x_codes = int_matmul.fused_input_codes(x, lq, n)
-        return fq_matmul.fq_linear_forward(x, w, b, lq, codes, x_codes)
-
-    def grad_input():
-        codes = int_matmul.fused_weight_codes(w, lq, m)
-        return fq_matmul.fq_linear_grad_input(dy, x, w, lq, codes)
-
+    # As the op runs them (codes passes included), so the tuned keys are the ones training uses.
     runs = {
-        "forward": (fq_matmul.fq_linear_fwd_kernel, forward, lambda: F.linear(x, w, b)),
-        "dX": (fq_matmul.fq_linear_dx_kernel, grad_input, lambda: dy @ w),
+        "forward": (
+            fq_matmul.fq_linear_fwd_kernel,
+            lambda: int_matmul.fused_forward(x, w, b, lq),
+            lambda: F.linear(x, w, b),
+        ),
+        "dX": (
+            fq_matmul.fq_linear_dx_kernel,
+            lambda: int_matmul.fused_grad_input(dy, x, w, lq),
+            lambda: dy @ w,
+        ),
         "dW": (
             fq_matmul.fq_linear_dw_kernel,
             lambda: fq_matmul.fq_linear_grad_weight(dy, x, w, lq),

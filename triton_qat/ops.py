@@ -200,13 +200,8 @@ def _fq_linear_op(
     lq = LinearQuant(*w_args, x_scale, x_inv, x_zp, x_qmin, x_qmax, x_per_row)
     if use_triton(x.device):
         from triton_qat.kernels import int_matmul
-        from triton_qat.kernels.fq_matmul import fq_linear_forward
 
-        if int_matmul.int8_forward_applies(weight, lq):
-            return int_matmul.fq_linear_int8_forward(x, weight, bias, lq)
-        codes = int_matmul.fused_weight_codes(weight, lq, x.shape[0])
-        x_codes = int_matmul.fused_input_codes(x, lq, weight.shape[0])
-        return fq_linear_forward(x, weight, bias, lq, codes, x_codes)
+        return int_matmul.fused_forward(x, weight, bias, lq)
     return reference.fq_linear_ref(x, weight, bias, lq, fake_quantize_with_mask_eager)
 
 
@@ -241,13 +236,9 @@ def _fq_linear_backward_op(
     grad_y = grad_y.to(x.dtype)
     if use_triton(x.device):
         from triton_qat.kernels import int_matmul
-        from triton_qat.kernels.fq_matmul import fq_linear_grad_input, fq_linear_grad_weight
+        from triton_qat.kernels.fq_matmul import fq_linear_grad_weight
 
-        dx = None
-        if need_dx:
-            codes = int_matmul.fused_weight_codes(weight, lq, grad_y.shape[0])
-            dx = fq_linear_grad_input(grad_y, x, weight, lq, codes)
-            del codes  # freed before dW's GEMM: the step's peak memory stays the float one
+        dx = int_matmul.fused_grad_input(grad_y, x, weight, lq) if need_dx else None
         dw = fq_linear_grad_weight(grad_y, x, weight, lq) if need_dw else None
     else:
         dx, dw = reference.fq_linear_backward_ref(

@@ -17,6 +17,8 @@
                                            kernels/fq_matmul.py), from CODES_MIN_ROWS rows
     fused_input_codes(x2d, lq, cols)       a fake-quantized x's int8 codes for the fused
                                            forward GEMM (X_CODES), from CODES_MIN_ROWS cols
+    fused_forward / fused_grad_input       the fused op's forward / dX on the Triton path,
+                                           as the op and the autotune command run them
 
 Weights arrive as a checked triton_qat.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
 (N, ceil(K / 2)) holding two 4-bit codes q - quant_min, low nibble first (unpacked in
@@ -67,6 +69,8 @@ from triton_qat.kernels.fq_matmul import (
     _grid,
     _grouped_pid,
     _weight_params,
+    fq_linear_forward,
+    fq_linear_grad_input,
     input_precision,
 )
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
@@ -667,3 +671,21 @@ def fused_input_codes(x2d: Tensor, lq: LinearQuant, cols: int) -> QuantizedInput
         return None
     rows = _input_codes(x2d, lq)
     return QuantizedInput(rows.codes, rows.scale, rows.zero_point - rows.shift)
+
+
+def fused_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, lq: LinearQuant) -> Tensor:
+    """The fused op's forward on the Triton path: the int8 GEMM where int8_forward_applies,
+    else the float GEMM, on the operands' codes where fused_*_codes take them."""
+    if int8_forward_applies(weight, lq):
+        return fq_linear_int8_forward(x2d, weight, bias, lq)
+    codes = fused_weight_codes(weight, lq, x2d.shape[0])
+    x_codes = fused_input_codes(x2d, lq, weight.shape[0])
+    return fq_linear_forward(x2d, weight, bias, lq, codes, x_codes)
+
+
+def fused_grad_input(dy: Tensor, x2d: Tensor, weight: Tensor, lq: LinearQuant) -> Tensor:
+    """The fused op's dX on the Triton path, on W's codes where fused_weight_codes takes them;
+    they are freed on return, before dW's output exists (the step's peak stays the float
+    one)."""
+    codes = fused_weight_codes(weight, lq, dy.shape[0])
+    return fq_linear_grad_input(dy, x2d, weight, lq, codes)
