@@ -131,13 +131,11 @@ def _load_quantized(ptrs, ok, zp, CODES: tl.constexpr, MASKED: tl.constexpr):
     past the end instead of 0, so that (c - zp) * scale is an exact 0 without a select after
     the fake quant (a float operand's fq(0) is 0 only for an integer zero point within the
     range)."""
-    if not MASKED:
-        w = tl.load(ptrs)
-    elif CODES:
-        w = tl.load(ptrs, mask=ok, other=zp.to(tl.int8))
+    if CODES and MASKED:
+        t = tl.load(ptrs, mask=ok, other=zp.to(tl.int8))
     else:
-        w = tl.load(ptrs, mask=ok, other=0.0)
-    return w
+        t = _load_operand(ptrs, ok, MASKED)
+    return t
 
 
 @triton.jit
