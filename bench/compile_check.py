@@ -170,6 +170,10 @@ def _codes_valid(v: dict) -> bool:
     return plain and _fq_gemm_valid(v)
 
 
+def _dw_codes_valid(v: dict) -> bool:
+    return (not v["X_CODES"] or v["X_QUANT"] == (True, True)) and _fq_gemm_valid(v)
+
+
 def _fq_fwd_pointers(v):
     d = v["dtype"]
     x_zp = "i32" if v["X_QUANT"][0] else "fp32"  # x_tensors(): an fp32 placeholder
@@ -202,7 +206,7 @@ def _fq_dw_pointers(v):
     p = _fq_fwd_pointers(v)
     return {
         "dy_ptr": v["dtype"],
-        "x_ptr": v["dtype"],
+        "x_ptr": p["x_ptr"],
         "w_ptr": v["w"],
         "dw_ptr": v["w"],
         **{k: p[k] for k in ("w_inv_ptr", "w_zp_ptr", "x_inv_ptr", "x_scale_ptr", "x_zp_ptr")},
@@ -400,10 +404,10 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_dw_kernel",
         _fq_dw_pointers,
         _QRANGE,
-        {**_FQ_AXES, **_LOOP_EVEN},
+        {**_FQ_AXES, "X_CODES": (False, True), **_LOOP_EVEN},
         _gemm_configs(_float_gemm_space),
         ones=("stride_dyn", "stride_xk", "stride_wk", "stride_dwk"),
-        valid=_fq_gemm_valid,
+        valid=_dw_codes_valid,
     ),
     "quantize_rows": Kernel(
         "triton_qat.kernels.int_matmul",

@@ -920,7 +920,8 @@ def test_master_weight_grad_rounds_like_the_composition(device):
 #
 # From CODES_MIN_ROWS rows the forward and dX GEMMs read W's int8 codes, written by one pass,
 # and compute (q - zp) * scale from them: the same fq(w) tiles as quantizing W in the GEMM;
-# likewise the forward reads a fake-quantized x's codes from CODES_MIN_ROWS output features.
+# likewise the forward and dW read a fake-quantized x's codes from CODES_MIN_ROWS output
+# features.
 # So every output and gradient must be bitwise the in-GEMM path's. TRITON_QAT_CODES=1 takes
 # the codes at these small sizes, =0 never.
 
@@ -974,13 +975,51 @@ def test_weight_codes_are_bitwise_the_in_gemm_fake_quant(device, monkeypatch, ca
         for calls in taken.values():
             calls.clear()
         results[mode] = _run(_fused(wqp, xqp), "triton", x, w, b, dy)
-        # forward and dX ask for W's codes, the forward for x's; with "1" they get them
+        # forward and dX ask for W's codes, forward and dW for x's; with "1" they get them
         w_codes, x_codes = taken["fused_weight_codes"], taken["fused_input_codes"]
         assert len(w_codes) == 2 and all((t is not None) == (mode == "1") for t in w_codes)
-        assert len(x_codes) == 1 and (x_codes[0] is not None) == (mode == "1" and bool(x_quant))
+        x_taken = mode == "1" and bool(x_quant)
+        assert len(x_codes) == 2 and all((t is not None) == x_taken for t in x_codes)
     (y0, g0), (y1, g1) = results["0"], results["1"]
     assert_bitwise_equal(y1, y0, "forward")
     for name, a, e in zip(("dx", "dw", "db"), g1, g0, strict=True):
+        assert_bitwise_equal(a, e, name)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "x_quant", "order"),
+    [
+        (40, 24, "token", ["dW", "dX"]),  # x's codes (M * K) larger: dW first
+        (24, 40, "token", ["dX", "dW"]),
+        (40, 24, None, ["dX", "dW"]),  # no x codes
+    ],
+)
+def test_backward_runs_the_larger_codes_first(device, monkeypatch, m, n, x_quant, order):
+    """fused_backward runs the GEMM whose operand codes are larger first (the backward's peak
+    then exceeds the float one by the smaller codes at most), and the order changes no bit."""
+    from triton_qat.kernels import int_matmul
+
+    k = 64
+    x = _randn((m, k), torch.bfloat16, device, 50, spread=1.5)
+    w = _randn((n, k), torch.float32, device, 51)
+    b = _randn((n,), torch.bfloat16, device, 52)
+    wqp = _weight_qparams("channel", n, k, device)
+    xqp = DynamicPerTokenFakeQuantize(torch.qint8, AFFINE, -128, 127) if x_quant else None
+    monkeypatch.setenv("TRITON_QAT_INT8_FORWARD", "0")
+    dy = _dy_like(x, n)
+    ran: list[str] = []
+    for name, label in (("fused_grad_input", "dX"), ("fused_grad_weight", "dW")):
+        real = getattr(int_matmul, name)
+        monkeypatch.setattr(
+            int_matmul, name, lambda *a, real=real, label=label: ran.append(label) or real(*a)
+        )
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TRITON_QAT_CODES", mode)
+        ran.clear()
+        results[mode] = _run(_fused(wqp, xqp), "triton", x, w, b, dy)
+        assert ran == order
+    for name, a, e in zip(("dx", "dw", "db"), results["1"][1], results["0"][1], strict=True):
         assert_bitwise_equal(a, e, name)
 
 

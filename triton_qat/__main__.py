@@ -271,7 +271,7 @@ def _autotune_shape(job, dtype_name: str) -> list[str]:
         ),
         "dW": (
             fq_matmul.fq_linear_dw_kernel,
-            lambda: fq_matmul.fq_linear_grad_weight(dy, x, w, lq),
+            lambda: int_matmul.fused_grad_weight(dy, x, w, lq),
             lambda: dy.t() @ x,
         ),
     }

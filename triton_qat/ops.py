@@ -236,10 +236,8 @@ def _fq_linear_backward_op(
     grad_y = grad_y.to(x.dtype)
     if use_triton(x.device):
         from triton_qat.kernels import int_matmul
-        from triton_qat.kernels.fq_matmul import fq_linear_grad_weight
 
-        dx = int_matmul.fused_grad_input(grad_y, x, weight, lq) if need_dx else None
-        dw = fq_linear_grad_weight(grad_y, x, weight, lq) if need_dw else None
+        dx, dw = int_matmul.fused_backward(grad_y, x, weight, lq, need_dx, need_dw)
     else:
         dx, dw = reference.fq_linear_backward_ref(
             grad_y, x, weight, lq, need_dx, need_dw, fake_quantize_with_mask_eager

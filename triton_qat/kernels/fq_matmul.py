@@ -457,6 +457,7 @@ def fq_linear_dw_kernel(
     W_FLOAT_ZP: tl.constexpr,
     X_FQ: tl.constexpr,
     X_PER_ROW: tl.constexpr,
+    X_CODES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -465,13 +466,14 @@ def fq_linear_dw_kernel(
     LOOP_EVEN: tl.constexpr,
 ):
     # Output tile (BLOCK_M rows of N, BLOCK_N cols of K); the loop runs over M in BLOCK_K.
+    # X_CODES: x_ptr holds x's int8 codes, with a scale and zero point (minus shift) per row.
     pid_n, pid_k = _grouped_pid(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
     rn = pid_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     k_ok = rk < K
     dtype = dy_ptr.dtype.element_ty
-    if X_FQ and not X_PER_ROW:
+    if X_FQ and not X_PER_ROW and not X_CODES:
         x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, 0, True, False)
     # Rows past N and cols past K read inside the matrix (never stored): only a partial last
     # M step needs a mask (LOOP_EVEN: M % BLOCK_K == 0).
@@ -486,12 +488,17 @@ def fq_linear_dw_kernel(
             m_ok[None, :],
             not LOOP_EVEN,
         )
-        x = _load_operand(
-            x_ptr + rm[:, None] * stride_xm + rk_in[None, :] * stride_xk,
-            m_ok[:, None],
-            not LOOP_EVEN,
-        )
-        if X_FQ:
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk_in[None, :] * stride_xk
+        if X_CODES:
+            # (c - zp) * scale per row: the fq tile below, bit for bit; 1 / scale unused.
+            x_inv, x_scale, x_zp = _input_params(x_scale_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True)
+            x = _load_quantized(x_ptrs, m_ok[:, None], x_zp, True, not LOOP_EVEN)
+            x = cast_rne(
+                _fake_quant_tile(x, x_inv, x_scale, x_zp, x_qmin, x_qmax, False, True), dtype
+            )
+        else:
+            x = _load_operand(x_ptrs, m_ok[:, None], not LOOP_EVEN)
+        if X_FQ and not X_CODES:
             if X_PER_ROW:
                 # The loop runs over rows of x: each step loads its rows' qparams.
                 x_inv, x_scale, x_zp = _input_params(
@@ -668,8 +675,11 @@ def fq_linear_grad_input(
     return dx
 
 
-def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> Tensor:
-    """dw (N, K) = (dy^T @ fq_x(x)) * mask_w(w), in w's dtype."""
+def fq_linear_grad_weight(
+    dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant, x_codes: QuantizedInput | None = None
+) -> Tensor:
+    """dw (N, K) = (dy^T @ fq_x(x)) * mask_w(w), in w's dtype; `x_codes` as
+    fq_linear_forward."""
     m, n = dy.shape
     k = w.shape[1]
     dw = torch.empty((n, k), dtype=w.dtype, device=w.device)
@@ -678,9 +688,12 @@ def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> 
     if m == 0:
         return dw.zero_()
     x_inv, x_scale, x_zp = lq.x_tensors(x)
+    x_op, x_per_row = x, lq.x_per_row
+    if x_codes is not None:
+        x_op, x_scale, x_zp, x_per_row = x_codes.codes, x_codes.scale, x_codes.zero_point, True
     fq_linear_dw_kernel[_grid(n, k)](
         dy,
-        x,
+        x_op,
         w,
         dw,
         lq.w_inv,
@@ -693,8 +706,8 @@ def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> 
         k,
         dy.stride(0),
         dy.stride(1),
-        x.stride(0),
-        x.stride(1),
+        x_op.stride(0),
+        x_op.stride(1),
         w.stride(0),
         w.stride(1),
         dw.stride(0),
@@ -704,7 +717,8 @@ def fq_linear_grad_weight(dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant) -> 
         GROUP_SIZE=max(lq.group_size, 1),
         W_FLOAT_ZP=lq.w_float_zp,
         X_FQ=lq.x_fq,
-        X_PER_ROW=lq.x_per_row,
+        X_PER_ROW=x_per_row,
+        X_CODES=x_codes is not None,
         INPUT_PRECISION=input_precision(dy.dtype),
         enable_fp_fusion=False,
     )

@@ -16,9 +16,11 @@
     fused_weight_codes(w, lq, rows)        W's int8 codes for the fused float GEMMs (W_CODES in
                                            kernels/fq_matmul.py), from CODES_MIN_ROWS rows
     fused_input_codes(x2d, lq, cols)       a fake-quantized x's int8 codes for the fused
-                                           forward GEMM (X_CODES), from CODES_MIN_ROWS cols
-    fused_forward / fused_grad_input       the fused op's forward / dX on the Triton path,
-                                           as the op and the autotune command run them
+                                           forward and dW GEMMs (X_CODES), from
+                                           CODES_MIN_ROWS cols
+    fused_forward / fused_grad_input / fused_grad_weight / fused_backward
+                                           the fused op's forward / dX / dW on the Triton
+                                           path, as the op and the autotune command run them
 
 Weights arrive as a checked triton_qat.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
 (N, ceil(K / 2)) holding two 4-bit codes q - quant_min, low nibble first (unpacked in
@@ -71,6 +73,7 @@ from triton_qat.kernels.fq_matmul import (
     _weight_params,
     fq_linear_forward,
     fq_linear_grad_input,
+    fq_linear_grad_weight,
     input_precision,
 )
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
@@ -662,11 +665,11 @@ def fused_weight_codes(weight: Tensor, lq: LinearQuant, rows: int) -> IntWeight 
 
 
 def fused_input_codes(x2d: Tensor, lq: LinearQuant, cols: int) -> QuantizedInput | None:
-    """x's int8 codes for the fused forward GEMM (X_CODES) when x is fake-quantized (per
-    tensor, or per token with the qparams the op computed): the same trade as
+    """x's int8 codes for the fused forward and dW GEMMs (X_CODES) when x is fake-quantized
+    (per tensor, or per token with the qparams the op computed): the same trade as
     fused_weight_codes, x's tiles being fake-quantized once per BLOCK_N of the `cols` output
-    features otherwise. Forward only: M * K bytes, freed after the GEMM, while the step's
-    memory is far from its peak (backward). None where the GEMM quantizes x itself."""
+    features (forward) or weight rows (dW) otherwise. M * K bytes, freed after the GEMM (see
+    fused_backward for the backward's memory). None where the GEMM quantizes x itself."""
     if not _codes_wanted(cols) or not lq.x_fq or lq.x_qmax - lq.x_qmin > 255:
         return None
     rows = _input_codes(x2d, lq)
@@ -684,8 +687,38 @@ def fused_forward(x2d: Tensor, weight: Tensor, bias: Tensor | None, lq: LinearQu
 
 
 def fused_grad_input(dy: Tensor, x2d: Tensor, weight: Tensor, lq: LinearQuant) -> Tensor:
-    """The fused op's dX on the Triton path, on W's codes where fused_weight_codes takes them;
-    they are freed on return, before dW's output exists (the step's peak stays the float
-    one)."""
+    """The fused op's dX on the Triton path, on W's codes where fused_weight_codes takes them
+    (freed on return)."""
     codes = fused_weight_codes(weight, lq, dy.shape[0])
     return fq_linear_grad_input(dy, x2d, weight, lq, codes)
+
+
+def fused_grad_weight(dy: Tensor, x2d: Tensor, weight: Tensor, lq: LinearQuant) -> Tensor:
+    """The fused op's dW on the Triton path, on a fake-quantized x's codes where
+    fused_input_codes takes them (freed on return)."""
+    x_codes = fused_input_codes(x2d, lq, weight.shape[0])
+    return fq_linear_grad_weight(dy, x2d, weight, lq, x_codes)
+
+
+def fused_backward(
+    dy: Tensor, x2d: Tensor, weight: Tensor, lq: LinearQuant, need_dx: bool, need_dw: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dw) of the fused op on the Triton path (None where not needed).
+
+    Memory: a float linear's backward holds dx and dw at its end. W's codes (N * K bytes,
+    for dX) and a fake-quantized x's codes (M * K bytes, for dW) each live only through
+    their GEMM, and an int8 code takes at most half a gradient element's bytes. Run first,
+    a GEMM's codes sit beside the other gradient's absence, so they stay under the float
+    peak; the second GEMM's codes sit beside both gradients' buffers (one being written).
+    So the GEMM with the larger codes runs first: the backward's peak exceeds the float one by
+    at most min(M, N) * K bytes, and only when both operands are read as codes (a
+    fake-quantized x from CODES_MIN_ROWS weight rows, i.e. per-token or static x)."""
+    x_first = need_dw and lq.x_fq and x2d.shape[0] > weight.shape[0]
+    dx = dw = None
+    if x_first:
+        dw = fused_grad_weight(dy, x2d, weight, lq)
+    if need_dx:
+        dx = fused_grad_input(dy, x2d, weight, lq)
+    if need_dw and not x_first:
+        dw = fused_grad_weight(dy, x2d, weight, lq)
+    return dx, dw
