@@ -624,8 +624,8 @@ def _nvidia_tool(name: str) -> str | None:
 def machine_code_stats(cubin: bytes) -> dict:
     """What the cubin's SASS says about speed, without a GPU: registers per thread, spill
     bytes (stack and local memory), and the instructions of the hottest loop (the longest
-    backward branch): how many, how many matrix-multiply (MMA) and spill (LDL / STL) ones.
-    Empty where the wheel has no cuobjdump / nvdisasm."""
+    backward branch): how many, how many matrix-multiply (MMA), spill (LDL / STL) and
+    int -> float conversion (I2F) ones. Empty where the wheel has no cuobjdump / nvdisasm."""
     import re
     import subprocess
 
@@ -664,6 +664,8 @@ def machine_code_stats(cubin: bytes) -> dict:
         out["loop_instructions"] = len(body)
         out["loop_mma"] = sum("MMA" in op for op in body)
         out["loop_spills"] = sum(op.startswith(("LDL", "STL")) for op in body)
+        # int -> float conversions (I2F: a quarter of the ALU's rate or less)
+        out["loop_i2f"] = sum(op.startswith("I2F") for op in body)
     return out
 
 
@@ -676,7 +678,7 @@ def _describe(r: dict) -> str:
     if "registers" in r:
         machine = f" regs={r['registers']} spill={r['spill_bytes']}"
     if "loop_instructions" in r:
-        machine += f" loop={r['loop_instructions']}/mma={r['loop_mma']}"
+        machine += f" loop={r['loop_instructions']}/mma={r['loop_mma']}/i2f={r.get('loop_i2f', 0)}"
     line = (
         f"{status} {r['seconds']:7.1f}s sm_{r['arch']} {r['kernel']:<18} {r['config']:<18} "
         f"smem={r['shared']}{machine} {flags}"

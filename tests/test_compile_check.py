@@ -64,4 +64,6 @@ def test_gemm_machine_code_stats(tmp_path):
     assert result["spill_bytes"] >= 0
     # sm_90: the K loop issues warpgroup MMAs among its other instructions
     assert 0 < result["loop_mma"] < result["loop_instructions"]
+    # the loop's int -> float conversions are counted (the codes' I2F, see bench/README.md)
+    assert 0 <= result["loop_i2f"] < result["loop_instructions"]
     assert "regs=" in done.stdout and "loop=" in done.stdout
