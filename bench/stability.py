@@ -12,7 +12,9 @@ same way. Writes OUT/stability.json (both curves, the windows, the verdict) and,
 matplotlib is installed, OUT/stability.png. Exit 1 when the curves differ beyond the noise.
 
 On a GPU the fused path is compiled; on a CPU it runs under the Triton interpreter (set here
-before triton_qat is imported), which is slow: use a small model (--d-model 32 --layers 1).
+before triton_qat is imported) with 128x128x64 GEMM tiles (TRITON_QAT_INTERPRETER_TILE; the
+interpreter's cost is per program), which is still slow: use a small model, e.g.
+--d-model 64 --layers 2 --batch-size 16 (about a second per fused step on one core).
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton_qat loads its kernels
+        os.environ.setdefault("TRITON_QAT_INTERPRETER_TILE", "128x128x64")
     if importlib.util.find_spec("triton_qat") is None:
         sys.path.insert(0, str(ROOT))
     import triton
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "interpreted": device.type == "cpu",
+        "interpreter_tile": (
+            os.environ.get("TRITON_QAT_INTERPRETER_TILE") if device.type == "cpu" else None
+        ),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "autocast": str(autocast) if autocast else None,
         "step_ms": step_ms,

@@ -51,3 +51,33 @@ def test_stability_verdict(shift, ok):
     verdict = _load("stability").compare(_curve(1, 2000), _curve(2, 2000, shift), 100)
     assert len(verdict["windows"]) == 20
     assert verdict["ok"] is ok
+
+
+def test_stability_script_end_to_end_on_the_interpreter(tmp_path):
+    """bench/stability.py on a CPU: a tiny model through both paths (the fused one under the
+    interpreter with its 128x128x64 tiles), the JSON record with both curves and a verdict.
+    About 30 s."""
+    import json
+    import os
+    import subprocess
+
+    args = ["--steps", "20", "--pretrain-steps", "5", "--d-model", "32", "--layers", "1"]
+    args += ["--heads", "2", "--seq-len", "16", "--batch-size", "8", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_QAT_INTERPRETER_TILE"}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "stability.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    # 0: the curves agree, 1: they differ beyond the noise; either way a verdict is printed
+    assert done.returncode in (0, 1) and "stability: 2 windows" in done.stdout, (
+        done.stdout + done.stderr
+    )
+    record = json.loads((tmp_path / "stability.json").read_text())
+    assert record["interpreted"] and record["interpreter_tile"] == "128x128x64"
+    assert len(record["eager"]) == len(record["fused"]) == 20
+    # the same initial weights and batches: the first step's losses agree to float rounding
+    assert abs(record["eager"][0] - record["fused"][0]) < 1e-4 * abs(record["eager"][0])
+    assert record["verdict"]["ok"] == (done.returncode == 0)

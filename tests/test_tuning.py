@@ -260,6 +260,28 @@ def test_gemm_tuners_are_plain_under_the_interpreter():
         assert not isinstance(tuner.cache, tuning.PersistentConfigs)
 
 
+@pytest.mark.parametrize(
+    ("tile", "expected"),
+    [("", (32, 32, 32)), ("128x128x64", (128, 128, 64)), (" 64X16x32 ", (64, 16, 32))],
+)
+def test_interpreter_tile_from_the_env(monkeypatch, tile, expected):
+    from triton_qat.kernels import configs
+
+    monkeypatch.setenv("TRITON_QAT_INTERPRETER_TILE", tile)
+    config = configs.interpreter_config()
+    assert (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]) == expected
+    assert config["GROUP_M"] == 4
+
+
+@pytest.mark.parametrize("tile", ["128x128", "128x128x64x2", "axbxc", "48x32x32", "8x32x32"])
+def test_bad_interpreter_tile_is_rejected(monkeypatch, tile):
+    from triton_qat.kernels import configs
+
+    monkeypatch.setenv("TRITON_QAT_INTERPRETER_TILE", tile)
+    with pytest.raises(ValueError, match="TRITON_QAT_INTERPRETER_TILE"):
+        configs.interpreter_config()
+
+
 # --- shapes from a model ----------------------------------------------------------------------
 
 

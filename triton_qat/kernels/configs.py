@@ -18,8 +18,31 @@ from triton_qat.qparams import PER_GROUP
 Gathered = float | Callable[[triton.Config], float]
 
 # Under the interpreter autotuning cannot run (no GPU driver): exactly one config, kept
-# small so interpreted tiles stay cheap.
+# small so interpreted tiles stay cheap and the tests' odd shapes span several tiles.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+def interpreter_config() -> dict:
+    """The interpreter's one GEMM config: _INTERPRETER_CONFIG, or the tile named by
+    TRITON_QAT_INTERPRETER_TILE="BMxBNxBK" (powers of two from 16, e.g. 128x128x64: far fewer
+    interpreted programs on large shapes, each a few numpy operations wider; the stability
+    run on a CPU uses it). Read when the kernels are first imported."""
+    config = dict(_INTERPRETER_CONFIG)
+    tile = os.environ.get("TRITON_QAT_INTERPRETER_TILE", "").strip()
+    if not tile:
+        return config
+    parts = tile.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(
+            f"TRITON_QAT_INTERPRETER_TILE={tile!r}: expected BMxBNxBK, e.g. 128x128x64"
+        )
+    sizes = [int(p) for p in parts]
+    if any(n < 16 or n & (n - 1) for n in sizes):
+        raise ValueError(
+            f"TRITON_QAT_INTERPRETER_TILE={tile!r}: each size must be a power of two, at least 16"
+        )
+    config.update(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), sizes, strict=True))
+    return config
 
 
 def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8) -> triton.Config:
@@ -57,7 +80,7 @@ def gemm_configs() -> list[triton.Config]:
     """The autotune space: one config under the interpreter, or with TRITON_QAT_AUTOTUNE=0;
     the CUDA list otherwise. Read when the kernels are first imported."""
     if INTERPRETED_KERNELS:
-        return [triton.Config(dict(_INTERPRETER_CONFIG), num_stages=1, num_warps=4)]
+        return [triton.Config(interpreter_config(), num_stages=1, num_warps=4)]
     if os.environ.get("TRITON_QAT_AUTOTUNE", "1").strip() == "0":
         return [_cfg(*_UNTUNED_CUDA_CONFIG)]
     return _cuda_configs()
