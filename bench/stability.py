@@ -14,7 +14,8 @@ matplotlib is installed, OUT/stability.png. Exit 1 when the curves differ beyond
 On a GPU the fused path is compiled; on a CPU it runs under the Triton interpreter (set here
 before triton_qat is imported) with 128x128x64 GEMM tiles (TRITON_QAT_INTERPRETER_TILE; the
 interpreter's cost is per program), which is still slow: use a small model, e.g.
---d-model 64 --layers 2 --batch-size 16 (about a second per fused step on one core).
+--d-model 32 --layers 1 --heads 2 --seq-len 32 --batch-size 16 (1.3 to 2 s per fused step
+on two cores; twice those sizes take about 8x longer).
 """
 
 from __future__ import annotations

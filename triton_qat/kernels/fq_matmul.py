@@ -187,6 +187,36 @@ def _weight_tile(
 
 
 @triton.jit
+def _input_tile(
+    ptrs,
+    ok,
+    inv,
+    scale,
+    zp,
+    qmin,
+    qmax,
+    dtype: tl.constexpr,
+    X_FQ: tl.constexpr,
+    CODES: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """The forward's / dW's input tile at `ptrs` in `dtype`: as stored, fake-quantized (X_FQ),
+    or from its int8 codes (CODES); 0 where `ok` is False on the loop's partial last step
+    (MASKED)."""
+    if CODES:
+        x = _load_quantized(ptrs, ok, zp, True, MASKED)
+        x = cast_rne(_fake_quant_tile(x, inv, scale, zp, qmin, qmax, False, True), dtype)
+    else:
+        x = _load_operand(ptrs, ok, MASKED)
+        if X_FQ:
+            xq = _fake_quant_tile(x, inv, scale, zp, qmin, qmax, False, False)
+            if MASKED:
+                xq = tl.where(ok, xq, 0.0)
+            x = cast_rne(xq, dtype)
+    return x
+
+
+@triton.jit
 def _input_params(inv_ptr, scale_ptr, zp_ptr, rm, m_ok, X_PER_ROW: tl.constexpr):
     """(inv, scale, zp) of the input rows rm (BM,), broadcastable to a (BM, BK) tile."""
     if X_PER_ROW:
@@ -261,6 +291,8 @@ def fq_linear_fwd_kernel(
         x_inv, x_scale, x_zp = _input_params(x_scale_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True)
     elif X_FQ:
         x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, X_PER_ROW)
+    else:
+        x_inv, x_scale, x_zp = 1.0, 1.0, 0.0  # unused
     # Rows past M / N read rows inside the matrix (their results are never stored): the
     # loop's loads need a mask only on a partial last K step (LOOP_EVEN: K % BLOCK_K == 0).
     rm_in = rm % M
@@ -269,19 +301,19 @@ def fq_linear_fwd_kernel(
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
         k_ok = k < K
-        x_ptrs = x_ptr + rm_in[:, None] * stride_xm + k[None, :] * stride_xk
-        if X_CODES:
-            x = _load_quantized(x_ptrs, k_ok[None, :], x_zp, True, not LOOP_EVEN)
-            x = cast_rne(
-                _fake_quant_tile(x, x_inv, x_scale, x_zp, x_qmin, x_qmax, False, True), dtype
-            )
-        else:
-            x = _load_operand(x_ptrs, k_ok[None, :], not LOOP_EVEN)
-            if X_FQ:
-                xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
-                if not LOOP_EVEN:
-                    xq = tl.where(k_ok[None, :], xq, 0.0)
-                x = cast_rne(xq, dtype)
+        x = _input_tile(
+            x_ptr + rm_in[:, None] * stride_xm + k[None, :] * stride_xk,
+            k_ok[None, :],
+            x_inv,
+            x_scale,
+            x_zp,
+            x_qmin,
+            x_qmax,
+            dtype,
+            X_FQ,
+            X_CODES,
+            not LOOP_EVEN,
+        )
         wq = _weight_tile(
             w_ptr + rn_in[:, None] * stride_wn + k[None, :] * stride_wk,
             w_inv_ptr,
@@ -473,8 +505,12 @@ def fq_linear_dw_kernel(
     n_ok = rn < N
     k_ok = rk < K
     dtype = dy_ptr.dtype.element_ty
-    if X_FQ and not X_PER_ROW and not X_CODES:
+    if X_CODES or (X_FQ and X_PER_ROW):
+        pass  # the loop runs over rows of x: each step loads its rows' qparams
+    elif X_FQ:
         x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, 0, True, False)
+    else:
+        x_inv, x_scale, x_zp = 1.0, 1.0, 0.0  # unused
     # Rows past N and cols past K read inside the matrix (never stored): only a partial last
     # M step needs a mask (LOOP_EVEN: M % BLOCK_K == 0).
     rn_in = rn % N
@@ -490,24 +526,23 @@ def fq_linear_dw_kernel(
         )
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk_in[None, :] * stride_xk
         if X_CODES:
-            # (c - zp) * scale per row: the fq tile below, bit for bit; 1 / scale unused.
+            # (c - zp) * scale per row, bit for bit the fq tile; 1 / scale is never read
             x_inv, x_scale, x_zp = _input_params(x_scale_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True)
-            x = _load_quantized(x_ptrs, m_ok[:, None], x_zp, True, not LOOP_EVEN)
-            x = cast_rne(
-                _fake_quant_tile(x, x_inv, x_scale, x_zp, x_qmin, x_qmax, False, True), dtype
-            )
-        else:
-            x = _load_operand(x_ptrs, m_ok[:, None], not LOOP_EVEN)
-        if X_FQ and not X_CODES:
-            if X_PER_ROW:
-                # The loop runs over rows of x: each step loads its rows' qparams.
-                x_inv, x_scale, x_zp = _input_params(
-                    x_inv_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True
-                )
-            xq, _ = fake_quant_values(to_fp32(x), x_inv, x_scale, x_zp, x_qmin, x_qmax, False)
-            if not LOOP_EVEN:
-                xq = tl.where(m_ok[:, None], xq, 0.0)
-            x = cast_rne(xq, dtype)
+        elif X_FQ and X_PER_ROW:
+            x_inv, x_scale, x_zp = _input_params(x_inv_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True)
+        x = _input_tile(
+            x_ptrs,
+            m_ok[:, None],
+            x_inv,
+            x_scale,
+            x_zp,
+            x_qmin,
+            x_qmax,
+            dtype,
+            X_FQ,
+            X_CODES,
+            not LOOP_EVEN,
+        )
         acc = tl.dot(dot_operand(dy_t), dot_operand(x), acc, input_precision=INPUT_PRECISION)
     out_ok = n_ok[:, None] & k_ok[None, :]
     w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=out_ok, other=0.0)
