@@ -162,16 +162,12 @@ def _codes_valid(v: dict) -> bool:
     # int_matmul.fused_input_codes: x's codes come with per-row qparams (X_PER_ROW)
     if v.get("X_CODES") and v["X_QUANT"] != (True, True):
         return False
-    # int_matmul.fused_weight_codes: integer zero points; the float weight's dtype no longer
-    # matters (one of them stands for all)
-    if not v["W_CODES"]:
+    # int_matmul.fused_weight_codes (forward, dX): integer zero points; the float weight's
+    # dtype no longer matters (one of them stands for all)
+    if not v.get("W_CODES"):
         return _fq_gemm_valid(v)
     plain = not v["W_FLOAT_ZP"] and v["w"] == v["dtype"]
     return plain and _fq_gemm_valid(v)
-
-
-def _dw_codes_valid(v: dict) -> bool:
-    return (not v["X_CODES"] or v["X_QUANT"] == (True, True)) and _fq_gemm_valid(v)
 
 
 def _fq_fwd_pointers(v):
@@ -407,7 +403,7 @@ KERNELS: dict[str, Kernel] = {
         {**_FQ_AXES, "X_CODES": (False, True), **_LOOP_EVEN},
         _gemm_configs(_float_gemm_space),
         ones=("stride_dyn", "stride_xk", "stride_wk", "stride_dwk"),
-        valid=_dw_codes_valid,
+        valid=_codes_valid,
     ),
     "quantize_rows": Kernel(
         "triton_qat.kernels.int_matmul",
