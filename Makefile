@@ -1,18 +1,26 @@
-.PHONY: install test lint example gpu-check
+# The two commands of the README. Each sets up what it needs first (scripts/setup_env.sh: a
+# virtual environment in .venv with torch's CPU build, or the installed CUDA torch kept),
+# then runs. VENV=path picks another environment.
+VENV ?= .venv
+SETUP = $(shell bash scripts/setup_env.sh $(VENV))
 
-install:
-	python -m pip install torch==2.13.0
-	python -m pip install -e '.[test]'
+.PHONY: example test lint gpu-check
 
+# The main job: float vs PTQ vs QAT of a small LM (about 4 minutes on 2 cores).
+example:
+	$(SETUP) examples/qat_tiny_lm.py
+
+# What CI runs: lint, then the whole suite (kernels interpreted on the CPU).
 test:
-	python -m pytest -q
+	$(eval PY := $(SETUP))
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
 
 lint:
-	ruff check .
-	ruff format --check .
-
-example:
-	python examples/fake_quant_weight.py
+	$(eval PY := $(SETUP))
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 gpu-check:
 	bash bench/gpu_check.sh

@@ -50,8 +50,8 @@ EXIT_FAILED = 1
 
 def _int_weight(w: torch.Tensor, group_size: int | None):
     """Symmetric int8 per output channel, or int4 (0..15, zero points) per group, of w."""
-    from triton_qat.convert import QuantizedLinear, quantize_codes
-    from triton_qat.qparams import QParams
+    from triton_qat.flow.convert import QuantizedLinear, quantize_codes
+    from triton_qat.numerics.qparams import QParams
 
     n, k = w.shape
     wf = w.float()
@@ -71,9 +71,9 @@ def _int_weight(w: torch.Tensor, group_size: int | None):
 def build(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict[str, tuple]:
     """provider -> (fn, reference fn): each Triton call and its eager float composition."""
     import triton_qat as tq
-    from triton_qat.fake_quantize import fake_quantize_per_token
     from triton_qat.kernels import int_matmul as im
-    from triton_qat.qparams import row_quant
+    from triton_qat.numerics.qparams import row_quant
+    from triton_qat.quantizers import fake_quantize_per_token
 
     int8_layer, int8_qp = _int_weight(w, None)
     int4_layer, _ = _int_weight(w, GROUP_SIZE)

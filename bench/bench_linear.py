@@ -267,8 +267,8 @@ def torch_composition(wqp, xqp, upcast: bool) -> Callable[[Tensor, Tensor, Tenso
     upcast: fake-quantize the input in fp32 (for a torch that refuses bf16); autocast casts
     it back for the matmul.
     """
-    from triton_qat.qparams import PerTokenQParams
-    from triton_qat.reference import per_token_qparams_ref
+    from triton_qat.numerics.qparams import PerTokenQParams
+    from triton_qat.numerics.reference import per_token_qparams_ref
 
     w_scale, w_zp = wqp.scale.reshape(-1), wqp.zero_point.reshape(-1)
     group = wqp.group_size

@@ -300,7 +300,7 @@ def calibrate(model: nn.Module, data: CharData, cfg: RunConfig, n_batches: int, 
 def disable_observers(model: nn.Module) -> None:
     """Freeze the qparams of every triton_qat fake-quant module (as torch.ao's
     `model.apply(torch.ao.quantization.disable_observer)`); fake quantization stays on."""
-    from triton_qat.fake_quantize import FakeQuantizeBase
+    from triton_qat.quantizers import FakeQuantizeBase
 
     for m in model.modules():
         if isinstance(m, FakeQuantizeBase):
@@ -377,7 +377,7 @@ def print_table(results: list[Result]) -> None:
 def quant_path(device: torch.device) -> str:
     """What runs triton_qat's fake quant for tensors on `device` under the backend in force,
     e.g. "eager (auto)" or "triton compiled (auto)"."""
-    from triton_qat._backend import use_triton  # the very decision triton_qat's ops make
+    from triton_qat.ops.backend import use_triton  # the very decision triton_qat's ops make
 
     if not use_triton(device):  # backend "triton" that cannot run raises here, naming why
         return f"eager ({tq.get_backend()})"

@@ -18,8 +18,11 @@ import pytest
 import torch
 
 import triton_qat as tq
-from triton_qat import check, ops
-from triton_qat.__main__ import main
+from triton_qat.ops import functional as ops
+from triton_qat.tools import check
+from triton_qat.tools.check import common as check_common
+from triton_qat.tools.check import run as check_run
+from triton_qat.tools.cli import main
 
 ROW_FIELDS = {
     "kind",
@@ -194,7 +197,7 @@ def test_case_error_is_a_failed_row(monkeypatch):
     def boom(case, seed=0):
         raise RuntimeError("injected\nsecond line")
 
-    monkeypatch.setattr(check, "check_reference_vs_torch", boom)
+    monkeypatch.setattr(check_run, "check_reference_vs_torch", boom)
     rows = check.run_check(True, "cpu", kinds=["reference_vs_torch"])
     assert rows and all(not r.passed for r in rows)
     assert all(r.error == "RuntimeError: injected" for r in rows)
@@ -210,7 +213,7 @@ def test_one_gemm_config_is_restored():
         fq_matmul.fq_linear_dw_kernel,
     )
     before = [t.configs for t in tuners]
-    with check._one_gemm_config():
+    with check_common._one_gemm_config():
         assert all(len(t.configs) == 1 for t in tuners)
         assert all(t.configs[0] in b for t, b in zip(tuners, before, strict=True))
     assert all(t.configs is b for t, b in zip(tuners, before, strict=True))
@@ -237,7 +240,7 @@ def test_check_cuda_without_cuda_exits_2():
 
 def test_check_cpu_after_compiled_triton_import_exits_2():
     code = (
-        "import sys, triton.language; from triton_qat.__main__ import main; "
+        "import sys, triton.language; from triton_qat.tools.cli import main; "
         "sys.exit(main(['check', '--quick', '--device', 'cpu']))"
     )
     env = dict(os.environ)
@@ -251,7 +254,7 @@ def test_check_cpu_after_compiled_triton_import_exits_2():
 
 
 def test_env_shows_the_autotune_cache(tmp_path, monkeypatch, capsys):
-    from triton_qat.tuning import CACHE_FILE, AutotuneCache
+    from triton_qat.kernels.autotune_cache import CACHE_FILE, AutotuneCache
 
     cache = AutotuneCache(tmp_path)
     for kernel in ("fq_linear_fwd_kernel", "fq_linear_dx_kernel"):
@@ -279,8 +282,8 @@ def test_autotune_model_without_compiled_cuda_exits_2(capsys):
 
 
 def test_autotune_jobs_from_model_and_shapes():
-    from triton_qat.__main__ import autotune_jobs, build_parser
-    from triton_qat.tuning import LinearShape
+    from triton_qat.tools.cli import autotune_jobs, build_parser
+    from triton_qat.tools.tuning import LinearShape
 
     parse = build_parser().parse_args
     args = parse(["autotune", "--model", "tests.test_tuning:build_block", "--batch-tokens", "512"])

@@ -1,4 +1,4 @@
-"""Observers and fake-quantize modules (triton_qat.fake_quantize) against torch.ao on the CPU.
+"""Observers and fake-quantize modules (triton_qat.quantizers) against torch.ao on the CPU.
 
 torch.ao.quantization is the oracle: for every observer and both fake-quant classes, over
 several steps of drifting inputs (all-positive, all-negative, constant and zero tensors
@@ -24,8 +24,9 @@ from _compare import assert_bitwise_equal
 from torch import Tensor, nn
 
 import triton_qat as tq
-import triton_qat.fake_quantize as tqfq
-from triton_qat.qparams import QParams
+import triton_qat.quantizers as tqfq
+from triton_qat.numerics.observer_formulas import fused_qparams
+from triton_qat.numerics.qparams import QParams
 
 try:
     import torch.ao.quantization as ao
@@ -484,7 +485,7 @@ def test_fused_qparams_match_torch_op(qrange, symmetric):
     lo = torch.where(kind == 0, torch.zeros_like(lo), lo)  # all non-negative
     hi = torch.where(kind == 1, torch.zeros_like(hi), hi)  # all non-positive
     hi = torch.where(kind == 2, lo, hi)  # constant
-    scale, zp = tqfq._fused_qparams(lo, hi, qmin, qmax, symmetric)
+    scale, zp = fused_qparams(lo, hi, qmin, qmax, symmetric)
     ref_scale, ref_zp = torch.ones(n), torch.zeros(n, dtype=torch.int32)
     torch.fused_moving_avg_obs_fake_quant(
         torch.zeros(n, 1),
@@ -747,8 +748,9 @@ import sys
 import torch
 for name in ("torch.ao.quantization.fake_quantize", "torch.ao.quantization.observer"):
     sys.modules[name] = None
-import triton_qat.fake_quantize as fq
-assert fq._ao_fake_quantize is None and fq._ao_observer is None
+import triton_qat.quantizers as fq
+import triton_qat.quantizers.base as fq_base
+assert fq_base._ao_fake_quantize is None and fq_base._ao_observer is None
 factory = fq.FakeQuantize.with_args(
     observer=fq.MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
     dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
@@ -787,7 +789,7 @@ def test_works_without_torch_ao():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dynamic_per_token_matches_a_min_max_observer_per_row(qscheme, dtype):
     """Each token: torch.ao's MinMaxObserver qparams on that row alone, then torch's op."""
-    from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
+    from triton_qat.quantizers import DynamicPerTokenFakeQuantize
 
     ao = pytest.importorskip("torch.ao.quantization")
     g = torch.Generator().manual_seed(3)

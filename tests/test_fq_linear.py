@@ -18,8 +18,8 @@ from _compare import assert_bitwise_equal, fresh_view
 from torch import Tensor
 
 import triton_qat as tq
-from triton_qat import ops
-from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
+from triton_qat.ops import functional as ops
+from triton_qat.quantizers import DynamicPerTokenFakeQuantize
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 # Unit roundoff of each half dtype (half an ulp of 1.0).
@@ -1026,7 +1026,7 @@ def test_backward_runs_the_larger_codes_first(device, monkeypatch, m, n, x_quant
 def test_weight_codes_by_row_count(monkeypatch):
     """Without the override, codes from CODES_MIN_ROWS rows, for 8-bit integer zero points."""
     from triton_qat.kernels import int_matmul
-    from triton_qat.ops import linear_quant
+    from triton_qat.ops.functional import linear_quant
 
     monkeypatch.delenv("TRITON_QAT_CODES", raising=False)
     x, w = torch.randn(2, 64), torch.randn(8, 64)

@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from _compare import assert_bitwise_equal
 
 import triton_qat as tq
-from triton_qat.convert import QuantizedLinear, _pack_int4
-from triton_qat.fake_quantize import (
+from triton_qat.flow.convert import QuantizedLinear, _pack_int4
+from triton_qat.kernels import int_matmul as im
+from triton_qat.numerics.observer_formulas import row_quant, static_row_quant
+from triton_qat.numerics.qparams import QParams, int_weight, normalize
+from triton_qat.numerics.reference import quantized_codes_ref
+from triton_qat.quantizers import (
     DynamicPerTokenFakeQuantize,
     fake_quantize_per_token,
     per_token_qparams,
 )
-from triton_qat.kernels import int_matmul as im
-from triton_qat.qparams import QParams, int_weight, normalize, row_quant, static_row_quant
-from triton_qat.reference import quantized_codes_ref
 
 U32 = 2.0**-24
 UNIT = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -247,7 +248,7 @@ def test_fused_w8a8_forward_is_the_int8_gemm(monkeypatch, dtype, device):
     """tq.fq_linear with a dynamic per-token input and 8-bit per-channel weights (the
     w8a8_dynamic preset) runs its forward as one int8 GEMM: the float path's result up to the
     final scaling's rounding; the backward (float kernels) is the float path's, bit for bit."""
-    from triton_qat.qparams import PerTokenQParams
+    from triton_qat.numerics.qparams import PerTokenQParams
 
     calls = []
     real = im.fq_linear_int8_forward
@@ -304,7 +305,7 @@ def test_weight_codes_are_the_reference_codes(case, device):
     """W's int8 codes, bit for bit those of reference.quantized_codes_ref: NaN (-> quant_min),
     +-inf, ties at every element (power-of-two scales), values far beyond the range."""
     from triton_qat.kernels.fake_quant import quantized_codes
-    from triton_qat.reference import reciprocal
+    from triton_qat.numerics.reference import reciprocal
 
     gran, (qmin, qmax), float_zp = case
     gen = torch.Generator().manual_seed(11)
@@ -608,7 +609,7 @@ if given is not None:
 def test_per_group_integer_forward_is_opt_in(monkeypatch):
     """Per-group weights keep the float forward unless TRITON_QAT_INT8_FORWARD=group; per
     channel takes the integer forward by default (int8_forward_applies' docstring: why)."""
-    from triton_qat.ops import linear_quant
+    from triton_qat.ops.functional import linear_quant
 
     x, w = torch.randn(4, 64), torch.randn(8, 64)
     spec = DynamicPerTokenFakeQuantize(torch.qint8, torch.per_tensor_affine, -128, 127)

@@ -9,9 +9,11 @@ import torch
 from _compare import assert_bitwise_equal
 
 import triton_qat as tq
-from triton_qat import check, ops, reference
-from triton_qat import fake_quantize as tfq
+from triton_qat import quantizers as tfq
+from triton_qat.numerics import reference
+from triton_qat.ops import functional as ops
 from triton_qat.qconfig import learnable_qconfig
+from triton_qat.tools import check
 
 # torch's learnable backward computes zp + x * inv and (q - zp) * scale - x as fused
 # multiply-adds in its AVX2 / AVX-512 builds (the compiler contracts them); its DEFAULT build

@@ -127,7 +127,7 @@ def test_torch_ao_prepare_qat_with_mapping():
     model.train()
     prepared = ao.prepare_qat(copy.deepcopy(model), mapping={torch.nn.Linear: tq.nn.Linear})
     assert isinstance(prepared[0], tq.nn.Linear) and isinstance(prepared[2], tq.nn.Linear)
-    from triton_qat.fake_quantize import FusedMovingAvgObsFakeQuantize
+    from triton_qat.quantizers import FusedMovingAvgObsFakeQuantize
 
     # torch.ao's device-placing factory wrappers are adapted: the fused path runs.
     assert isinstance(prepared[0].weight_fake_quant, FusedMovingAvgObsFakeQuantize)
@@ -176,7 +176,7 @@ def test_prepare_then_convert(name):
         converted = tq.convert(qat)
         y_int = converted(x)
     assert not any(isinstance(m, tq.nn.Linear) for m in converted.modules())
-    from triton_qat.fake_quantize import FakeQuantizeBase
+    from triton_qat.quantizers import FakeQuantizeBase
 
     assert not any(isinstance(m, FakeQuantizeBase) for m in converted.modules())
     codes = converted[0].qweight

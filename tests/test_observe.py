@@ -1,7 +1,7 @@
 """The observe kernels (triton_qat.kernels.observe) against the eager observer code, bit for bit.
 
 Kernels run on the `device` fixture (interpreted on the CPU). The oracle is the eager code of
-triton_qat.fake_quantize (itself tested against torch.ao in test_fake_quantize.py): torch.aminmax
+triton_qat.quantizers (itself tested against torch.ao in test_fake_quantize.py): torch.aminmax
 for the statistics, `_minmax_qparams` (torch.ao's Python formula) and `_fused_qparams`
 (torch's ChooseQuantizationParams) for the qparams, the modules' eager forward for the running
 updates. Modules are also run side by side with torch.ao through both backends.
@@ -18,7 +18,9 @@ import torch
 from _compare import assert_bitwise_equal
 
 import triton_qat as tq
-import triton_qat.fake_quantize as tqfq
+import triton_qat.quantizers as tqfq
+from triton_qat.numerics import observer_formulas as formulas
+from triton_qat.quantizers import observers as tq_observers
 
 try:
     import torch.ao.quantization as ao
@@ -58,11 +60,11 @@ def _input(shape, dtype, special: bool, seed: int = 0) -> torch.Tensor:
 def _eager_minmax(x, axis, group_size):
     if group_size is not None:
         groups = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-        lo, hi = tqfq._aminmax(groups, torch.float32, dim=-1)
+        lo, hi = tq_observers._aminmax(groups, torch.float32, dim=-1)
     elif axis is None:
-        lo, hi = tqfq._aminmax(x, torch.float32)
+        lo, hi = tq_observers._aminmax(x, torch.float32)
     else:
-        lo, hi = tqfq._aminmax(tqfq._channel_rows(x, axis), torch.float32, dim=1)
+        lo, hi = tq_observers._aminmax(tq_observers._channel_rows(x, axis), torch.float32, dim=1)
     return lo.reshape(-1), hi.reshape(-1)
 
 
@@ -131,7 +133,7 @@ def test_signed_zeros_change_no_qparam(kernels, device):
     )  # fmt: skip
     e_lo, e_hi = _eager_minmax(x, 0, None)
     assert torch.equal(lo, e_lo) and torch.equal(hi, e_hi)
-    e_scale, e_zp = tqfq._minmax_qparams(
+    e_scale, e_zp = formulas.observer_minmax_qparams(
         e_lo, e_hi, 0, 255, torch.per_channel_affine, torch.quint8, False, eps
     )
     assert_bitwise_equal(scale, e_scale, "scale")
@@ -168,19 +170,21 @@ def _assert_qparams_match(kernels, pairs, qmin, qmax, dtype, custom, symmetric):
     scale = torch.empty(n, device=device)
     zp = torch.empty(n, dtype=torch.int32, device=device)
     eps = torch.tensor([EPS], device=device)
-    zp_sym = tqfq._symmetric_zero_point(qmin, qmax, dtype, custom)
+    zp_sym = formulas.symmetric_zero_point(qmin, qmax, dtype, custom)
     common = dict(quant_min=qmin, quant_max=qmax, symmetric=symmetric, scale=scale, zero_point=zp)
     kernels.observe(
         pairs, lo, hi, axis=0, qparams=kernels.OBSERVER_QPARAMS, eps=eps, zp_symmetric=zp_sym,
         **common,
     )  # fmt: skip
     qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
-    e_scale, e_zp = tqfq._minmax_qparams(lo, hi, qmin, qmax, qscheme, dtype, custom, eps)
+    e_scale, e_zp = formulas.observer_minmax_qparams(
+        lo, hi, qmin, qmax, qscheme, dtype, custom, eps
+    )
     assert_bitwise_equal(scale, e_scale, "observer scale")
     assert_bitwise_equal(zp, e_zp.to(torch.int32), "observer zero_point")
 
     kernels.observe(pairs, lo, hi, axis=0, qparams=kernels.FUSED_QPARAMS, **common)
-    e_scale, e_zp = tqfq._fused_qparams(lo, hi, qmin, qmax, symmetric)
+    e_scale, e_zp = formulas.fused_qparams(lo, hi, qmin, qmax, symmetric)
     assert_bitwise_equal(scale, e_scale, "fused scale")
     assert_bitwise_equal(zp, e_zp, "fused zero_point")
 
@@ -255,7 +259,7 @@ def test_fused_flags_are_read_on_the_device(kernels, device, observe_on, fake_qu
     assert_bitwise_equal(run_min, exp_min, "min")
     assert_bitwise_equal(run_max, exp_max, "max")
     if fake_quant_on:
-        exp_scale, exp_zp = tqfq._fused_qparams(exp_min, exp_max, -128, 127, True)
+        exp_scale, exp_zp = formulas.fused_qparams(exp_min, exp_max, -128, 127, True)
     else:
         exp_scale, exp_zp = before[2], before[3]
     assert_bitwise_equal(scale, exp_scale, "scale")

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from _compare import assert_bitwise_equal
 
 import triton_qat as tq
-from triton_qat import reference
-from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize, fake_quantize_per_token
-from triton_qat.qparams import PerTokenQParams
+from triton_qat.numerics import reference
+from triton_qat.numerics.qparams import PerTokenQParams
+from triton_qat.quantizers import DynamicPerTokenFakeQuantize, fake_quantize_per_token
 
 INF, NAN = float("inf"), float("nan")
 

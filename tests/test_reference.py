@@ -20,8 +20,8 @@ import torch
 from _compare import assert_bitwise_equal
 
 import triton_qat as tq
-from triton_qat.qparams import normalize
-from triton_qat.reference import fake_quantize_mask_ref
+from triton_qat.numerics.qparams import normalize
+from triton_qat.numerics.reference import fake_quantize_mask_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -1037,7 +1037,7 @@ def test_fma_fp32_rounds_once():
     """a * b + c with one rounding, where float64 followed by float32 would round twice:
     (1 + 2**-18) * 2**-24 * (1 - 2**-18) + (1 + 2**-23) = 1 + 2**-23 + 2**-24 - 2**-60 lies
     just below an fp32 midpoint that float64 rounds onto (then ties-to-even goes up)."""
-    from triton_qat.reference import fma_fp32
+    from triton_qat.numerics.reference import fma_fp32
 
     a = torch.tensor([1 + 2**-18, float("inf"), 1.0, 3.0])
     b = torch.tensor([2**-24 * (1 - 2**-18), 2.0, float("inf"), 0.5])

@@ -13,16 +13,17 @@ import torch
 import triton
 
 import triton_qat as tq
-from triton_qat import tuning
+from triton_qat.kernels import autotune_cache
+from triton_qat.tools import tuning
 
 GPU = "Fake GPU 80GB"
 KEY = (8192, 4096, 4096, 1, 0, "torch.bfloat16", "torch.bfloat16")
 CONFIG = {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 256}, "num_warps": 8, "num_stages": 3}
 
 
-def _entries_in_file(cache: tuning.AutotuneCache) -> list[dict]:
+def _entries_in_file(cache: autotune_cache.AutotuneCache) -> list[dict]:
     data = json.loads(cache.path.read_text())
-    assert data["schema"] == tuning.SCHEMA_VERSION and data["triton"] == cache.triton
+    assert data["schema"] == autotune_cache.SCHEMA_VERSION and data["triton"] == cache.triton
     return data["entries"]
 
 
@@ -30,8 +31,8 @@ def _entries_in_file(cache: tuning.AutotuneCache) -> list[dict]:
 
 
 def test_store_then_hit_in_a_new_instance_and_misses(tmp_path):
-    cache = tuning.AutotuneCache(tmp_path)  # reads nothing yet: the file comes later
-    tuning.AutotuneCache(tmp_path).store(GPU, "fwd", KEY, CONFIG, 1.5)
+    cache = autotune_cache.AutotuneCache(tmp_path)  # reads nothing yet: the file comes later
+    autotune_cache.AutotuneCache(tmp_path).store(GPU, "fwd", KEY, CONFIG, 1.5)
     entry = cache.lookup(GPU, "fwd", KEY)
     assert entry is not None and entry["config"] == CONFIG and entry["ms"] == 1.5
     assert entry["key"] == list(KEY)
@@ -40,13 +41,15 @@ def test_store_then_hit_in_a_new_instance_and_misses(tmp_path):
     assert cache.lookup(GPU, "fwd", (1024, *KEY[1:])) is None
     # Another Triton version reads the file as foreign: no hit across versions.
     with pytest.warns(RuntimeWarning, match="triton"):
-        assert tuning.AutotuneCache(tmp_path, triton="0.0.1").lookup(GPU, "fwd", KEY) is None
+        assert (
+            autotune_cache.AutotuneCache(tmp_path, triton="0.0.1").lookup(GPU, "fwd", KEY) is None
+        )
     assert len(cache) == 1
 
 
 def test_corrupt_file_warns_once_then_is_replaced(tmp_path):
-    (tmp_path / tuning.CACHE_FILE).write_text('{"schema": 1, "entries": [tru')
-    cache = tuning.AutotuneCache(tmp_path)
+    (tmp_path / autotune_cache.CACHE_FILE).write_text('{"schema": 1, "entries": [tru')
+    cache = autotune_cache.AutotuneCache(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert cache.lookup(GPU, "fwd", KEY) is None
@@ -59,15 +62,15 @@ def test_corrupt_file_warns_once_then_is_replaced(tmp_path):
 @pytest.mark.parametrize(
     "content",
     [
-        {"schema": tuning.SCHEMA_VERSION + 1, "triton": "3.9.0", "entries": []},
-        {"schema": tuning.SCHEMA_VERSION, "triton": "2.0.0", "entries": []},
-        {"schema": tuning.SCHEMA_VERSION, "triton": "3.9.0", "entries": [{"gpu": GPU}]},
+        {"schema": autotune_cache.SCHEMA_VERSION + 1, "triton": "3.9.0", "entries": []},
+        {"schema": autotune_cache.SCHEMA_VERSION, "triton": "2.0.0", "entries": []},
+        {"schema": autotune_cache.SCHEMA_VERSION, "triton": "3.9.0", "entries": [{"gpu": GPU}]},
         [1, 2, 3],
     ],
     ids=["schema", "triton", "entry", "not-an-object"],
 )
 def test_foreign_or_malformed_file_is_ignored(tmp_path, content):
-    cache = tuning.AutotuneCache(tmp_path, triton="3.9.0")
+    cache = autotune_cache.AutotuneCache(tmp_path, triton="3.9.0")
     if isinstance(content, dict) and content["entries"] == []:
         # A foreign file holding what would be a hit for this process: it must not be used.
         content["entries"] = [
@@ -85,7 +88,7 @@ def test_foreign_or_malformed_file_is_ignored(tmp_path, content):
 def test_unwritable_dir_warns_once_and_keeps_entries_in_memory(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    cache = tuning.AutotuneCache(blocker / "cache")  # mkdir fails: a file is in the way
+    cache = autotune_cache.AutotuneCache(blocker / "cache")  # mkdir fails: a file is in the way
     with pytest.warns(RuntimeWarning, match="cannot write") as caught:
         cache.store(GPU, "fwd", KEY, CONFIG, 1.0)
         cache.store(GPU, "dx", KEY, CONFIG, 1.0)
@@ -95,7 +98,7 @@ def test_unwritable_dir_warns_once_and_keeps_entries_in_memory(tmp_path):
 
 
 def _write_keys(directory: str, name: str, count: int, start) -> None:
-    cache = tuning.AutotuneCache(directory)
+    cache = autotune_cache.AutotuneCache(directory)
     start.wait(timeout=60)
     for i in range(count):
         config = {"kwargs": {"BLOCK_M": 64}, "num_warps": 4, "num_stages": 3}
@@ -116,7 +119,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
-    entries = _entries_in_file(tuning.AutotuneCache(tmp_path))
+    entries = _entries_in_file(autotune_cache.AutotuneCache(tmp_path))
     keys = {(e["kernel"], tuple(e["key"])) for e in entries}
     assert len(entries) == len(keys) == 2 * per_writer
     assert keys == {(f"kernel_{n}", (i, 64, 64)) for n in "ab" for i in range(per_writer)}
@@ -125,12 +128,12 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 def test_default_cache_follows_the_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_QAT_CACHE_DIR", str(tmp_path / "tuned"))
-    cache = tuning.default_cache()
-    assert cache.path == tmp_path / "tuned" / tuning.CACHE_FILE
-    assert tuning.default_cache() is cache
+    cache = autotune_cache.default_cache()
+    assert cache.path == tmp_path / "tuned" / autotune_cache.CACHE_FILE
+    assert autotune_cache.default_cache() is cache
     monkeypatch.delenv("TRITON_QAT_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert tuning.autotune_cache_dir() == tmp_path / "xdg" / "triton_qat"
+    assert autotune_cache.autotune_cache_dir() == tmp_path / "xdg" / "triton_qat"
 
 
 # --- the Autotuner hook -----------------------------------------------------------------------
@@ -156,7 +159,7 @@ class _FakeKernel:
 _MS = {32: 3.0, 64: 1.0, 128: 2.0}
 
 
-def _tuner(cache: tuning.AutotuneCache, blocks=(32, 64, 128), prune=None):
+def _tuner(cache: autotune_cache.AutotuneCache, blocks=(32, 64, 128), prune=None):
     """A real triton Autotuner over a fake kernel, its benchmarks counted, hooked to `cache`."""
     kernel = _FakeKernel()
     benched: list[int] = []
@@ -172,7 +175,7 @@ def _tuner(cache: tuning.AutotuneCache, blocks=(32, 64, 128), prune=None):
     tuner = triton.autotune(configs, key=["M", "N"], prune_configs_by=prune_by, do_bench=do_bench)(
         kernel
     )
-    tuning.attach_cache(tuner, "fake_gemm", cache)
+    autotune_cache.attach_cache(tuner, "fake_gemm", cache)
     return tuner, kernel, benched
 
 
@@ -184,59 +187,59 @@ def on_fake_gpu(monkeypatch):
 
 def test_hook_stores_the_winner_and_a_later_process_skips_the_benchmark(tmp_path, on_fake_gpu):
     x = torch.zeros(4, dtype=torch.bfloat16)
-    tuner, kernel, benched = _tuner(tuning.AutotuneCache(tmp_path))
+    tuner, kernel, benched = _tuner(autotune_cache.AutotuneCache(tmp_path))
     tuner.run(x, 256, 512)
     assert sorted(benched) == [32, 64, 128] and kernel.launches[-1] == 64
     key = (256, 512, "torch.bfloat16")
     assert tuner.cache.tuned == {key} and not tuner.cache.hits
-    (entry,) = _entries_in_file(tuning.AutotuneCache(tmp_path))
+    (entry,) = _entries_in_file(autotune_cache.AutotuneCache(tmp_path))
     assert entry["kernel"] == "fake_gemm" and entry["gpu"] == GPU
     assert entry["key"] == list(key) and entry["ms"] == 1.0
     stored = entry["config"]
     assert (stored["kwargs"], stored["num_warps"], stored["num_stages"]) == ({"BLOCK_M": 64}, 4, 2)
 
     # A fresh tuner and cache object (as in a new process): a hit launches 64, benches nothing.
-    tuner2, kernel2, benched2 = _tuner(tuning.AutotuneCache(tmp_path))
+    tuner2, kernel2, benched2 = _tuner(autotune_cache.AutotuneCache(tmp_path))
     tuner2.run(x, 256, 512)
     assert benched2 == [] and kernel2.launches == [64]
     assert tuner2.cache.hits == {key} and tuner2.best_config.kwargs == {"BLOCK_M": 64}
     # A key not in the file is tuned.
     tuner2.run(x, 128, 512)
     assert sorted(benched2) == [32, 64, 128]
-    assert len(_entries_in_file(tuning.AutotuneCache(tmp_path))) == 2
+    assert len(_entries_in_file(autotune_cache.AutotuneCache(tmp_path))) == 2
 
 
 def test_hook_retunes_when_the_cached_config_left_the_space(tmp_path, on_fake_gpu):
     x = torch.zeros(4)
-    tuner, _, _ = _tuner(tuning.AutotuneCache(tmp_path))
+    tuner, _, _ = _tuner(autotune_cache.AutotuneCache(tmp_path))
     tuner.run(x, 16, 16)
-    tuner2, kernel2, benched2 = _tuner(tuning.AutotuneCache(tmp_path), blocks=(32, 128))
+    tuner2, kernel2, benched2 = _tuner(autotune_cache.AutotuneCache(tmp_path), blocks=(32, 128))
     tuner2.run(x, 16, 16)
     assert sorted(benched2) == [32, 128] and kernel2.launches[-1] == 128
-    (entry,) = _entries_in_file(tuning.AutotuneCache(tmp_path))
+    (entry,) = _entries_in_file(autotune_cache.AutotuneCache(tmp_path))
     assert entry["config"]["kwargs"] == {"BLOCK_M": 128}
 
 
 def test_hook_disabled_by_env(tmp_path, on_fake_gpu, monkeypatch):
     x = torch.zeros(4)
-    tuner, _, _ = _tuner(tuning.AutotuneCache(tmp_path))
+    tuner, _, _ = _tuner(autotune_cache.AutotuneCache(tmp_path))
     tuner.run(x, 16, 16)
     monkeypatch.setenv("TRITON_QAT_AUTOTUNE_CACHE", "0")
-    tuner2, _, benched2 = _tuner(tuning.AutotuneCache(tmp_path))
+    tuner2, _, benched2 = _tuner(autotune_cache.AutotuneCache(tmp_path))
     tuner2.run(x, 16, 16)
     tuner2.run(x, 32, 16)
     assert len(benched2) == 6
-    assert len(_entries_in_file(tuning.AutotuneCache(tmp_path))) == 1
+    assert len(_entries_in_file(autotune_cache.AutotuneCache(tmp_path))) == 1
 
 
 def test_hook_does_not_store_an_untimed_choice(tmp_path, on_fake_gpu):
     """One config left after pruning: Triton picks it without a benchmark; nothing stored."""
     tuner, kernel, benched = _tuner(
-        tuning.AutotuneCache(tmp_path), prune=lambda configs, nargs, **kw: configs[:1]
+        autotune_cache.AutotuneCache(tmp_path), prune=lambda configs, nargs, **kw: configs[:1]
     )
     tuner.run(torch.zeros(4), 16, 16)
     assert benched == [] and kernel.launches == [32]
-    assert not (tmp_path / tuning.CACHE_FILE).exists()
+    assert not (tmp_path / autotune_cache.CACHE_FILE).exists()
 
 
 def test_gemm_autotune_decorator_attaches_the_cache_when_compiled(monkeypatch):
@@ -247,7 +250,7 @@ def test_gemm_autotune_decorator_attaches_the_cache_when_compiled(monkeypatch):
     monkeypatch.setattr(configs, "INTERPRETED_KERNELS", False)
     decorate = configs.autotune("M", "N", "K", ("x_ptr", "w_ptr"), extra_key=("W_GRAN",))
     tuner = decorate(kernel)
-    assert isinstance(tuner.cache, tuning.PersistentConfigs)
+    assert isinstance(tuner.cache, autotune_cache.PersistentConfigs)
     assert tuner.cache.kernel == "fake_gemm_kernel" and len(tuner.configs) > 1
 
 
@@ -257,7 +260,7 @@ def test_gemm_tuners_are_plain_under_the_interpreter():
     assert INTERPRETED_KERNELS
     for tuner in (fq_matmul.fq_linear_fwd_kernel, fq_matmul.fq_linear_dw_kernel):
         assert len(tuner.configs) == 1
-        assert not isinstance(tuner.cache, tuning.PersistentConfigs)
+        assert not isinstance(tuner.cache, autotune_cache.PersistentConfigs)
 
 
 @pytest.mark.parametrize(

@@ -7,20 +7,24 @@ an eager PyTorch reference everywhere else. Importing this package never touches
 """
 
 from triton_qat import nn
-from triton_qat._backend import get_backend, set_backend, use_backend
-from triton_qat.convert import convert, prepare_qat
+from triton_qat.flow.convert import convert
+from triton_qat.flow.prepare import prepare_qat
+from triton_qat.numerics.qparams import PerTokenQParams, QParams
 from triton_qat.ops import (
     fake_quantize_per_channel,
     fake_quantize_per_group,
     fake_quantize_per_tensor,
     fq_linear,
+    get_backend,
+    set_backend,
+    use_backend,
 )
 from triton_qat.qconfig import QConfig, get_qconfig, list_qconfigs, register_qconfig
-from triton_qat.qparams import QParams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PerTokenQParams",
     "QConfig",
     "QParams",
     "__version__",

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from triton_qat import quantizers
+
 Factory = Callable[[], torch.nn.Module]
 
 _TORCH_AO_PACKAGE = "torch.ao.quantization"
@@ -67,7 +69,7 @@ def _check_factory(factory: object, name: str, *, allow_none: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Registry. A value is a QConfig, or (built-in presets) a builder run on the first lookup:
-# the builders import triton_qat.fake_quantize and torch.ao, which import time need not pay.
+# the builders import triton_qat.quantizers and torch.ao, which import time need not pay.
 
 _REGISTRY: dict[str, QConfig | Callable[[], QConfig]] = {}
 
@@ -143,13 +145,6 @@ def _torch_ao_quantization() -> ModuleType | None:
     return ao
 
 
-def _fake_quantize_module() -> ModuleType:
-    # Imported on use: the fake-quant modules are needed only once a qconfig is built.
-    from triton_qat import fake_quantize
-
-    return fake_quantize
-
-
 def _unwrap_factory(factory: object) -> tuple[type, tuple, dict[str, Any]] | None:
     """(class, args, keywords) of a class, a functools.partial of one or a torch.ao
     `with_args` factory (nested ones flattened); None for anything else, and for torch.ao
@@ -178,7 +173,7 @@ def _triton_qat_twin(cls: type) -> type | None:
     """triton_qat's class of the same name as torch.ao's `cls`; None for other classes."""
     if not cls.__module__.startswith(_TORCH_AO_PACKAGE):
         return None
-    twin = getattr(_fake_quantize_module(), cls.__name__, None)
+    twin = getattr(quantizers, cls.__name__, None)
     return twin if isinstance(twin, type) else None
 
 
@@ -254,7 +249,7 @@ def get_default_qat_qconfig(backend: str = "x86", version: int = 1) -> QConfig:
 def _default_qat_qconfig_without_torch_ao(backend: str, version: int) -> QConfig:
     """torch.ao's get_default_qat_qconfig, its arguments copied from torch 2.13's
     torch/ao/quantization/{qconfig,fake_quantize}.py (tests compare both ways)."""
-    fq = _fake_quantize_module()
+    fq = quantizers
     fake_quant = fq.FakeQuantize if version == 0 else fq.FusedMovingAvgObsFakeQuantize
     activation_kwargs: dict[str, Any] = {}
     if backend in ("x86", "fbgemm"):
@@ -301,7 +296,7 @@ def _default_qat_qconfig_without_torch_ao(backend: str, version: int) -> QConfig
 
 
 def _int8_per_channel() -> QConfig:
-    fq = _fake_quantize_module()
+    fq = quantizers
     return QConfig(weight=_int8_per_channel_weight(fq))
 
 
@@ -318,7 +313,7 @@ def _int8_per_channel_weight(fq: ModuleType) -> Factory:
 
 
 def _int8_per_tensor() -> QConfig:
-    fq = _fake_quantize_module()
+    fq = quantizers
     # Running min / max over every weight observed, as torch.ao's MinMaxObserver.
     weight = fq.FakeQuantize.with_args(
         observer=fq.MinMaxObserver,
@@ -343,7 +338,7 @@ def _int4_per_group_weight(fq: ModuleType) -> Factory:
 
 
 def _int4_per_group() -> QConfig:
-    return QConfig(weight=_int4_per_group_weight(_fake_quantize_module()))
+    return QConfig(weight=_int4_per_group_weight(quantizers))
 
 
 def _per_token_int8(fq: ModuleType, qscheme: torch.qscheme) -> Factory:
@@ -359,7 +354,7 @@ def _per_token_int8(fq: ModuleType, qscheme: torch.qscheme) -> Factory:
 def _w8a8_dynamic() -> QConfig:
     # int8 per-channel weights; each input token fake-quantized with its own int8 symmetric
     # qparams (torchao's int8 dynamic-activation recipe).
-    fq = _fake_quantize_module()
+    fq = quantizers
     return QConfig(
         weight=_int8_per_channel_weight(fq),
         activation=_per_token_int8(fq, torch.per_tensor_symmetric),
@@ -368,7 +363,7 @@ def _w8a8_dynamic() -> QConfig:
 
 def _w4a8_dynamic() -> QConfig:
     # int4 per-group weights with int8 asymmetric per-token activations (torchao's 8da4w).
-    fq = _fake_quantize_module()
+    fq = quantizers
     return QConfig(
         weight=_int4_per_group_weight(fq),
         activation=_per_token_int8(fq, torch.per_tensor_affine),
@@ -395,7 +390,7 @@ def learnable_qconfig(qconfig: object, *, use_grad_scaling: bool = True) -> QCon
 def _learnable_factory(factory: Any, use_grad_scaling: bool, role: str) -> Any:
     if factory is None:
         return None
-    fq = _fake_quantize_module()
+    fq = quantizers
     unwrapped = _unwrap_factory(factory)
     cls = None if unwrapped is None else unwrapped[0]
     kept_as_is = (fq.LearnableFakeQuantize, fq.DynamicPerTokenFakeQuantize)

@@ -1,6 +1,7 @@
 """Triton kernels and their thin launchers. Importing this package imports Triton.
 
-Kernels receive normalized arguments (see triton_qat.qparams); no autograd, no modules here.
+Layer 2. Kernels receive normalized arguments (see triton_qat.numerics.qparams); no autograd,
+no modules here.
 """
 
 import triton

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import triton
 
 from triton_qat.kernels import INTERPRETED_KERNELS
-from triton_qat.qparams import PER_GROUP
+from triton_qat.kernels.autotune_cache import attach_cache
+from triton_qat.numerics.qparams import PER_GROUP
 
 # Qparam bytes staged per weight element: a number, or a function of the config.
 Gathered = float | Callable[[triton.Config], float]
@@ -253,8 +254,6 @@ def autotune(
         tuner = tune(fn)
         if INTERPRETED_KERNELS:
             return tuner  # one config: Triton never consults its cache
-        from triton_qat.tuning import attach_cache
-
         return attach_cache(tuner)
 
     return decorator

@@ -1,7 +1,7 @@
 """Standalone fake quantization: forward and straight-through backward kernels.
 
 The input, made contiguous, is seen as a (rows, cols) matrix; the qparam index of an element
-is `row % channels`, or `col` when PARAMS_ON_COLS (see triton_qat.qparams.NormQParams).
+is `row % channels`, or `col` when PARAMS_ON_COLS (see triton_qat.numerics.qparams.NormQParams).
 That one layout covers per tensor (one channel), per channel along any axis and per group.
 The backward kernel recomputes the mask from x: no mask tensor is ever stored. The codes
 kernel writes the integer codes clamp(q) behind the fake quant (int8, optionally shifted),
@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from triton_qat.kernels.rounding import cast_rne, round_half_even_then_clamped, to_fp32
-from triton_qat.qparams import NormQParams
+from triton_qat.numerics.qparams import NormQParams
 
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_COLS = 2048
@@ -24,7 +24,7 @@ _MAX_BLOCK_COLS = 2048
 
 @triton.jit
 def quantize_unclamped(xf, inv_scale, zp, FLOAT_ZP: tl.constexpr):
-    """Integer-valued fp32 q before clamping, as triton_qat.reference.quantize_unclamped.
+    """Integer-valued fp32 q before clamping, as triton_qat.numerics.reference.quantize_unclamped.
 
     Exact wherever it matters: the caller clamps to [qmin, qmax] within +-2**20 (QParams
     enforces it), so the two-op rounding's liberty beyond 2**22 never shows.
@@ -39,14 +39,14 @@ def quantize_unclamped(xf, inv_scale, zp, FLOAT_ZP: tl.constexpr):
 
 @triton.jit
 def clamp_codes(qf, qmin, qmax):
-    """clamp(q, qmin, qmax) of integer-valued fp32 q, as triton_qat.reference.clamp_quantized:
+    """clamp(q, qmin, qmax) of integer-valued fp32 q, as numerics.reference.clamp_quantized:
     NaN fails both comparisons and lands on qmin, as fmin(fmax(NaN, qmin), qmax) does."""
     return tl.where(qf > qmax, qmax, tl.where(qf >= qmin, qf, qmin))
 
 
 @triton.jit
 def fake_quant_values(xf, inv_scale, scale, zp, qmin, qmax, FLOAT_ZP: tl.constexpr):
-    """fp32 fake quant of an fp32 tile: (y, mask), as triton_qat.reference.fake_quant_core."""
+    """fp32 fake quant of an fp32 tile: (y, mask), as numerics.reference.fake_quant_core."""
     qf = quantize_unclamped(xf, inv_scale, zp, FLOAT_ZP)
     mask = (qf >= qmin) & (qf <= qmax)
     q = clamp_codes(qf, qmin, qmax)
@@ -197,7 +197,7 @@ def quantized_codes_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """int8 codes clamp(q) - shift, as triton_qat.reference.quantized_codes_ref."""
+    """int8 codes clamp(q) - shift, as triton_qat.numerics.reference.quantized_codes_ref."""
     pid = tl.program_id(0).to(tl.int64)
     x, inv, zp, offs, mask, _, _ = x_tile_and_params(
         pid, x_ptr, inv_ptr, zp_ptr, rows, cols, channels, PARAMS_ON_COLS, BLOCK_R, BLOCK_C

@@ -26,7 +26,7 @@ from torch import Tensor
 from triton_qat.kernels.configs import autotune
 from triton_qat.kernels.fake_quant import fake_quant_values, quantize_unclamped
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
-from triton_qat.qparams import IntWeight, LinearQuant
+from triton_qat.numerics.qparams import IntWeight, LinearQuant
 
 # Granularity flags that select a different kernel variant: part of the autotune key (the
 # group size is a constexpr: it decides how a tile's qparams are loaded, see _weight_params).

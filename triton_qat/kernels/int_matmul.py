@@ -22,7 +22,7 @@
                                            the fused op's forward / dX / dW on the Triton
                                            path, as the op and the autotune command run them
 
-Weights arrive as a checked triton_qat.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
+Weights arrive as a checked triton_qat.numerics.qparams.IntWeight: int8 codes (N, K), or uint8 bytes
 (N, ceil(K / 2)) holding two 4-bit codes q - quant_min, low nibble first (unpacked in
 registers), with an fp32 scale and int32 zero point per tensor, per output channel or per
 group of `group_size` along K.
@@ -35,7 +35,7 @@ within the matmul's rounding (for fp16 / bf16 the epilogue form skips the weight
 the input dtype; tests/test_int_matmul.py bounds both against float64).
 
 Integer paths: input rows are quantized by quantize_rows with the numerics of
-triton_qat.fake_quantize.fake_quantize_per_token (same codes, scales and zero points); a
+triton_qat.quantizers.fake_quantize_per_token (same codes, scales and zero points); a
 float weight's codes come from one pass of kernels.fake_quant.quantized_codes (the fake
 quant's own codes, per tensor, per channel or per group). Codes outside int8 (e.g. 0..255)
 are stored shifted by `shift` (code - shift fits int8). With per-tensor / per-channel
@@ -49,7 +49,7 @@ fake-quant float path's F.linear(fq(x), fq(w)) up to the rounding of these final
 
 w8a8_linear interface (for the fused QAT forward): x (..., K) float, w (N, K) float weights,
 bias (N,) or None, weight_qparams per tensor or per channel along axis 0 with an integer zero
-point and a range within int8, input_quant a RowQuant (triton_qat.qparams.row_quant for
+point and a range within int8, input_quant a RowQuant (triton_qat.numerics.qparams.row_quant for
 per-token, static_row_quant for per tensor). Returns y (..., N) in x's dtype. No autograd.
 """
 
@@ -76,19 +76,21 @@ from triton_qat.kernels.fq_matmul import (
     fq_linear_grad_weight,
     input_precision,
 )
+from triton_qat.kernels.per_token import per_token_qparams
 from triton_qat.kernels.rounding import cast_rne, dot_operand, to_fp32
-from triton_qat.qparams import (
+from triton_qat.numerics.qparams import (
     INT8_RANGE,
     PER_GROUP,
     IntWeight,
     LinearQuant,
     NormQParams,
+    PerTokenQParams,
     QParams,
     RowQuant,
     int_weight,
     normalize,
 )
-from triton_qat.reference import reciprocal
+from triton_qat.numerics.reference import reciprocal
 
 # The largest |D| an int32 accumulator holds.
 _INT32_LIMIT = 2**31 - 1
@@ -388,9 +390,6 @@ def quantize_rows(x2d: Tensor, rq: RowQuant) -> QuantizedRows:
     if m:
         block_k = min(triton.next_power_of_2(max(k, 1)), _MAX_ROW_CHUNK)
         if rq.dynamic:
-            from triton_qat.kernels.per_token import per_token_qparams
-            from triton_qat.qparams import PerTokenQParams
-
             spec = PerTokenQParams(
                 rq.quant_min, rq.quant_max, rq.symmetric, rq.symmetric_zero_point, rq.eps
             )

@@ -2,7 +2,7 @@
 
 The forward of the learnable op is plain fake quant with the rounded zero point and runs
 kernels/fake_quant.py's forward kernel. The backward kernel computes dx and the per-element
-scale and zero-point gradient terms of triton_qat.reference.learnable_grad_terms_ref, and
+scale and zero-point gradient terms of triton_qat.numerics.reference.learnable_grad_terms_ref, and
 sums the terms of each tile per channel (tl.sum, a fixed tree) into a buffer of partial
 sums; the launcher then sums the partials in a fixed order. No atomics: the same inputs give
 the same bits on every run.
@@ -24,7 +24,7 @@ from triton_qat.kernels.fake_quant import (
     x_tile_and_params,
 )
 from triton_qat.kernels.rounding import cast_rne, to_fp32
-from triton_qat.qparams import NormQParams
+from triton_qat.numerics.qparams import NormQParams
 
 
 @triton.jit

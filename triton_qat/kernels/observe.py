@@ -7,7 +7,7 @@ consecutive elements (numel // g channels, inner = g). Two launches and no host 
 apart, since comparisons drop it), `_observe_finish_kernel` combines the partials, updates the
 running min / max buffers in place and computes scale and zero point.
 
-The formulas mirror triton_qat.fake_quantize step for step (`_minmax_qparams`, torch.ao's
+The formulas mirror triton_qat.quantizers step for step (`_minmax_qparams`, torch.ao's
 Python _calculate_qparams; `_fused_qparams`, torch's ChooseQuantizationParams), rounding in
 fp32 or fp64 where they do; tests/test_observe.py compares the two bit for bit. Zeros of
 opposite sign compare equal: a min or max of 0 may carry the other sign than torch.aminmax's

@@ -1,6 +1,6 @@
 """Dynamic per-token qparams: one light pass over the (M, K) input that reduces each row to
 its min / max and writes the row's scale, 1 / scale and zero point, bit for bit as
-triton_qat.reference.per_token_qparams_ref (torch.ao's Python observer formulas in fp32).
+triton_qat.numerics.reference.per_token_qparams_ref (torch.ao's Python observer formulas in fp32).
 
 The fused GEMMs (fq_matmul.py) then fake-quantize the input tiles with these per-row vectors.
 """
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from triton_qat.kernels import INTERPRETED_KERNELS
 from triton_qat.kernels.rounding import round_half_even, to_fp32
-from triton_qat.qparams import PerTokenQParams
+from triton_qat.numerics.qparams import PerTokenQParams
 
 INF: tl.constexpr = tl.constexpr(float("inf"))
 NAN: tl.constexpr = tl.constexpr(float("nan"))

@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from triton_qat.ops import fake_quantize, fq_linear
-from triton_qat.qparams import PerTokenQParams, QParams
+from triton_qat.numerics.qparams import PerTokenQParams, QParams
+from triton_qat.ops.functional import fake_quantize, fq_linear
+from triton_qat.qconfig import resolve_qconfig
+from triton_qat.quantizers import (
+    DynamicPerTokenFakeQuantize,
+    FakeQuantize,
+    FusedMovingAvgObsFakeQuantize,
+    LearnableFakeQuantize,
+)
 
 # Fake-quant types already warned about (once per type and process).
 _WARNED_TYPES: set[type] = set()
@@ -25,12 +32,6 @@ def _fused_qparams(
     quant is disabled. A dynamic per-token input quantizer gives its PerTokenQParams: the
     fused linear computes each row's qparams from the input it is given.
     """
-    from triton_qat.fake_quantize import (
-        DynamicPerTokenFakeQuantize,
-        FakeQuantize,
-        FusedMovingAvgObsFakeQuantize,
-    )
-
     if isinstance(fq, DynamicPerTokenFakeQuantize) and not weight:
         return True, fq.per_token_spec()
     if not isinstance(fq, (FakeQuantize, FusedMovingAvgObsFakeQuantize)):
@@ -83,8 +84,6 @@ class Linear(torch.nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if not qconfig:
             raise ValueError("qconfig must be provided for QAT module")
-        from triton_qat.qconfig import resolve_qconfig
-
         self.qconfig = qconfig
         resolved = resolve_qconfig(qconfig)
         self.weight_fake_quant = resolved.weight().to(self.weight.device)
@@ -92,8 +91,6 @@ class Linear(torch.nn.Linear):
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 
     def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
-        from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize, LearnableFakeQuantize
-
         if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize)):
             # triton_qat's own, applied as a module by design: per-token qparams are made per
             # call; learnable qparams need gradients, which the fused GEMM does not produce.

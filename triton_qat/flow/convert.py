@@ -1,5 +1,5 @@
-"""The model flow: prepare_qat swaps nn.Linear for tq.nn.Linear, convert freezes a trained
-QAT model into integer weights with the trained qparams."""
+"""convert: a trained QAT model frozen into integer weights with the trained qparams
+(QuantizedLinear)."""
 
 from __future__ import annotations
 
@@ -9,52 +9,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from triton_qat._backend import use_triton
+from triton_qat.flow.prepare import swap_modules
 from triton_qat.nn.linear import Linear as QATLinear
-from triton_qat.ops import fake_quantize
-from triton_qat.qparams import (
+from triton_qat.numerics.observer_formulas import row_quant, static_row_quant
+from triton_qat.numerics.qparams import (
     IntWeight,
     QParams,
     RowQuant,
     check_float_tensor,
     int_weight,
-    row_quant,
-    static_row_quant,
+    normalize,
 )
-
-
-def _swap_modules(model: torch.nn.Module, make) -> None:
-    """Replace, in place and recursively, every child m with make(m) when it returns one."""
-    for name, child in list(model.named_children()):
-        new = make(child)
-        if new is not None:
-            setattr(model, name, new)
-        else:
-            _swap_modules(child, make)
-
-
-def prepare_qat(model: torch.nn.Module, qconfig, *, inplace: bool = False) -> torch.nn.Module:
-    """Every nn.Linear of `model` (exact type) becomes a tq.nn.Linear sharing its Parameters.
-
-    qconfig: a registered name, a triton_qat.QConfig or a torch.ao QConfig. With
-    inplace=False the model is deep-copied first (as torch.ao.quantization.prepare_qat).
-    """
-    from triton_qat.qconfig import resolve_qconfig
-
-    resolve_qconfig(qconfig)  # a bad qconfig fails here, before any module is touched
-    if not inplace:
-        model = copy.deepcopy(model)
-    if type(model) is torch.nn.Linear:
-        raise TypeError("prepare_qat takes a model containing nn.Linear layers, not a bare one")
-
-    def make(m: torch.nn.Module):
-        if type(m) is not torch.nn.Linear:
-            return None
-        m.qconfig = qconfig
-        return QATLinear.from_float(m)
-
-    _swap_modules(model, make)
-    return model
+from triton_qat.numerics.reference import quantized_codes_ref
+from triton_qat.ops.backend import use_triton
+from triton_qat.ops.functional import fake_quantize
+from triton_qat.quantizers import (
+    DynamicPerTokenFakeQuantize,
+    FakeQuantizeBase,
+    fake_quantize_per_token,
+)
 
 
 def _pack_int4(q: Tensor, quant_min: int) -> Tensor:
@@ -80,7 +53,7 @@ class QuantizedLinear(torch.nn.Module):
     so the eval output equals the QAT model's eval output. A static input quantizer is
     applied as fake quant (W8A8 numerics). No fake-quant modules are left.
 
-    Where triton_qat._backend.use_triton(device) holds, the forward runs the integer GEMMs
+    Where triton_qat.ops.backend.use_triton(device) holds, the forward runs the integer GEMMs
     of triton_qat.kernels.int_matmul instead: weight-only (float input times int8 / packed
     int4 codes) without an input quantizer, else the input quantized to int8 codes (per token
     or per tensor) and one int8 GEMM with int32 sums. Its output equals the eager forward's
@@ -183,6 +156,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def _forward_triton(self, input: Tensor) -> Tensor | None:
         """The Triton integer GEMMs, or None where this layer's layout has no kernel."""
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels import int_matmul
 
         wt = self.int_weight()
@@ -204,8 +178,6 @@ class QuantizedLinear(torch.nn.Module):
         """The input as the eager path multiplies it: fake-quantized per token (dynamic) or
         per tensor with the trained qparams, or unchanged when the layer keeps it float."""
         if self.dynamic_input is not None:
-            from triton_qat.fake_quantize import fake_quantize_per_token
-
             return fake_quantize_per_token(input, *self.dynamic_input)
         if self.input_range is not None:
             qmin, qmax = self.input_range
@@ -229,8 +201,6 @@ class QuantizedLinear(torch.nn.Module):
     @classmethod
     def from_qat(cls, mod: QATLinear) -> QuantizedLinear:
         """Freeze a trained tq.nn.Linear: its weight quantized with its current qparams."""
-        from triton_qat.fake_quantize import FakeQuantizeBase
-
         wfq = mod.weight_fake_quant
         if not isinstance(wfq, FakeQuantizeBase) or not hasattr(wfq, "qparams"):
             raise TypeError(
@@ -243,8 +213,6 @@ class QuantizedLinear(torch.nn.Module):
         wfq.enable_fake_quant(was_enabled)
         assert wq is not None
         codes = quantize_codes(mod.weight.detach(), wq)
-        from triton_qat.fake_quantize import DynamicPerTokenFakeQuantize
-
         iq = None
         ifq = getattr(mod, "input_fake_quant", None)
         dynamic = None
@@ -282,8 +250,6 @@ class QuantizedLinear(torch.nn.Module):
 
 def quantize_codes(w: Tensor, qp: QParams) -> Tensor:
     """The integer codes q = clamp(rne(w / scale) + zp) of the fake quant with `qp` (int32)."""
-    from triton_qat.qparams import normalize
-    from triton_qat.reference import quantized_codes_ref
 
     return quantized_codes_ref(w, normalize(w, qp))
 
@@ -299,5 +265,5 @@ def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module
     def make(m: torch.nn.Module):
         return QuantizedLinear.from_qat(m) if isinstance(m, QATLinear) else None
 
-    _swap_modules(model, make)
+    swap_modules(model, make)
     return model

@@ -78,6 +78,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return err
     if device.type == "cuda":
         return None
+    # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
     from triton_qat.kernels import INTERPRETED_KERNELS, INTERPRETER_MISMATCH
 
     if INTERPRETER_MISMATCH:

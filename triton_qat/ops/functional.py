@@ -7,9 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from triton_qat import reference
-from triton_qat._backend import use_triton
-from triton_qat.qparams import (
+from triton_qat.numerics import reference
+from triton_qat.numerics.qparams import (
     LinearQuant,
     NormQParams,
     PerTokenQParams,
@@ -18,6 +17,7 @@ from triton_qat.qparams import (
     check_learnable_qparams,
     normalize,
 )
+from triton_qat.ops.backend import use_triton
 
 # torch's CPU per-channel op converts q to int64 before clamping; below this bound on x / scale
 # nothing wraps, and its results equal the reference's (tests/test_reference.py).
@@ -63,6 +63,7 @@ def fake_quantize_with_mask_eager(
 
 def _forward(x: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
     if use_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.fake_quant import fake_quant_forward
 
         return fake_quant_forward(x, nq, inv_scale)
@@ -71,6 +72,7 @@ def _forward(x: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
 
 def _backward(x: Tensor, grad_y: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
     if use_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.fake_quant import fake_quant_backward
 
         return fake_quant_backward(x, grad_y, nq, inv_scale)
@@ -148,6 +150,7 @@ def per_token_qparams(x: Tensor, spec: PerTokenQParams) -> tuple[Tensor, Tensor,
     """(scale, 1 / scale, zero point) of each row of x (M, K): the light pass before a fused
     linear with a dynamic per-token input. Triton kernel or the reference, per the backend."""
     if use_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.per_token import per_token_qparams as per_token_qparams_triton
 
         return per_token_qparams_triton(x, spec)
@@ -199,6 +202,7 @@ def _fq_linear_op(
     w_args = (w_scale, w_inv, w_zp, w_qmin, w_qmax, group_size)
     lq = LinearQuant(*w_args, x_scale, x_inv, x_zp, x_qmin, x_qmax, x_per_row)
     if use_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels import int_matmul
 
         return int_matmul.fused_forward(x, weight, bias, lq)
@@ -235,6 +239,7 @@ def _fq_linear_backward_op(
     lq = LinearQuant(*w_args, x_scale, x_inv, x_zp, x_qmin, x_qmax, x_per_row)
     grad_y = grad_y.to(x.dtype)
     if use_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels import int_matmul
 
         dx, dw = int_matmul.fused_backward(grad_y, x, weight, lq, need_dx, need_dw)
@@ -515,6 +520,7 @@ class _LearnableFakeQuantizeFunction(torch.autograd.Function):
         qmin, qmax, axis, grad_factor = ctx.args
         nq = learnable_backward_norm(x, scale, zero_point, qmin, qmax, axis)
         if use_triton(x.device):
+            # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
             from triton_qat.kernels.learnable import learnable_fake_quant_backward
 
             dx, dscale, dzp = learnable_fake_quant_backward(

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from triton_qat.qparams import LinearQuant, NormQParams
+from triton_qat.numerics.qparams import LinearQuant, NormQParams
 
 
 def reciprocal(scale: Tensor) -> Tensor:

@@ -1,0 +1,145 @@
+"""Base classes of the observers and fake-quant modules, and torch.ao's with_args factories.
+
+With torch.ao installed the bases derive from torch.ao's (isinstance checks and torch.ao's
+helpers such as enable_observer work); without it they are plain nn.Modules with the same
+buffers and methods.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:  # torch.ao is optional: the package works without it
+    import torch.ao.quantization.fake_quantize as _ao_fake_quantize
+    import torch.ao.quantization.observer as _ao_observer
+except Exception:  # an ImportError, or a broken install raising anything
+    _ao_fake_quantize = None
+    _ao_observer = None
+
+
+# --- factories (with_args) ---------------------------------------------------------------------
+
+
+class _PartialWrapperFallback:
+    """torch.ao.quantization.observer._PartialWrapper, for when torch.ao is missing."""
+
+    def __init__(self, p: functools.partial) -> None:
+        self.p = p
+        self.callable_args: dict[str, Any] = {}
+
+    def __call__(self, *args: Any, **keywords: Any) -> Any:
+        for name, make in self.callable_args.items():
+            if name not in keywords:
+                keywords = {**keywords, name: make()}
+        return self.p(*args, **keywords)
+
+    def __repr__(self) -> str:
+        return self.p.__repr__() + self.callable_args.__repr__()
+
+    def with_args(self, **kwargs: Any) -> _PartialWrapperFallback:
+        return _with_args(self, **kwargs)
+
+    def with_callable_args(self, **kwargs: Any) -> _PartialWrapperFallback:
+        result = _PartialWrapperFallback(self.p)
+        result.callable_args = {**self.callable_args, **kwargs}
+        return result
+
+
+def _with_args(cls_or_self: Any, **kwargs: Any) -> Any:
+    """A factory building `cls_or_self(**kwargs)`; torch.ao's own wrapper when available, so
+    torch.ao's qconfig helpers (equality, dtype lookup through `.p.keywords`) accept it."""
+    ao_with_args = getattr(_ao_observer, "_with_args", None)
+    if ao_with_args is not None:
+        return ao_with_args(cls_or_self, **kwargs)
+    return _PartialWrapperFallback(functools.partial(cls_or_self, **kwargs))
+
+
+def _with_callable_args(cls_or_self: Any, **kwargs: Any) -> Any:
+    ao_fn = getattr(_ao_observer, "_with_callable_args", None)
+    if ao_fn is not None:
+        return ao_fn(cls_or_self, **kwargs)
+    return _PartialWrapperFallback(functools.partial(cls_or_self)).with_callable_args(**kwargs)
+
+
+# --- base classes --------------------------------------------------------------------------
+
+
+if _ao_observer is not None and hasattr(_ao_observer, "ObserverBase"):
+    _ObserverRoot: type = _ao_observer.ObserverBase
+else:
+
+    class _ObserverRoot(ABC, nn.Module):  # type: ignore[no-redef]
+        """torch.ao.quantization.ObserverBase's interface, without torch.ao."""
+
+        def __init__(self, dtype: torch.dtype, is_dynamic: bool = False) -> None:
+            super().__init__()
+            self.dtype = dtype
+            self.is_dynamic = is_dynamic
+
+        @abstractmethod
+        def forward(self, x):
+            pass
+
+        @abstractmethod
+        def calculate_qparams(self, **kwargs):
+            pass
+
+
+class ObserverBase(_ObserverRoot):
+    """Base of triton_qat's observers: torch.ao's ObserverBase when torch.ao is installed."""
+
+    with_args = classmethod(_with_args)
+    with_callable_args = classmethod(_with_callable_args)
+
+
+if _ao_fake_quantize is not None and hasattr(_ao_fake_quantize, "FakeQuantizeBase"):
+    _FakeQuantizeRoot: type = _ao_fake_quantize.FakeQuantizeBase
+else:
+
+    class _FakeQuantizeRoot(ABC, nn.Module):  # type: ignore[no-redef]
+        """torch.ao.quantization.FakeQuantizeBase's interface, without torch.ao."""
+
+        fake_quant_enabled: Tensor
+        observer_enabled: Tensor
+
+        def __init__(self) -> None:
+            super().__init__()
+            # uint8 buffers, as torch.ao (DDP replicates buffers; NCCL has no bool).
+            self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
+            self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.uint8))
+
+        @abstractmethod
+        def forward(self, x):
+            pass
+
+        @abstractmethod
+        def calculate_qparams(self, **kwargs):
+            pass
+
+        def enable_fake_quant(self, enabled: bool = True) -> None:
+            self.fake_quant_enabled[0] = 1 if enabled else 0
+
+        def disable_fake_quant(self) -> None:
+            self.enable_fake_quant(False)
+
+        def enable_observer(self, enabled: bool = True) -> None:
+            self.observer_enabled[0] = 1 if enabled else 0
+
+        def disable_observer(self) -> None:
+            self.enable_observer(False)
+
+
+class FakeQuantizeBase(_FakeQuantizeRoot):
+    """Base of triton_qat's fake-quantize modules: a subclass of
+    torch.ao.quantization.FakeQuantizeBase when torch.ao is installed, so torch.ao's
+    enable/disable_observer and enable/disable_fake_quant helpers act on it."""
+
+    @classmethod
+    def with_args(cls, **kwargs: Any) -> Any:
+        """A factory: `FakeQuantize.with_args(...)()` builds the module; chainable."""
+        return _with_args(cls, **kwargs)
