@@ -8,7 +8,7 @@ an eager PyTorch reference everywhere else. Importing this package never touches
 
 from triton_qat import nn
 from triton_qat.flow.convert import convert
-from triton_qat.flow.prepare import prepare_qat
+from triton_qat.flow.prepare import QATSummary, prepare_qat, qat_summary
 from triton_qat.numerics.qparams import PerTokenQParams, QParams
 from triton_qat.ops import (
     fake_quantize_per_channel,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PerTokenQParams",
+    "QATSummary",
     "QConfig",
     "QParams",
     "__version__",
@@ -38,6 +39,7 @@ __all__ = [
     "list_qconfigs",
     "nn",
     "prepare_qat",
+    "qat_summary",
     "register_qconfig",
     "set_backend",
     "use_backend",

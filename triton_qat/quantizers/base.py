@@ -90,11 +90,41 @@ else:
             pass
 
 
+def keep_state_dtypes(module: nn.Module, apply: Any, fn: Any, recurse: bool) -> nn.Module:
+    """nn.Module._apply that moves a quantizer's own tensors but keeps their dtypes.
+
+    Observer statistics, scales, zero points and learnable qparams stay float32 whatever the
+    model is cast to (model.to(torch.bfloat16), .half(), a mixed-precision wrapper that casts
+    every floating tensor): their formulas are float32 ones (NUMERICS.md), as torchao keeps
+    its fake quantizers' state. Device moves apply as usual.
+    """
+    own = {
+        name: t.dtype
+        for name, t in (*module._parameters.items(), *module._buffers.items())
+        if t is not None and t.is_floating_point()
+    }
+    apply(fn, recurse)
+    for name, dtype in own.items():
+        if name in module._parameters:
+            param = module._parameters[name]
+            if param is not None and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        else:
+            buf = module._buffers[name]
+            if buf is not None and buf.dtype != dtype:
+                module._buffers[name] = buf.to(dtype)
+    return module
+
+
 class ObserverBase(_ObserverRoot):
-    """Base of triton_qat's observers: torch.ao's ObserverBase when torch.ao is installed."""
+    """Base of triton_qat's observers: torch.ao's ObserverBase when torch.ao is installed.
+    Casting the module never changes the dtype of its state (keep_state_dtypes)."""
 
     with_args = classmethod(_with_args)
     with_callable_args = classmethod(_with_callable_args)
+
+    def _apply(self, fn, recurse=True):
+        return keep_state_dtypes(self, super()._apply, fn, recurse)
 
 
 if _ao_fake_quantize is not None and hasattr(_ao_fake_quantize, "FakeQuantizeBase"):
@@ -137,7 +167,11 @@ else:
 class FakeQuantizeBase(_FakeQuantizeRoot):
     """Base of triton_qat's fake-quantize modules: a subclass of
     torch.ao.quantization.FakeQuantizeBase when torch.ao is installed, so torch.ao's
-    enable/disable_observer and enable/disable_fake_quant helpers act on it."""
+    enable/disable_observer and enable/disable_fake_quant helpers act on it. Casting the module
+    never changes the dtype of its state (keep_state_dtypes)."""
+
+    def _apply(self, fn, recurse=True):
+        return keep_state_dtypes(self, super()._apply, fn, recurse)
 
     @classmethod
     def with_args(cls, **kwargs: Any) -> Any:

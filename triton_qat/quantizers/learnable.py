@@ -181,11 +181,14 @@ class LearnableFakeQuantize(FakeQuantizeBase):
                 grad_factor = 1.0 / (X.numel() * self.quant_max) ** 0.5
             else:
                 grad_factor = 1.0
+            # float32 qparams even where a mixed-precision wrapper hands bf16 Parameters (a
+            # no-op otherwise); their gradients flow back through the cast.
+            scale, zero_point = self.scale.float(), self.zero_point.float()
             if self.qscheme in PER_CHANNEL_SCHEMES:
                 X = fake_quantize_learnable_per_channel(
                     X,
-                    self.scale,
-                    self.zero_point,
+                    scale,
+                    zero_point,
                     self.ch_axis,
                     self.quant_min,
                     self.quant_max,
@@ -193,7 +196,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
                 )
             else:
                 X = fake_quantize_learnable(
-                    X, self.scale, self.zero_point, self.quant_min, self.quant_max, grad_factor
+                    X, scale, zero_point, self.quant_min, self.quant_max, grad_factor
                 )
         return X
 
