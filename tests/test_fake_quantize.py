@@ -727,8 +727,8 @@ def test_observe_then_qparams_equals_forward(name, dtype, device):
 )
 def test_fake_quantize_backends_match_torch_ao(name, backend, device):
     """The same parity through the Triton kernels (interpreted on the CPU) and the eager path."""
-    if backend == "triton" and tq._backend.triton_unavailable_reason(device) is not None:
-        pytest.skip(tq._backend.triton_unavailable_reason(device))
+    if backend == "triton" and tq.ops.backend.triton_unavailable_reason(device) is not None:
+        pytest.skip(tq.ops.backend.triton_unavailable_reason(device))
     ours, theirs = CHECKPOINT_CASES[name]()
     shape = (7, 12) if theirs.is_per_channel else (6, 5, 4)
     with tq.use_backend(backend):

@@ -360,7 +360,7 @@ def test_per_token_strided_input(device):
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_opcheck_per_token(device, backend):
-    spec = tq.qparams.PerTokenQParams(-128, 127, symmetric=False)
+    spec = tq.PerTokenQParams(-128, 127, symmetric=False)
     x, w, lq = _op_sample(device, "group", False)
     lq = ops.linear_quant(x, w, _weight_qparams("group", 5, 8, device, group=4), spec)
     assert lq.x_per_row and lq.x_scale.shape == (x.shape[0],)
@@ -683,7 +683,7 @@ class _FakeQuantLinear(torch.nn.Module):
             self.weight,
             self.bias,
             weight_qparams=tq.QParams(self.w_scale, self.w_zp, -128, 127, axis=0),
-            input_qparams=tq.qparams.PerTokenQParams(-128, 127, symmetric=True)
+            input_qparams=tq.PerTokenQParams(-128, 127, symmetric=True)
             if self.per_token
             else tq.QParams(self.x_scale, self.x_zp, -128, 127),
         )

@@ -35,7 +35,7 @@ EPS = torch.finfo(torch.float32).eps
 
 @pytest.fixture
 def kernels(device):
-    reason = tq._backend.triton_unavailable_reason(device)
+    reason = tq.ops.backend.triton_unavailable_reason(device)
     if reason is not None:
         pytest.skip(reason)
     from triton_qat.kernels import observe
@@ -456,8 +456,8 @@ if given is not None:
     def test_property_qparams_equal_eager_formulas(device, case):
         """Any fp32 min / max (NaN, +-inf, subnormals included) and any range up to 16 bits:
         both formulas bit-exact with the eager code."""
-        if tq._backend.triton_unavailable_reason(device) is not None:
-            pytest.skip(tq._backend.triton_unavailable_reason(device))
+        if tq.ops.backend.triton_unavailable_reason(device) is not None:
+            pytest.skip(tq.ops.backend.triton_unavailable_reason(device))
         from triton_qat.kernels import observe as kernels
 
         qmin, qmax, symmetric, pairs = case
