@@ -187,8 +187,8 @@ def _with_args(cls: type, **keywords: Any) -> Factory:
 
 def _adapt_factory(factory: Any) -> Any:
     """triton_qat's twin of a torch.ao factory: same class name, same keyword arguments
-    (observer factories among them adapted too). Returned unchanged: a factory without a
-    twin, one with qscheme per_channel_affine_float_qparams, and one with a torch.ao factory
+    (observer factories among them adapted too; float-qparams embedding fake quants
+    included). Returned unchanged: a factory without a twin, and one with a torch.ao factory
     argument that cannot be adapted (its module is then all torch.ao's)."""
     if factory is None:
         return None
@@ -197,8 +197,8 @@ def _adapt_factory(factory: Any) -> Any:
         return factory
     cls, args, keywords = unwrapped
     twin = _triton_qat_twin(cls)
-    if twin is None or keywords.get("qscheme") == torch.per_channel_affine_float_qparams:
-        return factory  # triton_qat's fake quants have no float zero-point qparams
+    if twin is None:
+        return factory
     adapted = {}
     for key, value in keywords.items():
         inner = _unwrap_factory(value) if callable(value) else None
