@@ -79,10 +79,9 @@ def _masked_rows(rows: Tensor, weight: Tensor, grad_rows: Tensor, nq: NormQParam
         return embedding_fq_grad_rows(
             rows, weight, grad_rows, inv, nq.zero_point, layout, nq.quant_min, nq.quant_max
         )
-    row_nq = normalize(
-        weight[rows], _row_qparams(rows, nq, layout, weight.shape[1]), check_zero_point=False
-    )
-    return reference.fake_quantize_backward_ref(weight[rows], grad_rows, row_nq)
+    # As reference.fake_quantize_backward_ref: grad * mask (torch's fused op makes the mask
+    # where it equals the reference's).
+    return grad_rows * _eager_rows(rows, weight, nq, layout)[1]
 
 
 def _weight_grad(ctx, grad_out: Tensor, idx: Tensor, weight: Tensor, nq: NormQParams, inv):
