@@ -170,11 +170,6 @@ Z4 = torch.zeros(4, dtype=torch.int32)
             "zero_point",
         ),
         (
-            lambda: tq.fake_quantize_per_channel(X, S4, torch.full((4,), 300.0), 0, -128, 127),
-            ValueError,
-            "zero_point",
-        ),
-        (
             lambda: tq.fake_quantize_per_channel(X, S4, Z4.to(torch.int16), 0, -128, 127),
             TypeError,
             "zero_point",
@@ -223,6 +218,14 @@ def test_device_mismatch_names_the_argument():
         tq.fake_quantize_per_channel(xc, S4, Z4.cuda(), 0, -128, 127)
     with pytest.raises(ValueError, match="zero_point"):
         tq.fake_quantize_per_channel(xc, S4.cuda(), Z4, 0, -128, 127)
+
+
+def test_float_zero_point_outside_the_range_is_accepted_as_torch():
+    # torch checks integer zero points only; float ones (-min / scale of torch.ao's
+    # per_channel_affine_float_qparams) may lie outside [quant_min, quant_max].
+    zp = torch.full((4,), 300.0)
+    expected = torch.fake_quantize_per_channel_affine(X, S4, zp, 0, -128, 127)
+    assert torch.equal(tq.fake_quantize_per_channel(X, S4, zp, 0, -128, 127), expected)
 
 
 def test_zero_point_range_checked_before_narrowing():

@@ -226,8 +226,8 @@ def test_observer_argument_checks():
         tqfq.MinMaxObserver(qscheme=SYM_C)
     with pytest.raises(NotImplementedError, match="qscheme"):
         tqfq.PerChannelMinMaxObserver(qscheme=AFF_T)
-    with pytest.raises(NotImplementedError, match="float_qparams"):
-        tqfq.PerChannelMinMaxObserver(qscheme=torch.per_channel_affine_float_qparams)
+    with pytest.raises(NotImplementedError, match="qscheme"):
+        tqfq.PerChannelMinMaxObserver(qscheme=AFF_T)
     with pytest.raises(NotImplementedError, match="reduce range"):
         tqfq.MinMaxObserver(dtype=torch.quint8, qscheme=SYM_T, reduce_range=True)
     with pytest.raises(ValueError, match="include 0"):
@@ -642,8 +642,9 @@ def test_with_args_builds_fresh_modules_and_chains():
     with pytest.raises(TypeError, match="MovingAverage"):
         tqfq.FusedMovingAvgObsFakeQuantize(observer=tqfq.MinMaxObserver)
     with pytest.raises(NotImplementedError, match="float_qparams"):
-        tqfq.FakeQuantize(
-            observer=tqfq.PerChannelMinMaxObserver, qscheme=torch.per_channel_affine_float_qparams
+        tqfq.FusedMovingAvgObsFakeQuantize(
+            observer=tqfq.MovingAveragePerChannelMinMaxObserver,
+            qscheme=torch.per_channel_affine_float_qparams,
         )
 
 

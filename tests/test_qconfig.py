@@ -290,12 +290,11 @@ class CustomFakeQuantize(torch.nn.Module):
 def test_factories_without_a_twin_are_kept():
     custom = functools.partial(CustomFakeQuantize)
     histogram = ao.FakeQuantize.with_args(observer=ao.HistogramObserver, quant_min=0, quant_max=255)
-    float_qparams = ao.default_embedding_fake_quant  # no float zero points in triton_qat
     ours_already = get_qconfig("int8_per_channel").weight
     callable_args = ao.FakeQuantize.with_args(quant_min=0, quant_max=255).with_callable_args(
         observer=lambda: ao.MovingAverageMinMaxObserver
     )
-    kept = (CustomFakeQuantize, torch.nn.Identity, histogram, callable_args, float_qparams)
+    kept = (CustomFakeQuantize, torch.nn.Identity, histogram, callable_args)
     for activation in (*kept, ours_already):
         ours = resolve_qconfig(ao.QConfig(activation=activation, weight=custom))
         assert ours.weight is custom

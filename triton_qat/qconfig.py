@@ -187,8 +187,8 @@ def _with_args(cls: type, **keywords: Any) -> Factory:
 
 def _adapt_factory(factory: Any) -> Any:
     """triton_qat's twin of a torch.ao factory: same class name, same keyword arguments
-    (observer factories among them adapted too). Returned unchanged: a factory without a
-    twin, one with qscheme per_channel_affine_float_qparams, and one with a torch.ao factory
+    (observer factories among them adapted too; float-qparams embedding fake quants
+    included). Returned unchanged: a factory without a twin, and one with a torch.ao factory
     argument that cannot be adapted (its module is then all torch.ao's)."""
     if factory is None:
         return None
@@ -197,8 +197,8 @@ def _adapt_factory(factory: Any) -> Any:
         return factory
     cls, args, keywords = unwrapped
     twin = _triton_qat_twin(cls)
-    if twin is None or keywords.get("qscheme") == torch.per_channel_affine_float_qparams:
-        return factory  # triton_qat's fake quants have no float zero-point qparams
+    if twin is None:
+        return factory
     adapted = {}
     for key, value in keywords.items():
         inner = _unwrap_factory(value) if callable(value) else None
@@ -341,6 +341,20 @@ def _int4_per_group() -> QConfig:
     return QConfig(weight=_int4_per_group_weight(quantizers))
 
 
+def _embedding_float_qparams(dtype: torch.dtype) -> QConfig:
+    # torch.ao's default_embedding_qat_qconfig(_4bit) weight: per row, float zero point
+    # -min / scale over the row's [min, max], qparams of the current table.
+    fq = quantizers
+    weight = fq.FakeQuantize.with_args(
+        observer=fq.MovingAveragePerChannelMinMaxObserver,
+        qscheme=torch.per_channel_affine_float_qparams,
+        dtype=dtype,
+        ch_axis=0,
+        averaging_constant=1,
+    )
+    return QConfig(weight=weight)
+
+
 def _per_token_int8(fq: ModuleType, qscheme: torch.qscheme) -> Factory:
     return functools.partial(
         fq.DynamicPerTokenFakeQuantize,
@@ -426,6 +440,9 @@ _PRESETS: dict[str, Callable[[], QConfig]] = {
     "int8_per_channel": _int8_per_channel,
     "int8_per_tensor": _int8_per_tensor,
     "int4_per_group": _int4_per_group,
+    # Embedding tables as torch.ao's default_embedding_qat_qconfig(_4bit): float qparams per row.
+    "embedding_int8": functools.partial(_embedding_float_qparams, torch.quint8),
+    "embedding_int4": functools.partial(_embedding_float_qparams, torch.quint4x2),
     "w8a8_dynamic": _w8a8_dynamic,
     "w4a8_dynamic": _w4a8_dynamic,
     # int8 per-channel symmetric weights whose scales are learned (LSQ), observer-initialised.

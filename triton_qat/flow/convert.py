@@ -1,5 +1,5 @@
 """convert: a trained QAT model frozen into integer weights with the trained qparams
-(QuantizedLinear)."""
+(QuantizedLinear, QuantizedEmbedding)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from triton_qat.flow.prepare import swap_modules
+from triton_qat.nn.embedding import Embedding as QATEmbedding
 from triton_qat.nn.linear import Linear as QATLinear
 from triton_qat.numerics.observer_formulas import row_quant, static_row_quant
 from triton_qat.numerics.qparams import (
@@ -43,6 +44,24 @@ def _unpack_int4(packed: Tensor, quant_min: int, k: int) -> Tensor:
     hi = packed >> 4
     u = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :k]
     return u.to(torch.int32) + quant_min
+
+
+def _stored_codes(codes: Tensor, quant_min: int, quant_max: int) -> Tensor:
+    """Codes as stored: 4-bit ranges packed two per byte, else int8, else int16."""
+    codes = codes.to(torch.int32)
+    if quant_max - quant_min <= 15:
+        return _pack_int4(codes, quant_min)
+    if quant_min < -128 or quant_max > 127:
+        return codes.to(torch.int16)
+    return codes.to(torch.int8)
+
+
+def _dequantize(q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+    """(q - zero_point) * scale in fp32, as the fake quant computed it (broadcast qparams)."""
+    if zp.is_floating_point():
+        # A float zero point dequantizes in float64 (NUMERICS: as torch's per-channel op).
+        return ((q.double() - zp.double()) * scale.double()).float()
+    return (q - zp.to(torch.float32)) * scale
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -79,11 +98,7 @@ class QuantizedLinear(torch.nn.Module):
         self.axis, self.group_size = wq.axis, wq.group_size
         self.packed_int4 = wq.quant_max - wq.quant_min <= 15
         self.weight_dtype = weight_dtype
-        codes = qweight.to(torch.int32)
-        stored = _pack_int4(codes, wq.quant_min) if self.packed_int4 else codes.to(torch.int8)
-        if not self.packed_int4 and (wq.quant_min < -128 or wq.quant_max > 127):
-            stored = codes.to(torch.int16)
-        self.register_buffer("qweight", stored)
+        self.register_buffer("qweight", _stored_codes(qweight, wq.quant_min, wq.quant_max))
         self.register_buffer("weight_scale", torch.as_tensor(wq.scale, dtype=torch.float32))
         self.register_buffer("weight_zero_point", torch.as_tensor(wq.zero_point))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -113,11 +128,7 @@ class QuantizedLinear(torch.nn.Module):
         elif self.axis is not None:
             shape = (-1, 1) if self.axis in (0, -2) else (1, -1)
             scale, zp = scale.view(shape), zp.view(shape)
-        if zp.is_floating_point():
-            # A float zero point dequantizes in float64 (NUMERICS: as torch's per-channel op).
-            w = ((q.double() - zp.double()) * scale.double()).float()
-        else:
-            w = (q - zp.to(torch.float32)) * scale
+        w = _dequantize(q, scale, zp)
         return w.reshape(self.out_features, self.in_features).to(self.weight_dtype)
 
     def int_weight(self) -> IntWeight | None:
@@ -248,6 +259,137 @@ class QuantizedLinear(torch.nn.Module):
         return layer.to(mod.weight.device)
 
 
+def _frozen_weight_qparams(mod: torch.nn.Module) -> QParams:
+    """Copies of a QAT layer's current weight qparams (as if fake quant were enabled)."""
+    wfq = mod.weight_fake_quant
+    if not isinstance(wfq, FakeQuantizeBase) or not hasattr(wfq, "qparams"):
+        raise TypeError(
+            f"convert: weight fake quant {type(wfq).__name__} is not one of triton_qat's; "
+            "cannot read its qparams"
+        )
+    was_enabled = bool(wfq.fake_quant_enabled[0])
+    wfq.enable_fake_quant()
+    wq = wfq.qparams()
+    wfq.enable_fake_quant(was_enabled)
+    assert wq is not None
+    return QParams(
+        wq.scale.detach().clone() if isinstance(wq.scale, Tensor) else wq.scale,
+        wq.zero_point.detach().clone() if isinstance(wq.zero_point, Tensor) else wq.zero_point,
+        wq.quant_min,
+        wq.quant_max,
+        axis=wq.axis,
+        group_size=wq.group_size,
+    )
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """Inference embedding table with integer codes and the qparams trained by QAT.
+
+    Codes are stored as QuantizedLinear stores them (4-bit ranges packed two per byte along
+    embedding_dim, else int8, else int16), with the scale and zero point per tensor, per row,
+    per column or per group along embedding_dim (a float zero point per row for torch.ao's
+    float-qparams embedding qconfigs). The forward gathers the looked-up rows' codes and
+    dequantizes only them, as the QAT layer's fake quant did: the output equals the QAT
+    layer's eval output bit for bit (max_norm renormalizes the rows as it does there).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        qweight: Tensor,
+        weight_qparams: QParams,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        weight_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type
+        wq = weight_qparams
+        self.quant_min, self.quant_max = wq.quant_min, wq.quant_max
+        self.axis, self.group_size = wq.axis, wq.group_size
+        self.packed_int4 = wq.quant_max - wq.quant_min <= 15
+        self.weight_dtype = weight_dtype
+        self.register_buffer("qweight", _stored_codes(qweight, wq.quant_min, wq.quant_max))
+        self.register_buffer("weight_scale", torch.as_tensor(wq.scale, dtype=torch.float32))
+        self.register_buffer("weight_zero_point", torch.as_tensor(wq.zero_point))
+
+    def _row_qparams(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point broadcastable against the looked-up codes (n, dim) (or
+        (n, groups, group_size) per group)."""
+        scale, zp = self.weight_scale, self.weight_zero_point
+        if self.group_size:
+            rows = (self.num_embeddings, -1)
+            return scale.view(rows)[idx].unsqueeze(-1), zp.view(rows)[idx].unsqueeze(-1)
+        if self.axis is None:
+            return scale.reshape(()), zp.reshape(())
+        if self.axis % 2 == 0:  # per row
+            return scale[idx].unsqueeze(-1), zp[idx].unsqueeze(-1)
+        return scale.view(1, -1), zp.view(1, -1)  # per column
+
+    def forward(self, input: Tensor) -> Tensor:
+        # F.embedding on the codes: its own index checks, the looked-up rows only.
+        codes = F.embedding(input.reshape(-1), self.qweight)
+        if self.packed_int4:
+            q = _unpack_int4(codes, self.quant_min, self.embedding_dim)
+        else:
+            q = codes.to(torch.int32)
+        idx = input.reshape(-1)
+        scale, zp = self._row_qparams(idx)
+        q = q.to(torch.float32)
+        if self.group_size:
+            q = q.view(q.shape[0], -1, self.group_size)
+        y = _dequantize(q, scale, zp).reshape(-1, self.embedding_dim).to(self.weight_dtype)
+        if self.max_norm is not None and y.numel():
+            rows = torch.arange(y.shape[0], device=y.device)
+            torch.embedding_renorm_(y, rows, self.max_norm, self.norm_type)
+        return y.reshape(*input.shape, self.embedding_dim)
+
+    @classmethod
+    def from_qat(cls, mod: QATEmbedding) -> QuantizedEmbedding:
+        """Freeze a trained tq.nn.Embedding: its table quantized with its current qparams."""
+        wq = _frozen_weight_qparams(mod)
+        return cls(
+            mod.num_embeddings,
+            mod.embedding_dim,
+            quantize_codes(mod.weight.detach(), wq),
+            wq,
+            mod.padding_idx,
+            mod.max_norm,
+            mod.norm_type,
+            weight_dtype=mod.weight.dtype,
+        ).to(mod.weight.device)
+
+
+_SHARED_BUFFERS = ("qweight", "weight_scale", "weight_zero_point")
+
+
+def _tie(new: torch.nn.Module, weight: Tensor, built: dict[int, list[torch.nn.Module]]) -> None:
+    """Share the integer table between converted layers of one tied Parameter (an embedding
+    and its lm_head) when both quantized it identically: same range and granularity, equal
+    codes, scales and zero points. Otherwise each keeps its own codes (not tied any more)."""
+    for other in built.setdefault(id(weight), []):
+        same = (new.quant_min, new.quant_max, new.axis, new.group_size) == (
+            other.quant_min,
+            other.quant_max,
+            other.axis,
+            other.group_size,
+        )
+        mine = [getattr(new, n) for n in _SHARED_BUFFERS]
+        theirs = [getattr(other, n) for n in _SHARED_BUFFERS]
+        same = same and all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+            for a, b in zip(mine, theirs, strict=True)
+        )
+        if same:
+            for name, tensor in zip(_SHARED_BUFFERS, theirs, strict=True):
+                new.register_buffer(name, tensor)
+            break
+    built[id(weight)].append(new)
+
+
 def quantize_codes(w: Tensor, qp: QParams) -> Tensor:
     """The integer codes q = clamp(rne(w / scale) + zp) of the fake quant with `qp` (int32)."""
 
@@ -255,15 +397,28 @@ def quantize_codes(w: Tensor, qp: QParams) -> Tensor:
 
 
 def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
-    """Replace every tq.nn.Linear with a QuantizedLinear (integer weights, trained qparams);
-    no fake-quant module is left. With inplace=False the model is deep-copied first."""
+    """Replace every tq.nn.Linear with a QuantizedLinear and every tq.nn.Embedding with a
+    QuantizedEmbedding (integer weights, trained qparams); no fake-quant module is left.
+    Layers that shared one weight Parameter (a tied embedding and lm_head) share their integer
+    table when both quantized it identically, else each keeps its own codes. With
+    inplace=False the model is deep-copied first."""
     if not inplace:
         model = copy.deepcopy(model)
     if isinstance(model, QATLinear):
         return QuantizedLinear.from_qat(model)
+    if isinstance(model, QATEmbedding):
+        return QuantizedEmbedding.from_qat(model)
+    built: dict[int, list[torch.nn.Module]] = {}
 
     def make(m: torch.nn.Module):
-        return QuantizedLinear.from_qat(m) if isinstance(m, QATLinear) else None
+        if isinstance(m, QATLinear):
+            new = QuantizedLinear.from_qat(m)
+        elif isinstance(m, QATEmbedding):
+            new = QuantizedEmbedding.from_qat(m)
+        else:
+            return None
+        _tie(new, m.weight, built)
+        return new
 
     swap_modules(model, make)
     return model

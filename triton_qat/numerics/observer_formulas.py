@@ -19,6 +19,8 @@ SMALL_SCALE_THRESHOLD = float(torch.tensor(6.1e-5, dtype=torch.float32))
 PER_TENSOR_SCHEMES = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 PER_CHANNEL_SCHEMES = (torch.per_channel_affine, torch.per_channel_symmetric)
 SYMMETRIC_SCHEMES = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+# Per channel with a float zero point (torch.ao's embedding qconfigs).
+FLOAT_QPARAMS = torch.per_channel_affine_float_qparams
 ALLOWED_DTYPES = (
     torch.qint8,
     torch.quint8,
@@ -117,9 +119,23 @@ def observer_minmax_qparams(
 ) -> tuple[Tensor, Tensor]:
     """torch.ao's UniformQuantizationObserverBase._calculate_qparams, after its validity check
     (the formula: reference.minmax_qparams)."""
+    if qscheme == FLOAT_QPARAMS:
+        return float_qparams(min_val, max_val, quant_min, quant_max, eps)
     symmetric = qscheme in SYMMETRIC_SCHEMES
     zp = symmetric_zero_point(quant_min, quant_max, dtype, has_customized_qrange)
     return minmax_qparams(min_val, max_val, quant_min, quant_max, symmetric, zp, eps)
+
+
+def float_qparams(
+    min_val: Tensor, max_val: Tensor, quant_min: int, quant_max: int, eps: Tensor
+) -> tuple[Tensor, Tensor]:
+    """torch.ao's per_channel_affine_float_qparams branch of _calculate_qparams: the range is
+    [min, max] itself (not widened to 0), scale = (max - min) / (qmax - qmin), 1.0 where it is
+    not above eps, and the float zero point -min / scale (so q = rne(x / scale + zp))."""
+    scale = _div(max_val - min_val, float(quant_max - quant_min))
+    scale = torch.where(scale > eps, scale, torch.ones_like(scale))
+    zero_point = -1 * min_val / scale
+    return scale, zero_point
 
 
 def symmetric_zero_point(

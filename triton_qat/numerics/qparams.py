@@ -193,7 +193,8 @@ def _as_zero_point(
             # torch itself rounds twice with a float16 zero point; float32 is the one float form.
             raise TypeError(f"zero_point must be an int32, int64 or float32 tensor, got {zp.dtype}")
         zp = zp.detach().reshape(-1)
-        if check_tensor:
+        # torch checks integer zero points only: a float one (-min / scale) may lie outside.
+        if check_tensor and not is_float:
             _check_zero_point_range(zp, *quant_range)
         return zp.to(torch.float32 if is_float else torch.int32).contiguous(), is_float
     if isinstance(zp, bool) or not isinstance(zp, numbers.Integral):

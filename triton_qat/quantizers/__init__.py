@@ -31,7 +31,9 @@ Differences from torch.ao, all deliberate:
 - Bad arguments raise ValueError / NotImplementedError where torch.ao asserts.
 - Per-channel fake quant takes a negative ch_axis, and FusedMovingAvgObsFakeQuantize any
   ch_axis (torch's ops raise for both).
-- per_channel_affine_float_qparams is not supported.
+- per_channel_affine_float_qparams (float zero points per channel, torch.ao's embedding
+  qconfigs) works in FakeQuantize and the per-channel observers; FusedMovingAvgObsFakeQuantize
+  refuses it, as torch's fused op takes integer zero points.
 
 torch.ao is optional: without it the base classes are plain nn.Modules with the same buffers
 and methods.

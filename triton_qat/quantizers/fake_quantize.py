@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from triton_qat.numerics.observer_formulas import (
+    FLOAT_QPARAMS,
     PER_CHANNEL_SCHEMES,
     PER_TENSOR_SCHEMES,
     SYMMETRIC_SCHEMES,
@@ -85,22 +86,23 @@ class FakeQuantize(FakeQuantizeBase):
         self.quant_min = self.activation_post_process.quant_min
         self.quant_max = self.activation_post_process.quant_max
         self.is_dynamic = self.activation_post_process.is_dynamic
-        if self.activation_post_process.qscheme == torch.per_channel_affine_float_qparams:
-            raise NotImplementedError(
-                "triton_qat's FakeQuantize does not support torch.per_channel_affine_float_qparams"
-            )
+        # A float zero point per channel with per_channel_affine_float_qparams, as torch.ao.
+        float_zp = self.activation_post_process.qscheme == FLOAT_QPARAMS
         self.register_buffer("scale", torch.tensor([1.0], dtype=torch.float))
-        self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int))
+        self.register_buffer(
+            "zero_point", torch.tensor([0], dtype=torch.float if float_zp else torch.int)
+        )
         self.dtype = self.activation_post_process.dtype
         self.qscheme = self.activation_post_process.qscheme
         self.ch_axis = getattr(self.activation_post_process, "ch_axis", -1)
         self.group_size: int | None = getattr(self.activation_post_process, "group_size", None)
-        if self.qscheme not in PER_TENSOR_SCHEMES + PER_CHANNEL_SCHEMES:
+        if self.qscheme not in (*PER_TENSOR_SCHEMES, *PER_CHANNEL_SCHEMES, FLOAT_QPARAMS):
             raise ValueError(
                 "Only per channel and per tensor quantization are supported in fake quantize, "
                 f"got qscheme: {self.qscheme}"
             )
-        self.is_per_channel = self.qscheme in PER_CHANNEL_SCHEMES and self.group_size is None
+        per_channel = self.qscheme in (*PER_CHANNEL_SCHEMES, FLOAT_QPARAMS)
+        self.is_per_channel = per_channel and self.group_size is None
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         """The observer's calculate_qparams()."""
@@ -216,6 +218,11 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         **observer_kwargs: Any,
     ) -> None:
         super().__init__(observer, quant_min, quant_max, **observer_kwargs)
+        if self.qscheme == FLOAT_QPARAMS:
+            raise NotImplementedError(
+                "FusedMovingAvgObsFakeQuantize does not support torch.per_channel_affine_float_"
+                "qparams (torch's fused op takes integer zero points); use FakeQuantize"
+            )
         if not isinstance(self.activation_post_process, _MOVING_AVERAGE_OBSERVERS):
             raise TypeError(
                 "FusedMovingAvgObsFakeQuantize needs a MovingAverageMinMaxObserver or a "

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from triton_qat.numerics.observer_formulas import (
     ALLOWED_DTYPES,
+    FLOAT_QPARAMS,
     FP32_EPS,
     PER_CHANNEL_SCHEMES,
     PER_TENSOR_SCHEMES,
@@ -90,14 +91,10 @@ class _UniformObserver(ObserverBase):
             )
         self.reduce_range = reduce_range
         self.register_buffer("eps", torch.tensor([eps], **factory_kwargs))
-        if qscheme == torch.per_channel_affine_float_qparams:
-            raise NotImplementedError(
-                "triton_qat observers do not support torch.per_channel_affine_float_qparams"
-            )
-        if qscheme not in PER_TENSOR_SCHEMES + PER_CHANNEL_SCHEMES:
+        if qscheme not in (*PER_TENSOR_SCHEMES, *PER_CHANNEL_SCHEMES, FLOAT_QPARAMS):
             raise ValueError(
-                "qscheme must be per_tensor_affine, per_tensor_symmetric, per_channel_affine or "
-                f"per_channel_symmetric, got {qscheme}"
+                "qscheme must be per_tensor_affine, per_tensor_symmetric, per_channel_affine, "
+                f"per_channel_symmetric or per_channel_affine_float_qparams, got {qscheme}"
             )
         if dtype not in ALLOWED_DTYPES:
             raise ValueError(f"dtype must be one of {ALLOWED_DTYPES}, got {dtype}")
@@ -161,6 +158,11 @@ class _UniformObserver(ObserverBase):
         args = self._device_update(x, kernels)
         if args is None:
             return None
+        if with_qparams and self.qscheme == FLOAT_QPARAMS:
+            # The qparams kernel writes integer zero points: the statistics come from the one
+            # reduction pass, the float zero points from the per-row formula on min / max.
+            kernels.observe(x.detach(), self.min_val, self.max_val, **args)
+            return self._qparams_for_fake_quant()
         scale = zero_point = None
         if with_qparams:
             n = self.min_val.numel()
@@ -418,10 +420,10 @@ class PerChannelMinMaxObserver(_ResizableMinMax):
         is_dynamic: bool = False,
         **kwargs: Any,
     ) -> None:
-        if qscheme not in PER_CHANNEL_SCHEMES and qscheme != torch.per_channel_affine_float_qparams:
+        if qscheme not in (*PER_CHANNEL_SCHEMES, FLOAT_QPARAMS):
             raise NotImplementedError(
-                f"{type(self).__name__}'s qscheme must be torch.per_channel_symmetric or "
-                f"torch.per_channel_affine, got {qscheme}"
+                f"{type(self).__name__}'s qscheme must be torch.per_channel_symmetric, "
+                f"torch.per_channel_affine or torch.per_channel_affine_float_qparams, got {qscheme}"
             )
         _check_not_dynamic(type(self).__name__, is_dynamic)
         super().__init__(
