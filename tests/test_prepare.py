@@ -158,3 +158,27 @@ def test_prepared_model_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_embeddings_are_taken_when_the_mapping_asks():
+    model = TinyLM()
+    qat = tq.prepare_qat(
+        model, {"embed": "embedding_int8", "lm_head": None, "*": "int8_per_channel"}
+    )
+    assert isinstance(qat.embed, tq.nn.Embedding)
+    assert qat.embed.weight is not model.embed.weight  # a copy (inplace=False)
+    summary = tq.qat_summary(qat)
+    assert summary.quantized["embed"] == "embedding_int8"
+    assert summary.kept_float == ["lm_head"]
+    group = tq.prepare_qat(TinyLM(), {"embed": "int4_per_group"})
+    assert isinstance(group.embed, tq.nn.Embedding)
+    with pytest.raises(ValueError, match=r"'embed'.*group_size"):
+        tq.prepare_qat(TinyLM(d=48), {"embed": "int4_per_group"})
+
+
+def test_tied_embedding_and_head_share_one_parameter_after_prepare():
+    model = TinyLM()
+    model.lm_head.weight = model.embed.weight
+    qat = tq.prepare_qat(model, {"embed": "int8_per_channel", "lm_head": "int8_per_channel"})
+    assert isinstance(qat.embed, tq.nn.Embedding) and isinstance(qat.lm_head, tq.nn.Linear)
+    assert qat.lm_head.weight is qat.embed.weight

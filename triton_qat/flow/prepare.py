@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from triton_qat.nn.embedding import Embedding as QATEmbedding
 from triton_qat.nn.linear import Linear as QATLinear
 from triton_qat.qconfig import QConfig, resolve_qconfig
 
 # Float module type -> its QAT module (exact types: subclasses are someone else's layers).
-QAT_MODULES: dict[type[torch.nn.Module], type[torch.nn.Module]] = {torch.nn.Linear: QATLinear}
+QAT_MODULES: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    torch.nn.Linear: QATLinear,
+    torch.nn.Embedding: QATEmbedding,
+}
 # What the summary counts as kept float when it is not swapped.
 ELIGIBLE: tuple[type[torch.nn.Module], ...] = (torch.nn.Linear, torch.nn.Embedding)
 # Types a plain (non-dict) qconfig applies to: today's call quantizes every nn.Linear.
@@ -72,10 +76,14 @@ def check_fits(module: torch.nn.Module, fqn: str, qconfig: object) -> QConfig:
             f"{where}: qconfig {_qconfig_name(qconfig)!r} quantizes the weight in groups of "
             f"{group} (group_size), which do not divide its {in_dim} input features"
         )
-    if not isinstance(module, torch.nn.Linear) and resolved.quantize_input:
+    if (
+        not isinstance(module, torch.nn.Linear)
+        and resolved.quantize_input
+        and resolved.activation is not None
+    ):
         raise ValueError(
             f"{where}: qconfig {_qconfig_name(qconfig)!r} fake-quantizes the layer input; "
-            f"a {type(module).__name__} takes indices, so give it a weight-only qconfig"
+            f"an {type(module).__name__} takes indices: give it a weight-only qconfig"
         )
     return resolved
 
