@@ -9,6 +9,7 @@ an eager PyTorch reference everywhere else. Importing this package never touches
 from triton_qat import nn
 from triton_qat.flow.convert import convert
 from triton_qat.flow.prepare import QATSummary, prepare_qat, qat_summary
+from triton_qat.flow.serialize import load_converted, save_converted
 from triton_qat.numerics.qparams import PerTokenQParams, QParams
 from triton_qat.ops import (
     fake_quantize_per_channel,
@@ -37,10 +38,12 @@ __all__ = [
     "get_backend",
     "get_qconfig",
     "list_qconfigs",
+    "load_converted",
     "nn",
     "prepare_qat",
     "qat_summary",
     "register_qconfig",
+    "save_converted",
     "set_backend",
     "use_backend",
 ]

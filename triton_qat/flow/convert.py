@@ -9,24 +9,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from triton_qat.flow.layout import (
+    adopt_saved_layout,
+    input_layout_tensor,
+    read_input_layout,
+    read_weight_layout,
+    weight_layout_tensor,
+)
 from triton_qat.flow.prepare import swap_modules
 from triton_qat.nn.linear import Linear as QATLinear
-from triton_qat.numerics.observer_formulas import row_quant, static_row_quant
+from triton_qat.numerics.observer_formulas import static_row_quant
 from triton_qat.numerics.qparams import (
     IntWeight,
+    PerTokenQParams,
     QParams,
     RowQuant,
     check_float_tensor,
     int_weight,
     normalize,
 )
-from triton_qat.numerics.reference import quantized_codes_ref
+from triton_qat.numerics.reference import (
+    fake_quantize_rows_fp32,
+    per_token_qparams_ref,
+    quantized_codes_ref,
+)
 from triton_qat.ops.backend import use_triton
 from triton_qat.ops.functional import fake_quantize
 from triton_qat.quantizers import (
     DynamicPerTokenFakeQuantize,
     FakeQuantizeBase,
-    fake_quantize_per_token,
+    fake_quantize_per_token_spec,
 )
 
 
@@ -70,18 +82,17 @@ class QuantizedLinear(torch.nn.Module):
         bias: Tensor | None,
         input_qparams: QParams | None = None,
         weight_dtype: torch.dtype = torch.float32,
+        dynamic_input: PerTokenQParams | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         wq = weight_qparams
-        self.quant_min, self.quant_max = wq.quant_min, wq.quant_max
-        self.axis, self.group_size = wq.axis, wq.group_size
-        self.packed_int4 = wq.quant_max - wq.quant_min <= 15
         self.weight_dtype = weight_dtype
+        packed_int4 = wq.quant_max - wq.quant_min <= 15
         codes = qweight.to(torch.int32)
-        stored = _pack_int4(codes, wq.quant_min) if self.packed_int4 else codes.to(torch.int8)
-        if not self.packed_int4 and (wq.quant_min < -128 or wq.quant_max > 127):
+        stored = _pack_int4(codes, wq.quant_min) if packed_int4 else codes.to(torch.int8)
+        if not packed_int4 and (wq.quant_min < -128 or wq.quant_max > 127):
             stored = codes.to(torch.int16)
         self.register_buffer("qweight", stored)
         self.register_buffer("weight_scale", torch.as_tensor(wq.scale, dtype=torch.float32))
@@ -90,11 +101,52 @@ class QuantizedLinear(torch.nn.Module):
         if input_qparams is not None:
             self.register_buffer("input_scale", torch.as_tensor(input_qparams.scale))
             self.register_buffer("input_zero_point", torch.as_tensor(input_qparams.zero_point))
-            self.input_range = (input_qparams.quant_min, input_qparams.quant_max)
-        else:
-            self.input_range = None
-        # (quant_min, quant_max, qscheme, dtype, eps) of a dynamic per-token input quantizer.
-        self.dynamic_input: tuple | None = None
+        iq = input_qparams
+        self.register_buffer("weight_layout", weight_layout_tensor(wq))
+        self.register_buffer(
+            "input_layout",
+            input_layout_tensor(
+                None if iq is None else (iq.quant_min, iq.quant_max), dynamic_input
+            ),
+        )
+        self._read_layout()
+
+    def _read_layout(self) -> None:
+        """The Python attributes the forward reads, from the weight_layout and input_layout
+        buffers (read once here: reading a tensor per call would synchronize with a GPU)."""
+        w = read_weight_layout(self.weight_layout)
+        self.quant_min, self.quant_max, self.axis, self.group_size = w
+        self.packed_int4 = self.quant_max - self.quant_min <= 15
+        self.input_range, self._dynamic_input = read_input_layout(self.input_layout)
+
+    @property
+    def dynamic_input(self) -> PerTokenQParams | None:
+        """The dynamic per-token input quantizer, or None (no input quant, or a static one)."""
+        return self._dynamic_input
+
+    @dynamic_input.setter
+    def dynamic_input(self, spec: PerTokenQParams | None) -> None:
+        if spec is not None and self.input_range is not None:
+            raise ValueError("a layer with static input qparams cannot take a dynamic one")
+        self.input_layout = input_layout_tensor(self.input_range, spec).to(self.input_layout.device)
+        self._read_layout()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # The saved layout decides this layer's: range, granularity and input quantizer, and
+        # with them the shapes and dtypes of the codes and qparams (checked against the layer's
+        # in / out features first: a state_dict of another architecture is an error).
+        try:
+            adopt_saved_layout(self, state_dict, prefix)
+        except ValueError as err:
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "weight_layout" in state_dict:
+            self._read_layout()
 
     def weight_codes(self) -> Tensor:
         """The integer codes q, shape (out_features, in_features), int32."""
@@ -141,8 +193,13 @@ class QuantizedLinear(torch.nn.Module):
 
     def _input_row_quant(self) -> RowQuant | None:
         """How the integer GEMM quantizes the input; None: the input stays float."""
-        if self.dynamic_input is not None:
-            return row_quant(*self.dynamic_input)
+        spec = self.dynamic_input
+        if spec is not None:
+            if spec.quant_max - spec.quant_min > 255:
+                return None
+            return RowQuant(
+                spec.quant_min, spec.quant_max, spec.symmetric, spec.symmetric_zero_point, spec.eps
+            )
         if self.input_range is not None:
             qmin, qmax = self.input_range
             if (
@@ -177,8 +234,22 @@ class QuantizedLinear(torch.nn.Module):
     def fake_quantized_input(self, input: Tensor) -> Tensor:
         """The input as the eager path multiplies it: fake-quantized per token (dynamic) or
         per tensor with the trained qparams, or unchanged when the layer keeps it float."""
-        if self.dynamic_input is not None:
-            return fake_quantize_per_token(input, *self.dynamic_input)
+        spec = self.dynamic_input
+        if spec is not None:
+            if input.dtype != torch.float32 or (torch.is_grad_enabled() and input.requires_grad):
+                return fake_quantize_per_token_spec(input, spec)
+            # Inference: the same values in fewer passes over the input (no mask, in place).
+            rows = input.reshape(-1, self.in_features)
+            scale, zp = per_token_qparams_ref(
+                rows,
+                spec.quant_min,
+                spec.quant_max,
+                spec.symmetric,
+                spec.symmetric_zero_point,
+                spec.eps,
+            )
+            y = fake_quantize_rows_fp32(rows, scale, zp, spec.quant_min, spec.quant_max)
+            return y.to(input.dtype).reshape(input.shape)
         if self.input_range is not None:
             qmin, qmax = self.input_range
             return fake_quantize(
@@ -210,14 +281,24 @@ class QuantizedLinear(torch.nn.Module):
         was_enabled = bool(wfq.fake_quant_enabled[0])
         wfq.enable_fake_quant()
         wq = wfq.qparams()
-        wfq.enable_fake_quant(was_enabled)
         assert wq is not None
-        codes = quantize_codes(mod.weight.detach(), wq)
+        try:
+            codes = quantize_codes(mod.weight.detach(), wq)
+        except ValueError:
+            # Qparams not sized for the weight: its observer never ran (a model converted
+            # right after prepare_qat, to load a saved state_dict into). It sees the weight
+            # once, as the first forward would have.
+            with torch.no_grad():
+                wfq(mod.weight.detach())
+            wq = wfq.qparams()
+            assert wq is not None
+            codes = quantize_codes(mod.weight.detach(), wq)
+        wfq.enable_fake_quant(was_enabled)
         iq = None
         ifq = getattr(mod, "input_fake_quant", None)
         dynamic = None
         if isinstance(ifq, DynamicPerTokenFakeQuantize) and ifq.fake_quant_enabled[0] == 1:
-            dynamic = (ifq.quant_min, ifq.quant_max, ifq.qscheme, ifq.dtype, ifq.eps)
+            dynamic = ifq.per_token_spec()
         elif ifq is not None and hasattr(ifq, "qparams") and not getattr(ifq, "is_dynamic", 0):
             iq = ifq.qparams()
             if iq is not None:
@@ -243,8 +324,8 @@ class QuantizedLinear(torch.nn.Module):
             mod.bias,
             iq,
             weight_dtype=mod.weight.dtype,
+            dynamic_input=dynamic,
         )
-        layer.dynamic_input = dynamic
         return layer.to(mod.weight.device)
 
 

@@ -50,6 +50,7 @@ from triton_qat.quantizers.observers import (
 from triton_qat.quantizers.per_token import (
     DynamicPerTokenFakeQuantize,
     fake_quantize_per_token,
+    fake_quantize_per_token_spec,
     per_token_qparams,
 )
 
@@ -66,5 +67,6 @@ __all__ = [
     "PerChannelMinMaxObserver",
     "PerGroupMinMaxObserver",
     "fake_quantize_per_token",
+    "fake_quantize_per_token_spec",
     "per_token_qparams",
 ]
