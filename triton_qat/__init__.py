@@ -8,6 +8,7 @@ an eager PyTorch reference everywhere else. Importing this package never touches
 
 from triton_qat import nn
 from triton_qat.flow.convert import convert
+from triton_qat.flow.export import export_compressed_tensors
 from triton_qat.flow.prepare import QATSummary, prepare_qat, qat_summary
 from triton_qat.flow.serialize import load_converted, save_converted
 from triton_qat.numerics.qparams import PerTokenQParams, QParams
@@ -31,6 +32,7 @@ __all__ = [
     "QParams",
     "__version__",
     "convert",
+    "export_compressed_tensors",
     "fake_quantize_per_channel",
     "fake_quantize_per_group",
     "fake_quantize_per_tensor",
