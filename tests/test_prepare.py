@@ -139,9 +139,15 @@ def test_int4_on_48_features_names_group_size_and_module():
         tq.prepare_qat(TinyLM(d=48), {"lm_head": "int4_per_group"})
 
 
-def test_embedding_with_input_quantization_is_refused():
+def test_embedding_with_input_quantization_is_refused_when_named():
     with pytest.raises(ValueError, match="embed"):
         tq.prepare_qat(TinyLM(), {"embed": "w8a8_dynamic"})
+    # A wildcard's activation qconfig is for the Linears: the table stays float.
+    summary = tq.qat_summary(tq.prepare_qat(TinyLM(), {"*": "w8a8_dynamic"}))
+    assert summary.kept_float == ["embed"] and len(summary.quantized) == 7
+    # A weight-only one quantizes the table too.
+    summary = tq.qat_summary(tq.prepare_qat(TinyLM(), {"*": "int8_per_channel"}))
+    assert summary.kept_float == [] and summary.quantized["embed"] == "int8_per_channel"
 
 
 def test_prepared_model_trains():

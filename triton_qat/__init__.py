@@ -8,7 +8,9 @@ an eager PyTorch reference everywhere else. Importing this package never touches
 
 from triton_qat import nn
 from triton_qat.flow.convert import convert
+from triton_qat.flow.export import export_compressed_tensors
 from triton_qat.flow.prepare import QATSummary, prepare_qat, qat_summary
+from triton_qat.flow.serialize import load_converted, save_converted
 from triton_qat.numerics.qparams import PerTokenQParams, QParams
 from triton_qat.ops import (
     fake_quantize_per_channel,
@@ -30,6 +32,7 @@ __all__ = [
     "QParams",
     "__version__",
     "convert",
+    "export_compressed_tensors",
     "fake_quantize_per_channel",
     "fake_quantize_per_group",
     "fake_quantize_per_tensor",
@@ -37,10 +40,12 @@ __all__ = [
     "get_backend",
     "get_qconfig",
     "list_qconfigs",
+    "load_converted",
     "nn",
     "prepare_qat",
     "qat_summary",
     "register_qconfig",
+    "save_converted",
     "set_backend",
     "use_backend",
 ]

@@ -9,25 +9,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from triton_qat.flow.layout import (
+    adopt_saved_layout,
+    input_layout_tensor,
+    read_input_layout,
+    read_weight_layout,
+    weight_layout_tensor,
+)
 from triton_qat.flow.prepare import swap_modules
 from triton_qat.nn.embedding import Embedding as QATEmbedding
 from triton_qat.nn.linear import Linear as QATLinear
-from triton_qat.numerics.observer_formulas import row_quant, static_row_quant
+from triton_qat.numerics.observer_formulas import static_row_quant
 from triton_qat.numerics.qparams import (
     IntWeight,
+    PerTokenQParams,
     QParams,
     RowQuant,
     check_float_tensor,
     int_weight,
     normalize,
 )
-from triton_qat.numerics.reference import quantized_codes_ref
+from triton_qat.numerics.reference import (
+    fake_quantize_rows_fp32,
+    per_token_qparams_ref,
+    quantized_codes_ref,
+)
 from triton_qat.ops.backend import use_triton
 from triton_qat.ops.functional import fake_quantize
 from triton_qat.quantizers import (
     DynamicPerTokenFakeQuantize,
     FakeQuantizeBase,
-    fake_quantize_per_token,
+    fake_quantize_per_token_spec,
 )
 
 
@@ -89,14 +101,12 @@ class QuantizedLinear(torch.nn.Module):
         bias: Tensor | None,
         input_qparams: QParams | None = None,
         weight_dtype: torch.dtype = torch.float32,
+        dynamic_input: PerTokenQParams | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         wq = weight_qparams
-        self.quant_min, self.quant_max = wq.quant_min, wq.quant_max
-        self.axis, self.group_size = wq.axis, wq.group_size
-        self.packed_int4 = wq.quant_max - wq.quant_min <= 15
         self.weight_dtype = weight_dtype
         self.register_buffer("qweight", _stored_codes(qweight, wq.quant_min, wq.quant_max))
         self.register_buffer("weight_scale", torch.as_tensor(wq.scale, dtype=torch.float32))
@@ -105,11 +115,52 @@ class QuantizedLinear(torch.nn.Module):
         if input_qparams is not None:
             self.register_buffer("input_scale", torch.as_tensor(input_qparams.scale))
             self.register_buffer("input_zero_point", torch.as_tensor(input_qparams.zero_point))
-            self.input_range = (input_qparams.quant_min, input_qparams.quant_max)
-        else:
-            self.input_range = None
-        # (quant_min, quant_max, qscheme, dtype, eps) of a dynamic per-token input quantizer.
-        self.dynamic_input: tuple | None = None
+        iq = input_qparams
+        self.register_buffer("weight_layout", weight_layout_tensor(wq))
+        self.register_buffer(
+            "input_layout",
+            input_layout_tensor(
+                None if iq is None else (iq.quant_min, iq.quant_max), dynamic_input
+            ),
+        )
+        self._read_layout()
+
+    def _read_layout(self) -> None:
+        """The Python attributes the forward reads, from the weight_layout and input_layout
+        buffers (read once here: reading a tensor per call would synchronize with a GPU)."""
+        w = read_weight_layout(self.weight_layout)
+        self.quant_min, self.quant_max, self.axis, self.group_size = w
+        self.packed_int4 = self.quant_max - self.quant_min <= 15
+        self.input_range, self._dynamic_input = read_input_layout(self.input_layout)
+
+    @property
+    def dynamic_input(self) -> PerTokenQParams | None:
+        """The dynamic per-token input quantizer, or None (no input quant, or a static one)."""
+        return self._dynamic_input
+
+    @dynamic_input.setter
+    def dynamic_input(self, spec: PerTokenQParams | None) -> None:
+        if spec is not None and self.input_range is not None:
+            raise ValueError("a layer with static input qparams cannot take a dynamic one")
+        self.input_layout = input_layout_tensor(self.input_range, spec).to(self.input_layout.device)
+        self._read_layout()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # The saved layout decides this layer's: range, granularity and input quantizer, and
+        # with them the shapes and dtypes of the codes and qparams (checked against the layer's
+        # in / out features first: a state_dict of another architecture is an error).
+        try:
+            adopt_saved_layout(self, state_dict, prefix)
+        except ValueError as err:
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "weight_layout" in state_dict:
+            self._read_layout()
 
     def weight_codes(self) -> Tensor:
         """The integer codes q, shape (out_features, in_features), int32."""
@@ -152,8 +203,13 @@ class QuantizedLinear(torch.nn.Module):
 
     def _input_row_quant(self) -> RowQuant | None:
         """How the integer GEMM quantizes the input; None: the input stays float."""
-        if self.dynamic_input is not None:
-            return row_quant(*self.dynamic_input)
+        spec = self.dynamic_input
+        if spec is not None:
+            if spec.quant_max - spec.quant_min > 255:
+                return None
+            return RowQuant(
+                spec.quant_min, spec.quant_max, spec.symmetric, spec.symmetric_zero_point, spec.eps
+            )
         if self.input_range is not None:
             qmin, qmax = self.input_range
             if (
@@ -188,8 +244,22 @@ class QuantizedLinear(torch.nn.Module):
     def fake_quantized_input(self, input: Tensor) -> Tensor:
         """The input as the eager path multiplies it: fake-quantized per token (dynamic) or
         per tensor with the trained qparams, or unchanged when the layer keeps it float."""
-        if self.dynamic_input is not None:
-            return fake_quantize_per_token(input, *self.dynamic_input)
+        spec = self.dynamic_input
+        if spec is not None:
+            if input.dtype != torch.float32 or (torch.is_grad_enabled() and input.requires_grad):
+                return fake_quantize_per_token_spec(input, spec)
+            # Inference: the same values in fewer passes over the input (no mask, in place).
+            rows = input.reshape(-1, self.in_features)
+            scale, zp = per_token_qparams_ref(
+                rows,
+                spec.quant_min,
+                spec.quant_max,
+                spec.symmetric,
+                spec.symmetric_zero_point,
+                spec.eps,
+            )
+            y = fake_quantize_rows_fp32(rows, scale, zp, spec.quant_min, spec.quant_max)
+            return y.to(input.dtype).reshape(input.shape)
         if self.input_range is not None:
             qmin, qmax = self.input_range
             return fake_quantize(
@@ -212,23 +282,12 @@ class QuantizedLinear(torch.nn.Module):
     @classmethod
     def from_qat(cls, mod: QATLinear) -> QuantizedLinear:
         """Freeze a trained tq.nn.Linear: its weight quantized with its current qparams."""
-        wfq = mod.weight_fake_quant
-        if not isinstance(wfq, FakeQuantizeBase) or not hasattr(wfq, "qparams"):
-            raise TypeError(
-                f"convert: weight fake quant {type(wfq).__name__} is not one of triton_qat's; "
-                "cannot read its qparams"
-            )
-        was_enabled = bool(wfq.fake_quant_enabled[0])
-        wfq.enable_fake_quant()
-        wq = wfq.qparams()
-        wfq.enable_fake_quant(was_enabled)
-        assert wq is not None
-        codes = quantize_codes(mod.weight.detach(), wq)
+        codes, frozen = _frozen_weight(mod)
         iq = None
         ifq = getattr(mod, "input_fake_quant", None)
         dynamic = None
         if isinstance(ifq, DynamicPerTokenFakeQuantize) and ifq.fake_quant_enabled[0] == 1:
-            dynamic = (ifq.quant_min, ifq.quant_max, ifq.qscheme, ifq.dtype, ifq.eps)
+            dynamic = ifq.per_token_spec()
         elif ifq is not None and hasattr(ifq, "qparams") and not getattr(ifq, "is_dynamic", 0):
             iq = ifq.qparams()
             if iq is not None:
@@ -238,14 +297,6 @@ class QuantizedLinear(torch.nn.Module):
                     iq.quant_min,
                     iq.quant_max,
                 )
-        frozen = QParams(
-            wq.scale.detach().clone() if isinstance(wq.scale, Tensor) else wq.scale,
-            wq.zero_point.detach().clone() if isinstance(wq.zero_point, Tensor) else wq.zero_point,
-            wq.quant_min,
-            wq.quant_max,
-            axis=wq.axis,
-            group_size=wq.group_size,
-        )
         layer = cls(
             mod.in_features,
             mod.out_features,
@@ -254,25 +305,40 @@ class QuantizedLinear(torch.nn.Module):
             mod.bias,
             iq,
             weight_dtype=mod.weight.dtype,
+            dynamic_input=dynamic,
         )
-        layer.dynamic_input = dynamic
         return layer.to(mod.weight.device)
 
 
-def _frozen_weight_qparams(mod: torch.nn.Module) -> QParams:
-    """Copies of a QAT layer's current weight qparams (as if fake quant were enabled)."""
+def _frozen_weight(mod: torch.nn.Module) -> tuple[Tensor, QParams]:
+    """(integer codes, copies of the qparams) of a QAT layer's weight, quantized with its
+    current weight qparams (as if fake quant were enabled)."""
     wfq = mod.weight_fake_quant
     if not isinstance(wfq, FakeQuantizeBase) or not hasattr(wfq, "qparams"):
         raise TypeError(
             f"convert: weight fake quant {type(wfq).__name__} is not one of triton_qat's; "
             "cannot read its qparams"
         )
+    weight = mod.weight.detach()
     was_enabled = bool(wfq.fake_quant_enabled[0])
     wfq.enable_fake_quant()
-    wq = wfq.qparams()
-    wfq.enable_fake_quant(was_enabled)
-    assert wq is not None
-    return QParams(
+    try:
+        wq = wfq.qparams()
+        assert wq is not None
+        try:
+            codes = quantize_codes(weight, wq)
+        except ValueError:
+            # Qparams not sized for the weight: its observer never ran (a model converted
+            # right after prepare_qat, to load a saved state_dict into). It sees the weight
+            # once, as the first forward would have.
+            with torch.no_grad():
+                wfq(weight)
+            wq = wfq.qparams()
+            assert wq is not None
+            codes = quantize_codes(weight, wq)
+    finally:
+        wfq.enable_fake_quant(was_enabled)
+    frozen = QParams(
         wq.scale.detach().clone() if isinstance(wq.scale, Tensor) else wq.scale,
         wq.zero_point.detach().clone() if isinstance(wq.zero_point, Tensor) else wq.zero_point,
         wq.quant_min,
@@ -280,6 +346,7 @@ def _frozen_weight_qparams(mod: torch.nn.Module) -> QParams:
         axis=wq.axis,
         group_size=wq.group_size,
     )
+    return codes, frozen
 
 
 class QuantizedEmbedding(torch.nn.Module):
@@ -308,13 +375,34 @@ class QuantizedEmbedding(torch.nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type
         wq = weight_qparams
-        self.quant_min, self.quant_max = wq.quant_min, wq.quant_max
-        self.axis, self.group_size = wq.axis, wq.group_size
-        self.packed_int4 = wq.quant_max - wq.quant_min <= 15
         self.weight_dtype = weight_dtype
         self.register_buffer("qweight", _stored_codes(qweight, wq.quant_min, wq.quant_max))
         self.register_buffer("weight_scale", torch.as_tensor(wq.scale, dtype=torch.float32))
         self.register_buffer("weight_zero_point", torch.as_tensor(wq.zero_point))
+        self.register_buffer("weight_layout", weight_layout_tensor(wq))
+        self._read_layout()
+
+    def _read_layout(self) -> None:
+        """Range and granularity, from the weight_layout buffer (read once, not per call)."""
+        self.quant_min, self.quant_max, self.axis, self.group_size = read_weight_layout(
+            self.weight_layout
+        )
+        self.packed_int4 = self.quant_max - self.quant_min <= 15
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # The saved layout decides this table's range and granularity (flow/layout.py).
+        try:
+            adopt_saved_layout(self, state_dict, prefix)
+        except ValueError as err:
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "weight_layout" in state_dict:
+            self._read_layout()
 
     def _row_qparams(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero point broadcastable against the looked-up codes (n, dim) (or
@@ -329,19 +417,26 @@ class QuantizedEmbedding(torch.nn.Module):
             return scale[idx].unsqueeze(-1), zp[idx].unsqueeze(-1)
         return scale.view(1, -1), zp.view(1, -1)  # per column
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _rows(self, idx: Tensor) -> Tensor:
+        """The dequantized rows idx (1-D) of the table, (len(idx), embedding_dim)."""
         # F.embedding on the codes: its own index checks, the looked-up rows only.
-        codes = F.embedding(input.reshape(-1), self.qweight)
+        codes = F.embedding(idx, self.qweight)
         if self.packed_int4:
             q = _unpack_int4(codes, self.quant_min, self.embedding_dim)
         else:
             q = codes.to(torch.int32)
-        idx = input.reshape(-1)
         scale, zp = self._row_qparams(idx)
         q = q.to(torch.float32)
         if self.group_size:
             q = q.view(q.shape[0], -1, self.group_size)
-        y = _dequantize(q, scale, zp).reshape(-1, self.embedding_dim).to(self.weight_dtype)
+        return _dequantize(q, scale, zp).reshape(-1, self.embedding_dim).to(self.weight_dtype)
+
+    def dequantized_weight(self) -> Tensor:
+        """The whole table, (q - zero_point) * scale as the QAT layer's fake quant computed it."""
+        return self._rows(torch.arange(self.num_embeddings, device=self.qweight.device))
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = self._rows(input.reshape(-1))
         if self.max_norm is not None and y.numel():
             rows = torch.arange(y.shape[0], device=y.device)
             torch.embedding_renorm_(y, rows, self.max_norm, self.norm_type)
@@ -350,11 +445,11 @@ class QuantizedEmbedding(torch.nn.Module):
     @classmethod
     def from_qat(cls, mod: QATEmbedding) -> QuantizedEmbedding:
         """Freeze a trained tq.nn.Embedding: its table quantized with its current qparams."""
-        wq = _frozen_weight_qparams(mod)
+        codes, wq = _frozen_weight(mod)
         return cls(
             mod.num_embeddings,
             mod.embedding_dim,
-            quantize_codes(mod.weight.detach(), wq),
+            codes,
             wq,
             mod.padding_idx,
             mod.max_norm,

@@ -58,6 +58,14 @@ def _group_size(fake_quant: torch.nn.Module) -> int | None:
     return None
 
 
+def _quantizes_input(qconfig: object) -> bool:
+    try:
+        resolved = resolve_qconfig(qconfig)
+    except (KeyError, TypeError):
+        return False  # check_fits reports it, naming the module
+    return resolved.quantize_input and resolved.activation is not None
+
+
 def check_fits(module: torch.nn.Module, fqn: str, qconfig: object) -> QConfig:
     """The resolved QConfig for `module`, or a ValueError / KeyError / TypeError naming the
     module when the qconfig is unknown or does not fit it."""
@@ -76,11 +84,7 @@ def check_fits(module: torch.nn.Module, fqn: str, qconfig: object) -> QConfig:
             f"{where}: qconfig {_qconfig_name(qconfig)!r} quantizes the weight in groups of "
             f"{group} (group_size), which do not divide its {in_dim} input features"
         )
-    if (
-        not isinstance(module, torch.nn.Linear)
-        and resolved.quantize_input
-        and resolved.activation is not None
-    ):
+    if not isinstance(module, torch.nn.Linear) and _quantizes_input(resolved):
         raise ValueError(
             f"{where}: qconfig {_qconfig_name(qconfig)!r} fake-quantizes the layer input; "
             f"an {type(module).__name__} takes indices: give it a weight-only qconfig"
@@ -153,6 +157,9 @@ def _choose(
             choice = qconfig if isinstance(mod, DEFAULT_TYPES) else None
         if choice is None or (filter_fn is not None and not filter_fn(mod, fqn)):
             continue
+        named = inherited[fqn] is not _UNSET or (patterns is not None and match == fqn)
+        if not named and not isinstance(mod, torch.nn.Linear) and _quantizes_input(choice):
+            continue  # a wildcard's activation qconfig is for the Linears: the table stays float
         check_fits(mod, fqn, choice)
         chosen[fqn] = choice
     if patterns is not None and unused:
@@ -176,7 +183,9 @@ def prepare_qat(
 
     qconfig: a registered name, a triton_qat.QConfig or a torch.ao QConfig for every
     nn.Linear; or a dict {fnmatch pattern over fully qualified module names: qconfig or None}
-    where the first matching key decides (None or no match: float). A `qconfig` attribute
+    where the first matching key decides (None or no match: float; an nn.Embedding that a
+    wildcard gives an input-quantizing qconfig stays float, named exactly it is an error). A
+    `qconfig` attribute
     set on a module or an ancestor overrides both (None: float). filter_fn(module, fqn) False
     keeps a module float. A pattern matching nothing, an unknown qconfig or one that does not
     fit a module raises (naming it) before the model is touched. With inplace=False the

@@ -52,6 +52,7 @@ from triton_qat.quantizers.observers import (
 from triton_qat.quantizers.per_token import (
     DynamicPerTokenFakeQuantize,
     fake_quantize_per_token,
+    fake_quantize_per_token_spec,
     per_token_qparams,
 )
 
@@ -68,5 +69,6 @@ __all__ = [
     "PerChannelMinMaxObserver",
     "PerGroupMinMaxObserver",
     "fake_quantize_per_token",
+    "fake_quantize_per_token_spec",
     "per_token_qparams",
 ]

@@ -45,11 +45,25 @@ def fake_quantize_per_token(
 ) -> Tensor:
     """Dynamic per-token fake quant: each row (token) with its own qparams; straight-through
     for x, the qparams are constants for autograd."""
+    return fake_quantize_per_token_spec(
+        x, per_token_spec(quant_min, quant_max, qscheme, dtype, eps)
+    )
+
+
+def fake_quantize_per_token_spec(x: Tensor, spec: PerTokenQParams) -> Tensor:
+    """fake_quantize_per_token with the quantizer given as a PerTokenQParams."""
     if x.numel() == 0:
         return x
-    scale, zero_point = per_token_qparams(x, quant_min, quant_max, qscheme, dtype, eps)
     rows = x.reshape(-1, x.shape[-1])
-    y = fake_quantize_per_channel(rows, scale, zero_point, 0, quant_min, quant_max)
+    scale, zero_point = per_token_qparams_ref(
+        rows.detach(),
+        spec.quant_min,
+        spec.quant_max,
+        spec.symmetric,
+        spec.symmetric_zero_point,
+        spec.eps,
+    )
+    y = fake_quantize_per_channel(rows, scale, zero_point, 0, spec.quant_min, spec.quant_max)
     return y.reshape(x.shape)
 
 
