@@ -9,11 +9,13 @@ tokens). Then, with one realistic recipe chosen per module
     model.layers.*      w4a8_dynamic: int4 weights in groups of 32, int8 per-token activations
 
 it reports validation perplexity of the float model, PTQ (calibration only), QAT (the float
-model fine-tuned with fake quantization), the converted integer model, that model reloaded
-from disk, and a float control fine-tuned as long as QAT; then generates a few lines with the
-reloaded model. Under 5 minutes on 2 CPU cores with the defaults:
+model fine-tuned with fake quantization), the converted integer model, that model saved and
+reloaded (tq.save_converted / tq.load_converted), the compressed-tensors export loaded by
+transformers.AutoModelForCausalLM.from_pretrained (what vLLM serves), and a float control
+fine-tuned as long as QAT; then generates a few lines with the reloaded model. Under 5
+minutes on 2 CPU cores with the defaults:
 
-    pip install -e '.[hf]'          # transformers (an optional extra)
+    pip install -e '.[serve]'       # transformers, compressed-tensors, safetensors
     python examples/hf_llama_qat.py
 """
 
@@ -66,6 +68,9 @@ class Logits(nn.Module):
 
 def build_llama(vocab: int, args: argparse.Namespace) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM  # the optional extra
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
     config = LlamaConfig(
         vocab_size=vocab,
@@ -74,13 +79,23 @@ def build_llama(vocab: int, args: argparse.Namespace) -> nn.Module:
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=max(1, args.heads // 2),
-        max_position_embeddings=args.seq_len,
+        max_position_embeddings=max(args.seq_len, 256),  # generation runs past training's
         tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=None,
         eos_token_id=None,
     )
     return LlamaForCausalLM(config)
+
+
+def _from_pretrained(directory: str | os.PathLike) -> nn.Module:
+    import warnings
+
+    from transformers import AutoModelForCausalLM  # the optional extra
+
+    with warnings.catch_warnings():  # the format's own notices about its compressors
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(directory).eval()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,15 +183,20 @@ def main(argv: list[str] | None = None) -> None:
     converted = Logits(tq.convert(qat.lm))
     record("converted", "QAT, converted", f"{n}+{m}", converted, None)
     out = args.out or tempfile.mkdtemp(prefix="hf_llama_qat_")
-    path = os.path.join(out, "converted.pt")
-    torch.save(converted.lm.state_dict(), path)
-    # The float architecture, prepared and converted with the same recipe, takes the weights.
-    shell = tq.convert(tq.prepare_qat(build_llama(len(data.vocab), args), RECIPE))
-    shell.load_state_dict(torch.load(path, weights_only=True))
-    reloaded = Logits(shell.to(device))
+    # triton_qat's own format: the converted state_dict in safetensors; the float
+    # architecture alone rebuilds it (no qconfig, no prepare / convert).
+    saved = tq.save_converted(converted.lm, os.path.join(out, "triton_qat"), overwrite=True)
+    shell = build_llama(len(data.vocab), args)
+    reloaded = Logits(tq.load_converted(shell, saved).to(device))
     record("reloaded", "converted, reloaded", f"{n}+{m}", reloaded, None)
-    size = os.path.getsize(path)
-    print(f"   saved to {path} ({size / 1024:.0f} KiB)", flush=True)
+    size = sum(f.stat().st_size for f in saved.iterdir())
+    print(f"   saved to {saved} ({size / 1024:.0f} KiB)", flush=True)
+    # The serving format: a compressed-tensors checkpoint transformers (and vLLM) load.
+    exported = tq.export_compressed_tensors(
+        converted.lm, os.path.join(out, "compressed-tensors"), overwrite=True
+    )
+    served = Logits(_from_pretrained(exported).to(device))
+    record("served", "compressed-tensors, from_pretrained", f"{n}+{m}", served, None)
 
     print("\n5/5 generate with the reloaded model", flush=True)
     prompt = "The for statement"
@@ -186,13 +206,17 @@ def main(argv: list[str] | None = None) -> None:
     print("   " + "".join(data.vocab[i] for i in gen[0].tolist()).replace("\n", "\n   "))
 
     print()
-    print_table([results[k] for k in ("float", "ptq", "qat", "converted", "reloaded", "control")])
+    order = ("float", "ptq", "qat", "converted", "reloaded", "served", "control")
+    print_table([results[k] for k in order])
     flt, ptq_ppl, qat_ppl = results["float"].ppl, results["ptq"].ppl, results["qat"].ppl
     ctl, conv, rel = results["control"].ppl, results["converted"].ppl, results["reloaded"].ppl
+    served_ppl = results["served"].ppl
     print(
         f"\nPTQ {ptq_ppl:.3f} vs float {flt:.3f}; QAT {qat_ppl:.3f} vs the float control "
-        f"{ctl:.3f}. Converted {conv:.4f}, reloaded {rel:.4f}: "
-        f"{'equal' if conv == rel else 'DIFFERENT'}."
+        f"{ctl:.3f}.\nConverted {conv:.4f}, reloaded {rel:.4f}: "
+        f"{'equal' if conv == rel else 'DIFFERENT'}; served by transformers from the "
+        f"compressed-tensors export {served_ppl:.4f} ({served_ppl - conv:+.4f}: its per-token "
+        "activation formula rounds x / s where triton_qat rounds x * (1 / s), README)."
     )
     print(f"Total wall time {time.perf_counter() - start:.0f} s.")
 
