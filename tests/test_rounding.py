@@ -1,4 +1,4 @@
-"""The kernels' round-half-even helper and fp32 -> half casts, against torch, bit for bit."""
+"""The kernels' round-half-even helper, fp32 -> half casts, and negation, bit for bit."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from _compare import assert_bitwise_equal
 
 from triton_qat.kernels.rounding import (
     cast_rne,
+    negate,
     round_half_even,
     round_half_even_f64,
     round_half_even_then_clamped,
@@ -149,3 +150,17 @@ def test_two_op_rounding_exact_below_2_pow_22_and_saturates_beyond(device):
     assert bool((got[big].abs() > 2.0**21).all())
     special = ~torch.isfinite(x)
     assert_bitwise_equal(got[special], x[special], "inf and NaN pass through")
+
+
+@triton.jit
+def _negate_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, negate(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negate_flips_the_sign_of_zero_too(device, dtype):
+    x = _interesting_fp32(device).to(dtype)
+    assert_bitwise_equal(_run(_negate_kernel, x, dtype), torch.neg(x), f"negate {dtype}")
+    assert _run(_negate_kernel, torch.zeros(1, dtype=dtype, device=device), dtype).signbit()

@@ -1,4 +1,5 @@
-"""Round half to even, exact for every fp32 value, in plain `tl` (no libdevice), and exact casts.
+"""Round half to even, exact for every fp32 value, in plain `tl` (no libdevice), exact casts,
+and negation with the sign of zero kept (which Triton 3.6's front end loses).
 
 libdevice's rint is unavailable under the interpreter, and floor(v + 0.5) is wrong at ties
 and at 0.49999997 (v + 0.5 rounds up to 1.0 in fp32).
@@ -19,6 +20,24 @@ TWO_POW_23: tl.constexpr = tl.constexpr(8388608.0)
 ROUNDING_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
 
 
+SIGN_BIT_32: tl.constexpr = tl.constexpr(0x80000000)
+SIGN_BIT_64: tl.constexpr = tl.constexpr(0x8000000000000000)
+
+
+@triton.jit
+def negate(x):
+    """-x of an fp32 or fp64 tensor as IEEE negation: the sign bit flipped, so -(+0.0) is -0.0.
+
+    Write this, not `-x`, in kernels: Triton 3.6 compiles unary minus on floats as 0 - x,
+    which gives +0.0 for +0.0 (and so torch.round(-0.3) would come out +0.0).
+    """
+    if x.dtype == tl.float64:
+        return (x.to(tl.uint64, bitcast=True) ^ SIGN_BIT_64).to(tl.float64, bitcast=True)
+    else:
+        tl.static_assert(x.dtype == tl.float32, "negate takes fp32 or fp64")
+        return (x.to(tl.uint32, bitcast=True) ^ SIGN_BIT_32).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def round_half_even(v):
     """torch.round of an fp32 tensor, bit for bit (signed zeros, NaN and +-inf kept).
@@ -29,7 +48,7 @@ def round_half_even(v):
     a = tl.abs(v)
     small = a < TWO_POW_23  # False for NaN and inf, which pass through unchanged
     r = (a + TWO_POW_23) - TWO_POW_23
-    signed = tl.where(v < 0.0, -r, r)
+    signed = tl.where(v < 0.0, negate(r), r)
     # Large, non-finite and zero inputs are returned as they are (keeps -0.0 and NaN).
     return tl.where(small & (a != 0.0), signed, v)
 
@@ -93,5 +112,5 @@ def round_half_even_f64(v):
     a = tl.abs(v)
     small = a < TWO_POW_52
     r = (a + TWO_POW_52) - TWO_POW_52
-    signed = tl.where(v < 0.0, -r, r)
+    signed = tl.where(v < 0.0, negate(r), r)
     return tl.where(small & (a != 0.0), signed, v)
