@@ -1,4 +1,4 @@
-.PHONY: install test lint example gpu-check
+.PHONY: install test test-oldest lint example gpu-check
 
 install:
 	python -m pip install torch==2.13.0
@@ -6,6 +6,10 @@ install:
 
 test:
 	python -m pytest -q
+
+# torch 2.13 (CPU) + triton 3.6 in .venv-oldest, the kernel tests; `bash .ci/oldest.sh tests` for all.
+test-oldest:
+	bash .ci/oldest.sh
 
 lint:
 	ruff check .
