@@ -4,7 +4,7 @@
 VENV ?= .venv
 SETUP = $(shell bash scripts/setup_env.sh $(VENV))
 
-.PHONY: example test lint gpu-check
+.PHONY: example test test-oldest lint gpu-check
 
 # The main job: float vs PTQ vs QAT of a small LM (about 4 minutes on 2 cores).
 example:
@@ -16,6 +16,11 @@ test:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# The oldest supported pair (torch 2.13 CPU + triton 3.6, in .venv-oldest): the check grid
+# and the kernel tests; `bash .ci/oldest.sh tests` runs the whole suite there.
+test-oldest:
+	bash .ci/oldest.sh
 
 lint:
 	$(eval PY := $(SETUP))

@@ -66,3 +66,38 @@ def test_jit_functions_read_only_constexpr_globals(path):
                 ):
                     bad.append(f"{node.name}:{sub.lineno} reads {sub.id}")
     assert not bad, f"{path.name}: jit code reads non-constexpr globals: {bad}"
+
+
+def _constexpr_globals(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and "constexpr" in ast.unparse(node.annotation)
+        ):
+            names.add(node.target.id)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(KERNELS.glob("*.py")), ids=lambda p: p.name)
+def test_jit_functions_negate_floats_with_negate(path):
+    """Triton 3.6 compiles `-x` on a float tensor as 0 - x, so -(+0.0) is +0.0 there (3.7 on
+    flip the sign bit). Kernels call rounding.negate instead; `-` stays for literals and
+    constexpr globals, which Python negates."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    constants = _constexpr_globals(tree)
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and _is_jit(node):
+            body = ast.Module(body=node.body, type_ignores=[])
+            for sub in ast.walk(body):
+                if not (isinstance(sub, ast.UnaryOp) and isinstance(sub.op, ast.USub)):
+                    continue
+                operand = sub.operand
+                if isinstance(operand, ast.Constant):
+                    continue
+                if isinstance(operand, ast.Name) and operand.id in constants:
+                    continue
+                bad.append(f"{node.name}:{sub.lineno} {ast.unparse(sub)}")
+    assert not bad, f"{path.name}: unary minus in jit code (use negate): {bad}"

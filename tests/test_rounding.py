@@ -1,4 +1,6 @@
-"""The kernels' round-half-even helper and fp32 -> half casts, against torch, bit for bit."""
+"""The kernels' round-half-even helper, fp32 -> half casts, negation and fma, bit for bit."""
+
+from fractions import Fraction
 
 import pytest
 import torch
@@ -8,6 +10,9 @@ from _compare import assert_bitwise_equal
 
 from triton_qat.kernels.rounding import (
     cast_rne,
+    fma_rn,
+    fma_rn_emulated,
+    negate,
     round_half_even,
     round_half_even_f64,
     round_half_even_then_clamped,
@@ -149,3 +154,83 @@ def test_two_op_rounding_exact_below_2_pow_22_and_saturates_beyond(device):
     assert bool((got[big].abs() > 2.0**21).all())
     special = ~torch.isfinite(x)
     assert_bitwise_equal(got[special], x[special], "inf and NaN pass through")
+
+
+@triton.jit
+def _negate_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, negate(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negate_flips_the_sign_of_zero_too(device, dtype):
+    x = _interesting_fp32(device).to(dtype)
+    assert_bitwise_equal(_run(_negate_kernel, x, dtype), torch.neg(x), f"negate {dtype}")
+    assert _run(_negate_kernel, torch.zeros(1, dtype=dtype, device=device), dtype).signbit()
+
+
+@triton.jit
+def _fma_kernel(a_ptr, b_ptr, c_ptr, y_ptr, n, EMULATED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    a = tl.load(a_ptr + offs, mask=m)
+    b = tl.load(b_ptr + offs, mask=m)
+    c = tl.load(c_ptr + offs, mask=m)
+    y = fma_rn_emulated(a, b, c) if EMULATED else fma_rn(a, b, c)
+    tl.store(y_ptr + offs, y, mask=m)
+
+
+def _fma_exact(a: float, b: float, c: float) -> float:
+    """a * b + c rounded once to fp32 (nearest, ties to even), from exact rationals."""
+    exact = Fraction(a) * Fraction(b) + Fraction(c)
+    if exact == 0:  # the sign of a zero sum: IEEE's rules, which fp64 follows exactly
+        return float(torch.tensor(a, dtype=torch.float64) * b + c)
+    near = torch.tensor(float(exact), dtype=torch.float64).float()
+    inf = torch.tensor(float("inf"))
+    candidates = [torch.nextafter(near, -inf), near, torch.nextafter(near, inf)]
+    finite = [v for v in candidates if torch.isfinite(v)]
+    best = min(
+        finite, key=lambda v: (abs(Fraction(v.item()) - exact), int(v.view(torch.int32)) & 1)
+    )
+    return best.item()
+
+
+def _fma_cases() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    n = 1500
+    exps = torch.randint(-3, 4, (2, n), generator=g).float()
+    a = torch.randn(n, generator=g) * 10.0 ** exps[0]
+    b = torch.randn(n, generator=g)
+    c = torch.randn(n, generator=g) * 10.0 ** exps[1]
+    # Double rounding bites here: a * b = 2**-24 - i**2 * 2**-70 lies just below half an ulp
+    # of c = 1 + 2**-23, so rounding a * b (or the fp64 sum) first lands on the tie, which
+    # goes to even (up), while the exact sum rounds down.
+    i = torch.arange(1, 65, dtype=torch.float64)
+    ha = (1 + i * 2**-23).float()
+    hb = ((1 - i * 2**-23) * 2**-24).float()
+    hc = torch.full_like(ha, 1 + 2**-23)
+    # The probe's case, zeros (signed), subnormal products, and a cancelling product.
+    sa = torch.tensor([1 + 2**-12, 0.0, -0.0, 0.0, 1e-20, 3.0, 0.1])
+    sb = torch.tensor([1 + 2**-12, 5.0, 5.0, -1.0, 1e-20, 1e-45, 0.1])
+    sc = torch.tensor([-1.0, -0.0, -0.0, -0.0, 0.0, -0.0, -0.010000001])
+    a = torch.cat([a, ha, -ha, ha, sa])
+    b = torch.cat([b, hb, hb, -hb, sb])
+    c = torch.cat([c, hc, -hc, -hc, sc])
+    return a, b, c
+
+
+@pytest.mark.parametrize("emulated", [False, True], ids=["fma_rn", "emulated"])
+def test_fma_rounds_once(device, emulated):
+    """fma_rn is tl.fma where that rounds once, the fp64 emulation where it does not (Triton
+    3.6's interpreter); both give the correctly rounded a * b + c on every Triton."""
+    a, b, c = _fma_cases()
+    expected = torch.tensor(
+        [_fma_exact(*abc) for abc in zip(a.tolist(), b.tolist(), c.tolist(), strict=True)],
+        dtype=torch.float32,
+    )
+    assert not torch.equal(a * b + c, expected)  # the data tells one rounding from two
+    y = torch.empty_like(a, device=device)
+    a, b, c = (t.to(device) for t in (a, b, c))
+    _fma_kernel[(triton.cdiv(a.numel(), 512),)](a, b, c, y, a.numel(), EMULATED=emulated, BLOCK=512)
+    assert_bitwise_equal(y, expected, "fma")

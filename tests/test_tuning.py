@@ -1,4 +1,4 @@
-"""triton_qat.tuning: the on-disk autotune cache, its hook into Triton's Autotuner, and the
+"""kernels/autotune_cache.py: the on-disk autotune cache, its hook into Triton's Autotuner, and the
 shape collection behind `python -m triton_qat autotune --model`. All on the CPU: the hook is
 driven through a real triton Autotuner whose kernel and benchmark function are fakes."""
 

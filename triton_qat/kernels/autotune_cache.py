@@ -275,6 +275,7 @@ class PersistentConfigs(dict):
     miss here is looked up in the file (a hit skips the benchmark), and a store that follows
     timings recorded from `_bench` is written to the file. A store without timings (one
     config left after pruning, or Triton's own disk cache) is kept in memory only.
+    `single_choice`: the tuner's last pruning left one config (which is then not timed).
     """
 
     def __init__(self, tuner, kernel: str, cache: AutotuneCache | None = None):
@@ -283,6 +284,7 @@ class PersistentConfigs(dict):
         self.kernel = kernel
         self._cache = cache
         self.timings: dict[int, tuple[Any, float | None]] = {}
+        self.single_choice = False
         self.hits: set[tuple] = set()  # keys whose config came from the file
         self.tuned: set[tuple] = set()  # keys benchmarked in this process
 
@@ -329,9 +331,26 @@ class _TimedBench:
     configs: PersistentConfigs
 
     def __call__(self, *args, config, **meta):
+        if self.configs.single_choice:
+            # Triton 3.6 times a lone config too (later releases pick it untimed); no timing
+            # is recorded, so the choice is not stored, as on those releases.
+            return [float("nan")] * 3
         timing = self.bench(*args, config=config, **meta)
         self.configs.record_timing(config, timing)
         return timing
+
+
+@dataclass(frozen=True)
+class _CountedPrune:
+    """Wraps an Autotuner's `prune_configs` to tell its PersistentConfigs whether one is left."""
+
+    prune: Any
+    configs: PersistentConfigs
+
+    def __call__(self, *args, **kwargs):
+        pruned = self.prune(*args, **kwargs)
+        self.configs.single_choice = len(pruned) == 1
+        return pruned
 
 
 def attach_cache(tuner, kernel: str | None = None, cache: AutotuneCache | None = None):
@@ -349,4 +368,6 @@ def attach_cache(tuner, kernel: str | None = None, cache: AutotuneCache | None =
     configs = PersistentConfigs(tuner, kernel, cache)
     tuner.cache = configs
     tuner._bench = _TimedBench(tuner._bench, configs)
+    if callable(getattr(tuner, "prune_configs", None)):
+        tuner.prune_configs = _CountedPrune(tuner.prune_configs, configs)
     return tuner

@@ -230,7 +230,7 @@ def autotune(
     (prune_configs). loop_even: the kernel takes a LOOP_EVEN constexpr, set per launch to
     whether `loop` is a multiple of the config's BLOCK_K (no mask on the loop's loads).
 
-    Compiled, the tuner is backed by triton_qat's on-disk cache (triton_qat.tuning): a key
+    Compiled, the tuner is backed by triton_qat's on-disk cache (kernels/autotune_cache.py): a key
     tuned by an earlier process is not benchmarked again. The file is read on first use.
     """
     tune = triton.autotune(

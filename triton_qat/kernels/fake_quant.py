@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton_qat.kernels.rounding import cast_rne, round_half_even_then_clamped, to_fp32
+from triton_qat.kernels.rounding import cast_rne, fma_rn, round_half_even_then_clamped, to_fp32
 from triton_qat.numerics.qparams import NormQParams
 
 _TILE_ELEMENTS = 4096
@@ -31,7 +31,7 @@ def quantize_unclamped(xf, inv_scale, zp, FLOAT_ZP: tl.constexpr):
     """
     if FLOAT_ZP:
         # One fused multiply-add, as torch; the rounding yields +0.0, never -0.0.
-        qf = round_half_even_then_clamped(tl.fma(xf, inv_scale, zp))
+        qf = round_half_even_then_clamped(fma_rn(xf, inv_scale, zp))
     else:
         qf = round_half_even_then_clamped(xf * inv_scale) + zp
     return qf

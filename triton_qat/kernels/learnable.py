@@ -23,7 +23,7 @@ from triton_qat.kernels.fake_quant import (
     tile_coords,
     x_tile_and_params,
 )
-from triton_qat.kernels.rounding import cast_rne, to_fp32
+from triton_qat.kernels.rounding import cast_rne, fma_rn, negate, to_fp32
 from triton_qat.numerics.qparams import NormQParams
 
 
@@ -81,10 +81,10 @@ def learnable_fake_quant_bwd_kernel(
     keep = at_least_min & (xq <= qmax)
     # NaN fails both comparisons: clamped to qmin and counted as below the range.
     q = tl.where(xq > qmax, qmax, tl.where(at_least_min, xq, qmin))
-    in_range = (dy * tl.fma(q - zp, scale, -x)) * inv
+    in_range = (dy * fma_rn(q - zp, scale, negate(x))) * inv
     saturated = tl.where(at_least_min, dy * (qmax - zp), dy * (qmin - zp))
     dscale = tl.where(keep, in_range, saturated) * grad_factor
-    dzp = tl.where(keep, 0.0, (dy * -scale) * grad_factor)
+    dzp = tl.where(keep, 0.0, (dy * negate(scale)) * grad_factor)
     dscale = tl.where(mask, dscale, 0.0)
     dzp = tl.where(mask, dzp, 0.0)
     _store_partial(dscale_part_ptr, dscale, pid, rows, cols, PARAMS_ON_COLS, BLOCK_R, BLOCK_C)

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from triton_qat.kernels import INTERPRETED_KERNELS
-from triton_qat.kernels.rounding import round_half_even, round_half_even_f64, to_fp32
+from triton_qat.kernels.rounding import negate, round_half_even, round_half_even_f64, to_fp32
 
 # Running-statistics updates (UPDATE), as the eager observers do them.
 STORE = 0  # run = cur (first per-channel observation, per group)
@@ -82,7 +82,7 @@ def observer_qparams(
     min_neg = nan_min(mn, 0.0)
     max_pos = nan_max(mx, 0.0)
     if SYMMETRIC:
-        max_pos = nan_max(-min_neg, max_pos)
+        max_pos = nan_max(negate(min_neg), max_pos)
         scale = tl.div_rn(max_pos, (qmax - qmin) * 0.5)
         scale = nan_max(scale, eps)
         zp = tl.zeros(mn.shape, tl.int32) + zp_symmetric
@@ -109,7 +109,7 @@ def fused_qparams(mn, mx, qmin, qmax, SYMMETRIC: tl.constexpr):
     if SYMMETRIC:
         # preserve_sparsity: widen [min, max] to the symmetric range around 0.
         sym_max = tl.floor(qrange * 0.5)
-        sym_min = -(sym_max + 1.0)
+        sym_min = negate(sym_max + 1.0)
         straddles = (mn < 0) & (mx > 0)
         max_scale = nan_max(tl.abs(tl.div_rn(mn, sym_min)), tl.abs(tl.div_rn(mx, sym_max)))
         max_scale64 = max_scale.to(tl.float64)
@@ -125,7 +125,7 @@ def fused_qparams(mn, mx, qmin, qmax, SYMMETRIC: tl.constexpr):
     small = scale < SMALL_SCALE
     amplifier = tl.div_rn(tl.full(scale.shape, SMALL_SCALE, tl.float32), scale)
     cut_max = tl.full(scale.shape, SMALL_SCALE, tl.float32) * qrange
-    small_mn = tl.where(mx == 0.0, -cut_max, mn * amplifier)
+    small_mn = tl.where(mx == 0.0, negate(cut_max), mn * amplifier)
     small_mx = tl.where(mx == 0.0, mx, mx * amplifier)
     small_mn = tl.where(mn == 0.0, mn, small_mn)
     small_mx = tl.where(mn == 0.0, cut_max, small_mx)

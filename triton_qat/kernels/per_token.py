@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from triton_qat.kernels import INTERPRETED_KERNELS
-from triton_qat.kernels.rounding import round_half_even, to_fp32
+from triton_qat.kernels.rounding import negate, round_half_even, to_fp32
 from triton_qat.numerics.qparams import PerTokenQParams
 
 INF: tl.constexpr = tl.constexpr(float("inf"))
@@ -61,7 +61,7 @@ def per_token_qparams_kernel(
     zeros = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # True (correctly rounded) divisions, as torch's; "/" may be approximate on a GPU.
     if SYMMETRIC:
-        amax = tl.maximum(-min_neg, max_pos, propagate_nan=tl.PropagateNan.ALL)
+        amax = tl.maximum(negate(min_neg), max_pos, propagate_nan=tl.PropagateNan.ALL)
         scale = tl.math.div_rn(amax, zeros + divisor)
         scale = tl.maximum(scale, zeros + eps, propagate_nan=tl.PropagateNan.ALL)
         zp = (zeros + symmetric_zero_point).to(tl.int32)

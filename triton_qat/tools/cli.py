@@ -12,7 +12,7 @@
                                   [--granularity per_channel|per_tensor|per_group]
                                   [--group-size 128] [--no-cache]
         run the fused linear's autotuner on a CUDA GPU, store the winners in the autotune
-        cache (triton_qat.tuning) and time each against F.linear.
+        cache (triton_qat.kernels.autotune_cache) and time each against F.linear.
 
 Exit status: 0 success, 1 a failed check, 2 a setup problem (no CUDA, the interpreter in the
 wrong state, triton missing), reported on one stderr line. Only `env`, `check --device cuda`
