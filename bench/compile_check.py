@@ -319,6 +319,44 @@ KERNELS: dict[str, Kernel] = {
         ],
         ones=("stride_xk",),
     ),
+    "embedding_gather": Kernel(
+        "triton_qat.kernels.embedding",
+        "embedding_fq_gather_kernel",
+        lambda v: {
+            "idx_ptr": "i64",
+            "w_ptr": v["dtype"],
+            "dy_ptr": v["dtype"],
+            "out_ptr": v["dtype"],
+            "inv_ptr": "fp32",
+            "scale_ptr": "fp32",
+            "zp_ptr": _zp(v["FLOAT_ZP"]),
+        },
+        ("qmin", "qmax"),
+        {"dtype": FLOAT_DTYPES, "FLOAT_ZP": (False, True), "GRAD": (False, True)},
+        # embedding._gather: 16 looked-up rows by up to 128 columns (32 x 256 at 4 warps
+        # spilled 88-152 bytes, 255 registers; 16 x 128: 95, none)
+        lambda arch, *_: [
+            ("16x128", {"BLOCK_N": 16, "BLOCK_D": 128}),
+            ("16x16", {"BLOCK_N": 16, "BLOCK_D": 16}),
+        ],
+    ),
+    "embedding_dw": Kernel(
+        "triton_qat.kernels.embedding",
+        "embedding_fq_dw_kernel",
+        lambda v: {
+            "dy_ptr": v["dtype"],
+            "order_ptr": "i64",
+            "seg_start_ptr": "i64",
+            "seg_row_ptr": "i64",
+            "w_ptr": v["dtype"],
+            "dw_ptr": v["dtype"],
+            "inv_ptr": "fp32",
+            "zp_ptr": _zp(v["FLOAT_ZP"]),
+        },
+        ("qmin", "qmax"),
+        {"dtype": FLOAT_DTYPES, "FLOAT_ZP": (False, True)},
+        lambda arch, *_: [("256", {"BLOCK_D": 256}), ("16", {"BLOCK_D": 16})],
+    ),
     "minmax_partial": Kernel(
         "triton_qat.kernels.observe",
         "_minmax_partial_kernel",

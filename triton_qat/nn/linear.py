@@ -87,6 +87,11 @@ class Linear(torch.nn.Linear):
         self.qconfig = qconfig
         resolved = resolve_qconfig(qconfig)
         self.weight_fake_quant = resolved.weight().to(self.weight.device)
+        wfq = self.weight_fake_quant
+        if isinstance(wfq, LearnableFakeQuantize) and wfq.ch_axis in (0, -2):
+            # Learnable per-channel qparams get their final shape now, not at the first
+            # forward: a compiled forward cannot resize a Parameter.
+            wfq._size_channels(out_features)
         if resolved.quantize_input and resolved.activation is not None:
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 

@@ -41,6 +41,8 @@ def _torch_fused_applies(x: Tensor, nq: NormQParams) -> bool:
         return False
     if nq.float_zero_point and not _TORCH_CPU_FMA:
         return False
+    if torch.compiler.is_compiling():
+        return False  # the reference: its check is a host sync, and torch's op has no fake
     if nq.granularity == "per_tensor":
         return True
     inv = reference.reciprocal(nq.scale)
@@ -71,8 +73,14 @@ def fake_quantize_with_mask_eager(
     return y.reshape(x.shape), mask.reshape(x.shape)
 
 
+def _kernels_run(device: torch.device) -> bool:
+    """Whether the fake-quant kernels run: use_triton, and not while torch.compile traces (the
+    kernels are plain launches, not custom ops; the reference is traced and compiled)."""
+    return not torch.compiler.is_compiling() and use_triton(device)
+
+
 def _forward(x: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
-    if use_triton(x.device):
+    if _kernels_run(x.device):
         # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.fake_quant import fake_quant_forward
 
@@ -81,7 +89,7 @@ def _forward(x: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
 
 
 def _backward(x: Tensor, grad_y: Tensor, nq: NormQParams, inv_scale: Tensor) -> Tensor:
-    if use_triton(x.device):
+    if _kernels_run(x.device):
         # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.fake_quant import fake_quant_backward
 
@@ -114,7 +122,8 @@ def fake_quantize(x: Tensor, qparams: QParams) -> Tensor:
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be a triton_qat.QParams, got {type(qparams).__name__}")
     check_float_tensor(x, "x")
-    nq = normalize(x, qparams)
+    # The zero point range check reads values on the host: not in a compiled graph.
+    nq = normalize(x, qparams, check_zero_point=not torch.compiler.is_compiling())
     inv_scale = reference.reciprocal(nq.scale)
     if torch.is_grad_enabled() and x.requires_grad:
         return _FakeQuantizeFunction.apply(x, nq, inv_scale)
@@ -498,7 +507,8 @@ def _learnable_norm(
 ) -> NormQParams:
     """The normalized qparams of the forward: zero point clamp(rne(zp)), as int32."""
     zp = reference.learnable_zero_point(zero_point, qmin, qmax, trunc=False)
-    return normalize(x, QParams(scale, zp.to(torch.int32), qmin, qmax, axis=axis))
+    qp = QParams(scale, zp.to(torch.int32), qmin, qmax, axis=axis)
+    return normalize(x, qp, check_zero_point=not torch.compiler.is_compiling())
 
 
 def learnable_backward_norm(
@@ -529,7 +539,7 @@ class _LearnableFakeQuantizeFunction(torch.autograd.Function):
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax, axis, grad_factor = ctx.args
         nq = learnable_backward_norm(x, scale, zero_point, qmin, qmax, axis)
-        if use_triton(x.device):
+        if _kernels_run(x.device):
             # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
             from triton_qat.kernels.learnable import learnable_fake_quant_backward
 

@@ -66,6 +66,18 @@ def _with_callable_args(cls_or_self: Any, **kwargs: Any) -> Any:
     return _PartialWrapperFallback(functools.partial(cls_or_self)).with_callable_args(**kwargs)
 
 
+def _resize_buffer(module: nn.Module, name: str, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """module's buffer `name` with shape `shape` (contents unspecified where new): resized in
+    place eagerly, as torch.ao; under torch.compile (which cannot trace a resize) replaced by
+    a new tensor, the only difference being the buffer's identity."""
+    buffer = getattr(module, name)
+    if torch.compiler.is_compiling():
+        buffer = buffer.new_zeros(shape)
+        setattr(module, name, buffer)
+        return buffer
+    return buffer.resize_(shape)
+
+
 # --- base classes --------------------------------------------------------------------------
 
 
@@ -168,10 +180,67 @@ class FakeQuantizeBase(_FakeQuantizeRoot):
     """Base of triton_qat's fake-quantize modules: a subclass of
     torch.ao.quantization.FakeQuantizeBase when torch.ao is installed, so torch.ao's
     enable/disable_observer and enable/disable_fake_quant helpers act on it. Casting the module
-    never changes the dtype of its state (keep_state_dtypes)."""
+    never changes the dtype of its state (keep_state_dtypes).
+
+    The flag buffers (fake_quant_enabled, observer_enabled, LSQ's static_enabled) stay the
+    state (state_dict, DDP). Each has a Python mirror (`_flags`), set by the enable / disable
+    / toggle methods, by load_state_dict and by every eager forward (which reads the buffers,
+    as torch.ao does). Under torch.compile forward reads the mirrors instead: a guard on a
+    Python value, no data-dependent branch and no host sync. Toggling a flag recompiles once
+    per combination of flags, and a combination seen before reuses its graph. A value written
+    straight into a buffer reaches compiled code after the next eager forward or state_dict
+    load.
+    """
+
+    # The buffers whose values forward branches on.
+    _FLAG_BUFFERS: tuple[str, ...] = ("fake_quant_enabled", "observer_enabled")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._flags: dict[str, bool] = {}
+        self._sync_flags()
+
+    def _flag(self, name: str) -> bool:
+        """Whether the flag buffer `name` is 1: its mirror under torch.compile, else the
+        buffer itself (a host read, as torch.ao's modules), which refreshes the mirror."""
+        flags = self.__dict__.get("_flags")
+        if torch.compiler.is_compiling() and flags is not None and name in flags:
+            return flags[name]
+        on = bool(getattr(self, name)[0] == 1)
+        if flags is not None and not torch.compiler.is_compiling():
+            flags[name] = on
+        return on
+
+    def _sync_flags(self) -> None:
+        """Mirror the flag buffers' values (host reads)."""
+        self.__dict__.setdefault("_flags", {})
+        for name in self._FLAG_BUFFERS:
+            buffer = getattr(self, name, None)
+            if isinstance(buffer, Tensor) and buffer.numel() > 0:
+                self._flags[name] = bool(buffer[0] == 1)
+
+    def _set_flag(self, name: str, enabled: bool) -> None:
+        getattr(self, name)[0] = 1 if enabled else 0
+        self.__dict__.setdefault("_flags", {})[name] = bool(enabled)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self._set_flag("fake_quant_enabled", enabled)
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        self._set_flag("observer_enabled", enabled)
+
+    def disable_observer(self) -> None:
+        self.enable_observer(False)
 
     def _apply(self, fn, recurse=True):
         return keep_state_dtypes(self, super()._apply, fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_flags()
 
     @classmethod
     def with_args(cls, **kwargs: Any) -> Any:

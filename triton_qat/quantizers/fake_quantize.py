@@ -22,7 +22,7 @@ from triton_qat.ops.functional import (
     fake_quantize_per_group,
     fake_quantize_per_tensor,
 )
-from triton_qat.quantizers.base import FakeQuantizeBase
+from triton_qat.quantizers.base import FakeQuantizeBase, _resize_buffer
 from triton_qat.quantizers.observers import (
     _MOVING_AVERAGE_OBSERVERS,
     MovingAverageMinMaxObserver,
@@ -114,7 +114,7 @@ class FakeQuantize(FakeQuantizeBase):
     def observe(self, x: Tensor) -> None:
         """The statistics half of forward: update the observer with x and the scale /
         zero_point buffers from it; nothing when observer_enabled is 0."""
-        if self.observer_enabled[0] == 1:
+        if self._flag("observer_enabled"):
             observer = self.activation_post_process
             if isinstance(observer, _UniformObserver):
                 scale, zero_point = observer._observe_for_fake_quant(x.detach())
@@ -124,8 +124,8 @@ class FakeQuantize(FakeQuantizeBase):
             scale = scale.to(self.scale.device)
             zero_point = zero_point.to(self.zero_point.device)
             if self.scale.shape != scale.shape:
-                self.scale.resize_(scale.shape)
-                self.zero_point.resize_(zero_point.shape)
+                _resize_buffer(self, "scale", scale.shape)
+                _resize_buffer(self, "zero_point", zero_point.shape)
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
 
@@ -145,14 +145,14 @@ class FakeQuantize(FakeQuantizeBase):
     def forward(self, X: Tensor) -> Tensor:
         """observe(X), then fake-quantize X when fake_quant_enabled (else X itself)."""
         self.observe(X)
-        if self.fake_quant_enabled[0] == 1:
+        if self._flag("fake_quant_enabled"):
             X = self._fake_quant(X)
         return X
 
     def qparams(self) -> QParams | None:
         """The current scale / zero_point buffers (not copies) as a QParams, None when fake
         quantization is disabled: per tensor, per channel (axis=ch_axis) or per group."""
-        if self.fake_quant_enabled[0] == 0:
+        if not self._flag("fake_quant_enabled"):
             return None
         qmin = self.activation_post_process.quant_min
         qmax = self.activation_post_process.quant_max
@@ -232,6 +232,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         # int64 flags, as torch.ao's fused module (its op reads them as long).
         self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.long))
         self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.long))
+        self._sync_flags()
         self.is_symmetric_quant = self.activation_post_process.qscheme in SYMMETRIC_SCHEMES
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -244,13 +245,14 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         if observer.min_val.numel() != 0:
             return
         channels = x.size(self.ch_axis) if x.dim() else 1
-        observer.min_val.resize_(channels).fill_(float("inf"))
-        observer.max_val.resize_(channels).fill_(float("-inf"))
+        _resize_buffer(observer, "min_val", (channels,)).fill_(float("inf"))
+        _resize_buffer(observer, "max_val", (channels,)).fill_(float("-inf"))
         # torch resizes scale / zero_point in place, keeping the old leading values; the new
         # elements are whatever memory held (zeros here).
-        for buffer in (self.scale, self.zero_point):
+        for name in ("scale", "zero_point"):
+            buffer = getattr(self, name)
             kept = buffer[: min(buffer.numel(), channels)].clone()
-            buffer.resize_(channels).zero_()
+            buffer = _resize_buffer(self, name, (channels,)).zero_()
             buffer[: kept.numel()].copy_(kept)
 
     def observe(self, x: Tensor) -> None:
@@ -264,7 +266,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
             self._init_channels(x)
         if self._observe_on_device(x):
             return
-        if self.observer_enabled[0] == 1:
+        if self._flag("observer_enabled"):
             # torch's op reads fp32 statistics; fp16 / bf16 inputs are reduced, then widened.
             if self.is_per_channel:
                 rows = _channel_rows(x.detach(), self.ch_axis)
@@ -274,7 +276,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
             c = observer.averaging_constant
             for run, cur in ((observer.min_val, min_cur), (observer.max_val, max_cur)):
                 run.copy_(torch.where(torch.isinf(run), cur, run + c * (cur - run)))
-        if self.fake_quant_enabled[0] == 1:
+        if self._flag("fake_quant_enabled"):
             scale, zero_point = fused_qparams(
                 observer.min_val,
                 observer.max_val,
@@ -320,7 +322,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
     def forward(self, X: Tensor) -> Tensor:
         """observe(X), then fake-quantize X when fake_quant_enabled (else a copy of X)."""
         self.observe(X)
-        if self.fake_quant_enabled[0] == 1 and X.numel() != 0:
+        if X.numel() != 0 and self._flag("fake_quant_enabled"):
             return self._fake_quant(X)
         return X.clone()
 

@@ -96,6 +96,10 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         bitrange = torch.tensor(quant_max - quant_min + 1).double()
         self.bitwidth = int(torch.log2(bitrange).item())
         self.register_buffer("eps", torch.tensor([torch.finfo(torch.float32).eps]))
+        self._sync_flags()
+
+    # static_enabled plays the observer flag's part (torch.ao's module has no observer_enabled).
+    _FLAG_BUFFERS = ("fake_quant_enabled", "static_enabled")
 
     def enable_param_learning(self) -> LearnableFakeQuantize:
         """Learn scale and zero point; fake quant on, observer updates off."""
@@ -117,7 +121,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         ).toggle_observer_update(enabled=True)
 
     def toggle_observer_update(self, enabled: bool = True) -> LearnableFakeQuantize:
-        self.static_enabled[0] = int(enabled)
+        self._set_flag("static_enabled", enabled)
         return self
 
     def enable_observer(self, enabled: bool = True) -> None:
@@ -125,13 +129,24 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
     def toggle_qparam_learning(self, enabled: bool = True) -> LearnableFakeQuantize:
         self.learning_enabled[0] = int(enabled)
-        self.scale.requires_grad = enabled
-        self.zero_point.requires_grad = enabled
+        # Set only when it changes: torch.compile cannot trace the assignment.
+        for param in (self.scale, self.zero_point):
+            if param.requires_grad != enabled:
+                param.requires_grad = enabled
         return self
 
     def toggle_fake_quant(self, enabled: bool = True) -> LearnableFakeQuantize:
-        self.fake_quant_enabled[0] = int(enabled)
+        self._set_flag("fake_quant_enabled", enabled)
         return self
+
+    def _size_channels(self, channels: int) -> None:
+        """Per channel with channel_len -1: size scale and zero point for `channels` channels
+        before the first observation (what the first observation would do), so that a
+        compiled forward, which cannot change a Parameter's shape, starts with the final one."""
+        if self.qscheme not in PER_CHANNEL_SCHEMES or self.scale.numel() == channels:
+            return
+        for param in (self.scale, self.zero_point):
+            param.data = param.data[:1].expand(channels).clone()
 
     def observe_quant_params(self) -> None:
         print(f"LearnableFakeQuantize Scale: {self.scale.detach()}")
@@ -161,11 +176,21 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         value = value.to(device=param.device, dtype=param.dtype)
         if param.shape != value.shape:
             param.data = value.clone()  # per channel with channel_len -1: sized on first use
+        elif torch.compiler.is_compiling():
+            with torch.no_grad():  # .data cannot be traced; the same values
+                param.copy_(value)
         else:
             param.data.copy_(value)
 
+    def _clamp_scale(self) -> None:
+        if torch.compiler.is_compiling():
+            with torch.no_grad():  # eps as a tensor: no .item() in the graph; the same values
+                self.scale.clamp_(min=self.eps)
+        else:
+            self.scale.data.clamp_(min=self.eps.item())
+
     def forward(self, X: Tensor) -> Tensor:
-        if self.static_enabled[0] == 1:
+        if self._flag("static_enabled"):
             self.activation_post_process(X.detach())
             scale, zero_point = _observer_qparams(self.activation_post_process)
             self._set_param(self.scale, scale)
@@ -173,10 +198,14 @@ class LearnableFakeQuantize(FakeQuantizeBase):
             if self.init_from_observer:
                 self.enable_param_learning()
         else:
-            self.scale.data.clamp_(min=self.eps.item())
-        if self.fake_quant_enabled[0] == 1:
+            self._clamp_scale()
+        if self._flag("fake_quant_enabled"):
             if self.qscheme in SYMMETRIC_SCHEMES:
-                self.zero_point.data.zero_()
+                if torch.compiler.is_compiling():
+                    with torch.no_grad():
+                        self.zero_point.zero_()
+                else:
+                    self.zero_point.data.zero_()
             if self.use_grad_scaling:
                 grad_factor = 1.0 / (X.numel() * self.quant_max) ** 0.5
             else:

@@ -23,7 +23,7 @@ from triton_qat.numerics.observer_formulas import (
 )
 from triton_qat.numerics.qparams import FLOAT_DTYPES, QUANT_LIMIT
 from triton_qat.ops.backend import use_triton
-from triton_qat.quantizers.base import ObserverBase, _ao_observer
+from triton_qat.quantizers.base import ObserverBase, _ao_observer, _resize_buffer
 
 # --- observers -------------------------------------------------------------------------------
 
@@ -46,8 +46,9 @@ def _kernel_range(quant_min: int, quant_max: int) -> bool:
 def _observe_kernels(x: Tensor, *buffers: Tensor) -> Any:
     """triton_qat.kernels.observe when it runs for x: a non-empty float x on a device where the
     Triton path runs (use_triton), contiguous fp32 statistics buffers on x's device; else None
-    (the eager code runs)."""
-    if x.numel() == 0 or x.dtype not in FLOAT_DTYPES:
+    (the eager code runs). Under torch.compile the eager code is traced instead: the kernels
+    are not custom ops, and the compiler fuses the few reductions itself."""
+    if x.numel() == 0 or x.dtype not in FLOAT_DTYPES or torch.compiler.is_compiling():
         return None
     for b in buffers:
         if b.dtype != torch.float32 or b.device != x.device or not b.is_contiguous():
@@ -355,8 +356,9 @@ class _ResizableMinMax(_UniformObserver):
     max_val: Tensor
 
     def _store(self, min_val: Tensor, max_val: Tensor) -> None:
-        self.min_val.resize_(min_val.shape)
-        self.max_val.resize_(max_val.shape)
+        if self.min_val.shape != min_val.shape or self.max_val.shape != max_val.shape:
+            _resize_buffer(self, "min_val", min_val.shape)
+            _resize_buffer(self, "max_val", max_val.shape)
         self.min_val.copy_(min_val)
         self.max_val.copy_(max_val)
 

@@ -114,12 +114,12 @@ class DynamicPerTokenFakeQuantize(FakeQuantizeBase):
     def per_token_spec(self) -> PerTokenQParams | None:
         """This quantizer as the fused linear's dynamic input spec (None when fake quant is
         disabled): the GEMM computes each row's qparams from the input it is given."""
-        if self.fake_quant_enabled[0] == 0:
+        if not self._flag("fake_quant_enabled"):
             return None
         return per_token_spec(self.quant_min, self.quant_max, self.qscheme, self.dtype, self.eps)
 
     def forward(self, X: Tensor) -> Tensor:
-        if self.fake_quant_enabled[0] == 0:
+        if not self._flag("fake_quant_enabled"):
             return X
         return fake_quantize_per_token(
             X, self.quant_min, self.quant_max, self.qscheme, self.dtype, self.eps
