@@ -87,3 +87,49 @@ def test_qat_lora_trains_adapters_over_a_frozen_fake_quantized_base():
         logits_int = converted(input_ids=ids).logits
     # Same dequantized weights and input codes: equal up to fp32 matmul rounding.
     torch.testing.assert_close(logits_int, logits_qat, rtol=1e-5, atol=1e-5)
+
+
+def _train_steps(model: torch.nn.Module, steps: int = 3) -> tuple[list[float], dict, dict]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for step in range(steps):
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(step))
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        losses.append(loss.item())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return losses, grads, state
+
+
+@pytest.mark.parametrize("qconfig", ["x86", "int8_per_channel", "int8_per_channel_lsq"])
+def test_activation_checkpointing_trains_as_without(qconfig):
+    # Recomputed forwards (in backward) must not update the observers a second time: the
+    # same losses, gradients and fake-quant state, bit for bit, as without checkpointing.
+    plain = tq.prepare_qat(tiny_llama(), {"lm_head": None, "*": qconfig}).train()
+    ckpt = tq.prepare_qat(tiny_llama(), {"lm_head": None, "*": qconfig}).train()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert ckpt.is_gradient_checkpointing
+    a, b = _train_steps(plain), _train_steps(ckpt)
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert torch.equal(a[1][name], b[1][name]), name
+    for key in a[2]:
+        assert torch.equal(a[2][key], b[2][key]), key
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_torch_checkpoint_does_not_observe_twice(use_reentrant):
+    model = tq.prepare_qat(torch.nn.Sequential(torch.nn.Linear(16, 16)), "x86")
+    model(torch.randn(4, 16))  # the moving averages start from a first observation
+    x = torch.randn(4, 16, requires_grad=True) * 3
+    observer = model[0].input_fake_quant.activation_post_process
+    before = observer.min_val.clone()
+    y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=use_reentrant)
+    after_forward = observer.min_val.clone()
+    y.sum().backward()
+    assert not torch.equal(before, after_forward)  # the forward observed
+    assert torch.equal(observer.min_val, after_forward)  # the recompute did not

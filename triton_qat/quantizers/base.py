@@ -102,6 +102,17 @@ else:
             pass
 
 
+def in_backward_pass() -> bool:
+    """Whether autograd's engine is running a backward on this thread. A module forward run
+    then is activation checkpointing recomputing one (torch.utils.checkpoint, transformers'
+    gradient_checkpointing_enable): the observers must not update a second time, so the
+    recomputed fake quant uses the qparams the first forward used."""
+    if torch.compiler.is_compiling():
+        return False  # a compiled graph's recomputation is the compiler's
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
 def keep_state_dtypes(module: nn.Module, apply: Any, fn: Any, recurse: bool) -> nn.Module:
     """nn.Module._apply that moves a quantizer's own tensors but keeps their dtypes.
 

@@ -22,7 +22,7 @@ from triton_qat.ops.functional import (
     fake_quantize_per_group,
     fake_quantize_per_tensor,
 )
-from triton_qat.quantizers.base import FakeQuantizeBase, _resize_buffer
+from triton_qat.quantizers.base import FakeQuantizeBase, _resize_buffer, in_backward_pass
 from triton_qat.quantizers.observers import (
     _MOVING_AVERAGE_OBSERVERS,
     MovingAverageMinMaxObserver,
@@ -113,8 +113,9 @@ class FakeQuantize(FakeQuantizeBase):
 
     def observe(self, x: Tensor) -> None:
         """The statistics half of forward: update the observer with x and the scale /
-        zero_point buffers from it; nothing when observer_enabled is 0."""
-        if self._flag("observer_enabled"):
+        zero_point buffers from it; nothing when observer_enabled is 0, nor when activation
+        checkpointing recomputes the forward (in_backward_pass)."""
+        if self._flag("observer_enabled") and not in_backward_pass():
             observer = self.activation_post_process
             if isinstance(observer, _UniformObserver):
                 scale, zero_point = observer._observe_for_fake_quant(x.detach())
@@ -258,8 +259,10 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
     def observe(self, x: Tensor) -> None:
         """The statistics half of forward: the running min/max update (when observer_enabled)
         and, as torch's fused op, the scale / zero_point refresh (when fake_quant_enabled).
-        An empty x changes nothing (torch's op returns before its helper)."""
-        if x.numel() == 0:
+        An empty x changes nothing (torch's op returns before its helper), nor does a forward
+        that activation checkpointing recomputes (in_backward_pass: the qparams stay those the
+        first forward computed, which a refresh from unchanged statistics would give again)."""
+        if x.numel() == 0 or in_backward_pass():
             return
         observer = self.activation_post_process
         if self.is_per_channel:

@@ -19,7 +19,7 @@ from triton_qat.ops.functional import (
     fake_quantize_learnable,
     fake_quantize_learnable_per_channel,
 )
-from triton_qat.quantizers.base import FakeQuantizeBase
+from triton_qat.quantizers.base import FakeQuantizeBase, in_backward_pass
 from triton_qat.quantizers.fake_quantize import _observer_qparams
 from triton_qat.quantizers.observers import MovingAverageMinMaxObserver
 
@@ -191,12 +191,14 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
     def forward(self, X: Tensor) -> Tensor:
         if self._flag("static_enabled"):
-            self.activation_post_process(X.detach())
-            scale, zero_point = _observer_qparams(self.activation_post_process)
-            self._set_param(self.scale, scale)
-            self._set_param(self.zero_point, zero_point)
-            if self.init_from_observer:
-                self.enable_param_learning()
+            # Not again when activation checkpointing recomputes this forward.
+            if not in_backward_pass():
+                self.activation_post_process(X.detach())
+                scale, zero_point = _observer_qparams(self.activation_post_process)
+                self._set_param(self.scale, scale)
+                self._set_param(self.zero_point, zero_point)
+                if self.init_from_observer:
+                    self.enable_param_learning()
         else:
             self._clamp_scale()
         if self._flag("fake_quant_enabled"):
