@@ -15,7 +15,9 @@
 # (scale), hypothesis fuzzing of the compiled kernels with statistics (fuzz), and the
 # 2,000-step fused-vs-eager QAT run (stability). Each group fits one call:
 #   GPU_CHECK_STEPS=reliability bash bench/gpu_check.sh OUTDIR
-# GPU_CHECK_STEPS takes "core", "reliability", "all" or step names (env always runs).
+# "models": the LLM path (embedding and compile benchmarks, the model-level tests), one call:
+#   GPU_CHECK_STEPS=models bash bench/gpu_check.sh OUTDIR
+# GPU_CHECK_STEPS takes "core", "reliability", "models", "all" or step names (env always runs).
 #
 # Outputs in OUTDIR: env.txt, pytest.log, pytest.xml (JUnit), autotune.log,
 # autotune_cache/autotune.json (the tuned configs), bench_linear.log, linear.json,
@@ -41,6 +43,7 @@ export TRITON_QAT_CACHE_DIR=$OUTDIR/autotune_cache
 BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
 GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-core}
 RELIABILITY_STEPS="fsdp2 determinism scale fuzz stability"
+MODEL_STEPS="bench_embedding bench_compile tests_models"
 KILL_GRACE_S=5 # timeout sends KILL this long after TERM; counted against the deadline
 MIN_STEP_S=10  # a step that would get less than this is skipped, not started
 SUMMARY=$OUTDIR/summary.txt
@@ -73,6 +76,7 @@ selected() {
     local group=core want
     [[ $1 == env ]] && return 0
     [[ " $RELIABILITY_STEPS " == *" $1 "* ]] && group=reliability
+    [[ " $MODEL_STEPS " == *" $1 "* ]] && group=models
     for want in $GPU_CHECK_STEPS; do
         [[ $want == all || $want == "$group" || $want == "$1" ]] && return 0
     done
@@ -202,6 +206,19 @@ run_step fuzz 120 "$OUTDIR/fuzz.log" \
     python -m pytest tests -k property -q -p no:cacheprovider --hypothesis-show-statistics
 run_step stability 150 "$OUTDIR/stability.log" \
     python bench/stability.py --steps 2000 --out "$OUTDIR"
+
+# --- models (GPU_CHECK_STEPS=models) -------------------------------------------------------------
+# The LLM path on compiled kernels: QAT embedding against torch.ao's and torchao's, a training
+# step compiled vs eager, and the model-level tests (selection, embedding, precision,
+# checkpointing and LoRA interop, torch.compile, reload and export) on the GPU.
+run_step bench_embedding 60 "$OUTDIR/bench_embedding.log" \
+    python bench/bench_embedding.py --device cuda --num 128000 --dim 4096 --tokens 8192
+run_step bench_compile 150 "$OUTDIR/bench_compile.log" \
+    python bench/bench_compile.py --device cuda --backend inductor
+run_step tests_models 200 "$OUTDIR/tests_models.log" \
+    env TRITON_QAT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
+    tests/test_embedding.py tests/test_prepare.py tests/test_precision.py \
+    tests/test_interop.py tests/test_compile.py tests/test_serialize.py tests/test_export.py
 
 # --- summary -------------------------------------------------------------------------------------
 echo
