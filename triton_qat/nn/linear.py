@@ -14,6 +14,7 @@ from triton_qat.qconfig import resolve_qconfig
 from triton_qat.quantizers import (
     DynamicPerTokenFakeQuantize,
     FakeQuantize,
+    Float8FakeQuantize,
     FusedMovingAvgObsFakeQuantize,
     LearnableFakeQuantize,
 )
@@ -96,9 +97,10 @@ class Linear(torch.nn.Linear):
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 
     def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
-        if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize)):
+        if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize, Float8FakeQuantize)):
             # triton_qat's own, applied as a module by design: per-token qparams are made per
-            # call; learnable qparams need gradients, which the fused GEMM does not produce.
+            # call; learnable qparams need gradients, which the fused GEMM does not produce;
+            # FP8 fake quant has no fused GEMM yet (eager, then F.linear).
             return
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))
