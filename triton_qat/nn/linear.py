@@ -69,6 +69,10 @@ class Linear(torch.nn.Linear):
     quantizer (w8a8_dynamic, w4a8_dynamic) is fused too: a light pass computes each token's
     qparams, then the GEMM fake-quantizes the input rows as it loads them. A torch.ao QConfig
     keeps torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
+
+    FP8 fake quant (Float8FakeQuantize: the "fp8_dynamic" / "fp8_weight_only" qconfigs) is
+    applied as a module on the weight and input, then F.linear (eager, no warning); the fused
+    FP8 GEMM comes with its Triton kernels.
     """
 
     _FLOAT_MODULE = torch.nn.Linear
