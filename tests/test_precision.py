@@ -12,6 +12,8 @@ from torch import nn
 import triton_qat as tq
 
 PRESETS = tq.list_qconfigs()
+# Dynamic scales only (float formats): no floating state in their fake-quant modules.
+STATELESS = {"fp8_dynamic", "fp8_weight_only"}
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -43,7 +45,8 @@ def test_prepare_then_cast_equals_cast_then_prepare(preset, dtype):
         after = tq.prepare_qat(_mlp(), preset).to(dtype)
         before = tq.prepare_qat(_mlp().to(dtype), preset)
         states = _state_dtypes(after)
-        assert states and set(states.values()) == {torch.float32}, states
+        assert states or preset in STATELESS
+        assert set(states.values()) <= {torch.float32}, states
         assert _state_dtypes(before) == states
         for _ in range(2):  # observers update on each step
             y_a, g_a = _step(after, x)

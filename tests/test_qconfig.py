@@ -31,6 +31,8 @@ BUILTIN = (
     "int8_per_tensor",
     "int4_per_group",
     "w8a8_dynamic",
+    "fp8_dynamic",
+    "fp8_weight_only",
     "x86",
     "fbgemm",
     "qnnpack",

@@ -384,6 +384,24 @@ def _w4a8_dynamic() -> QConfig:
     )
 
 
+def _fp8_weight() -> Factory:
+    # float8_e4m3fn weights, one scale per output row (row amax / 448) of the current weight.
+    return quantizers.Float8FakeQuantize.with_args(dtype=torch.float8_e4m3fn, granularity="per_row")
+
+
+def _fp8_dynamic() -> QConfig:
+    # FP8 weights per output row and FP8 activations with a dynamic scale per token (torchao's
+    # Float8FakeQuantizeConfig(PerRow()) on both operands); eager until the FP8 kernels land.
+    activation = quantizers.Float8FakeQuantize.with_args(
+        dtype=torch.float8_e4m3fn, granularity="per_token"
+    )
+    return QConfig(weight=_fp8_weight(), activation=activation)
+
+
+def _fp8_weight_only() -> QConfig:
+    return QConfig(weight=_fp8_weight())
+
+
 def learnable_qconfig(qconfig: object, *, use_grad_scaling: bool = True) -> QConfig:
     """The qconfig `qconfig` (a name, a QConfig or a torch.ao QConfig) with learnable qparams.
 
@@ -447,6 +465,9 @@ _PRESETS: dict[str, Callable[[], QConfig]] = {
     "w4a8_dynamic": _w4a8_dynamic,
     # int8 per-channel symmetric weights whose scales are learned (LSQ), observer-initialised.
     "int8_per_channel_lsq": lambda: learnable_qconfig(_int8_per_channel()),
+    # Float formats (shared/API.md, "Float formats"); FP8 e4m3fn, eager for now.
+    "fp8_dynamic": _fp8_dynamic,
+    "fp8_weight_only": _fp8_weight_only,
     **{backend: functools.partial(get_default_qat_qconfig, backend) for backend in _BACKENDS},
 }
 _REGISTRY.update(_PRESETS)

@@ -14,6 +14,7 @@ from triton_qat.qconfig import resolve_qconfig
 from triton_qat.quantizers import (
     DynamicPerTokenFakeQuantize,
     FakeQuantize,
+    Float8FakeQuantize,
     FusedMovingAvgObsFakeQuantize,
     LearnableFakeQuantize,
 )
@@ -68,6 +69,10 @@ class Linear(torch.nn.Linear):
     quantizer (w8a8_dynamic, w4a8_dynamic) is fused too: a light pass computes each token's
     qparams, then the GEMM fake-quantizes the input rows as it loads them. A torch.ao QConfig
     keeps torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
+
+    FP8 fake quant (Float8FakeQuantize: the "fp8_dynamic" / "fp8_weight_only" qconfigs) is
+    applied as a module on the weight and input, then F.linear (eager, no warning); the fused
+    FP8 GEMM comes with its Triton kernels.
     """
 
     _FLOAT_MODULE = torch.nn.Linear
@@ -96,9 +101,10 @@ class Linear(torch.nn.Linear):
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 
     def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
-        if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize)):
+        if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize, Float8FakeQuantize)):
             # triton_qat's own, applied as a module by design: per-token qparams are made per
-            # call; learnable qparams need gradients, which the fused GEMM does not produce.
+            # call; learnable qparams need gradients, which the fused GEMM does not produce;
+            # FP8 fake quant has no fused GEMM yet (eager, then F.linear).
             return
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))

@@ -1,10 +1,12 @@
 """Layer 3, ops: autograd Functions and torch.library custom ops, and the backend choice that
 sends each call to the Triton kernels (layer 2) or the eager reference (layer 1).
 
-functional.py holds the ops, backend.py the "auto" / "triton" / "eager" switch.
+functional.py holds the ops, backend.py the "auto" / "triton" / "eager" switch;
+float_formats.py the FP8 fake quant (eager only for now).
 """
 
 from triton_qat.ops.backend import get_backend, set_backend, use_backend, use_triton
+from triton_qat.ops.float_formats import fake_quantize_float8, float8_scale
 from triton_qat.ops.functional import (
     fake_quantize,
     fake_quantize_learnable,
@@ -18,11 +20,13 @@ from triton_qat.ops.functional import (
 
 __all__ = [
     "fake_quantize",
+    "fake_quantize_float8",
     "fake_quantize_learnable",
     "fake_quantize_learnable_per_channel",
     "fake_quantize_per_channel",
     "fake_quantize_per_group",
     "fake_quantize_per_tensor",
+    "float8_scale",
     "fq_linear",
     "get_backend",
     "per_token_qparams",

@@ -35,12 +35,17 @@ Differences from torch.ao, all deliberate:
   qconfigs) works in FakeQuantize and the per-channel observers; FusedMovingAvgObsFakeQuantize
   refuses it, as torch's fused op takes integer zero points.
 
+Float8FakeQuantize fake-quantizes to float8_e4m3fn / float8_e5m2 with dynamic scales (per row
+of a weight, per token of an activation, or per tensor); it has no observer and no torch.ao
+counterpart (torchao's Float8FakeQuantizer is the nearest; numerics/float_formats.py).
+
 torch.ao is optional: without it the base classes are plain nn.Modules with the same buffers
 and methods.
 """
 
 from triton_qat.quantizers.base import FakeQuantizeBase, ObserverBase
 from triton_qat.quantizers.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
+from triton_qat.quantizers.float_formats import Float8FakeQuantize
 from triton_qat.quantizers.learnable import LearnableFakeQuantize
 from triton_qat.quantizers.observers import (
     MinMaxObserver,
@@ -60,6 +65,7 @@ __all__ = [
     "DynamicPerTokenFakeQuantize",
     "FakeQuantize",
     "FakeQuantizeBase",
+    "Float8FakeQuantize",
     "FusedMovingAvgObsFakeQuantize",
     "LearnableFakeQuantize",
     "MinMaxObserver",
