@@ -321,3 +321,10 @@ def test_fp8_dynamic_trains(dtype):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_convert_of_an_fp8_model_says_it_is_not_supported_yet():
+    model = tq.prepare_qat(torch.nn.Sequential(torch.nn.Linear(32, 16)), "fp8_dynamic")
+    model(torch.randn(2, 32))
+    with pytest.raises(NotImplementedError, match="float format"):
+        tq.convert(model)

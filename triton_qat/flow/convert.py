@@ -324,7 +324,12 @@ def _frozen_weight(mod: torch.nn.Module) -> tuple[Tensor, QParams]:
     wfq.enable_fake_quant()
     try:
         wq = wfq.qparams()
-        assert wq is not None
+        if wq is None:
+            raise NotImplementedError(
+                f"convert: {type(wfq).__name__} has no integer qparams (a float format); "
+                "converting float-format QAT layers is not supported yet: keep them as QAT "
+                "layers, or give them an integer qconfig"
+            )
         try:
             codes = quantize_codes(weight, wq)
         except ValueError:
