@@ -4,11 +4,15 @@
 VENV ?= .venv
 SETUP = $(shell bash scripts/setup_env.sh $(VENV))
 
-.PHONY: example test test-oldest lint gpu-check
+.PHONY: example example-hf test test-oldest lint gpu-check
 
 # The main job: float vs PTQ vs QAT of a small LM (about 4 minutes on 2 cores).
 example:
 	$(SETUP) examples/qat_tiny_lm.py
+
+# A transformers Llama through recipe, QAT, convert, save / reload, export (under 5 minutes).
+example-hf:
+	$(SETUP) examples/hf_llama_qat.py
 
 # What CI runs: lint, then the whole suite (kernels interpreted on the CPU).
 test:
