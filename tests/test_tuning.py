@@ -181,7 +181,7 @@ def _tuner(cache: autotune_cache.AutotuneCache, blocks=(32, 64, 128), prune=None
 
 @pytest.fixture
 def on_fake_gpu(monkeypatch):
-    monkeypatch.setattr(tuning, "_current_gpu_name", lambda: GPU)
+    monkeypatch.setattr(autotune_cache, "_current_gpu_name", lambda: GPU)
     monkeypatch.delenv("TRITON_QAT_AUTOTUNE_CACHE", raising=False)
 
 

@@ -24,22 +24,16 @@ from triton_qat.ops.backend import use_triton
 _TORCH_CPU_WRAP_BOUND = 2.0**62
 
 
-# torch's vectorized CPU builds add a float zero point in one FMA, as the reference does; its
-# DEFAULT build rounds twice (tests/conftest.py).
-_TORCH_CPU_FMA = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
 def _torch_fused_applies(x: Tensor, nq: NormQParams) -> bool:
     """Whether torch's fused CPU fake-quant op computes exactly the reference here.
 
-    It does per tensor, and per channel / group with an integer zero point (or a float one on
-    its FMA builds) unless some x / scale (+ zero point) could reach 2**62 (+inf, NaN, zero,
-    negative or tiny scales): one max over x and over the qparams decides, cheaper than the
-    ten passes of the reference formula.
+    It does per tensor, and per channel / group with an integer zero point unless some
+    x / scale could reach 2**62 (+inf, NaN, zero, negative or tiny scales): one max over x
+    and over the scales decides, cheaper than the ten passes of the reference formula. Not
+    with a float zero point: its vectorized loop adds it in one FMA, but the scalar tail of a
+    row (and its DEFAULT build) round twice, so results depend on where an element falls.
     """
-    if x.device.type != "cpu" or x.numel() == 0:
-        return False
-    if nq.float_zero_point and not _TORCH_CPU_FMA:
+    if x.device.type != "cpu" or nq.float_zero_point or x.numel() == 0:
         return False
     if torch.compiler.is_compiling():
         return False  # the reference: its check is a host sync, and torch's op has no fake
@@ -47,8 +41,6 @@ def _torch_fused_applies(x: Tensor, nq: NormQParams) -> bool:
         return True
     inv = reference.reciprocal(nq.scale)
     bound = x.max().float() * inv.max()
-    if nq.float_zero_point:
-        bound = x.abs().max().float() * inv.max() + nq.zero_point.abs().max()
     return bool(((inv.min() > 0) & (bound < _TORCH_CPU_WRAP_BOUND)).item())
 
 
