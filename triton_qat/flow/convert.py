@@ -76,7 +76,31 @@ def _dequantize(q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
     return (q - zp.to(torch.float32)) * scale
 
 
-class QuantizedLinear(torch.nn.Module):
+class _SavedLayout(torch.nn.Module):
+    """A converted layer whose state_dict holds its layout (flow/layout.py): loading adopts
+    the saved range, granularity (and input quantizer), and with them the shapes and dtypes
+    of the codes and qparams, checked against the layer's shape first (a state_dict of
+    another architecture is an error naming the layer). Subclasses define _read_layout."""
+
+    def _read_layout(self) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        try:
+            adopt_saved_layout(self, state_dict, prefix)
+        except ValueError as err:
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "weight_layout" in state_dict:
+            self._read_layout()
+
+
+class QuantizedLinear(_SavedLayout):
     """Inference Linear with integer weights and the qparams trained by QAT.
 
     Weights are stored as int8 codes (4-bit ranges packed two to a byte) with their scale
@@ -144,23 +168,6 @@ class QuantizedLinear(torch.nn.Module):
             raise ValueError("a layer with static input qparams cannot take a dynamic one")
         self.input_layout = input_layout_tensor(self.input_range, spec).to(self.input_layout.device)
         self._read_layout()
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # The saved layout decides this layer's: range, granularity and input quantizer, and
-        # with them the shapes and dtypes of the codes and qparams (checked against the layer's
-        # in / out features first: a state_dict of another architecture is an error).
-        try:
-            adopt_saved_layout(self, state_dict, prefix)
-        except ValueError as err:
-            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
-            return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if prefix + "weight_layout" in state_dict:
-            self._read_layout()
 
     def weight_codes(self) -> Tensor:
         """The integer codes q, shape (out_features, in_features), int32."""
@@ -354,7 +361,7 @@ def _frozen_weight(mod: torch.nn.Module) -> tuple[Tensor, QParams]:
     return codes, frozen
 
 
-class QuantizedEmbedding(torch.nn.Module):
+class QuantizedEmbedding(_SavedLayout):
     """Inference embedding table with integer codes and the qparams trained by QAT.
 
     Codes are stored as QuantizedLinear stores them (4-bit ranges packed two per byte along
@@ -393,21 +400,6 @@ class QuantizedEmbedding(torch.nn.Module):
             self.weight_layout
         )
         self.packed_int4 = self.quant_max - self.quant_min <= 15
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # The saved layout decides this table's range and granularity (flow/layout.py).
-        try:
-            adopt_saved_layout(self, state_dict, prefix)
-        except ValueError as err:
-            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
-            return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if prefix + "weight_layout" in state_dict:
-            self._read_layout()
 
     def _row_qparams(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero point broadcastable against the looked-up codes (n, dim) (or
