@@ -438,7 +438,7 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_dw_kernel",
         _fq_dw_pointers,
         _QRANGE,
-        {**_FQ_AXES, "X_CODES": (False, True), **_LOOP_EVEN},
+        {**_FQ_AXES, "X_CODES": (False, True), "W_MASK": (True,), **_LOOP_EVEN},
         _gemm_configs(_float_gemm_space),
         ones=("stride_dyn", "stride_xk", "stride_wk", "stride_dwk"),
         valid=_codes_valid,

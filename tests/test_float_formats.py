@@ -1,5 +1,6 @@
 """FP8 fake quant: the reference against torch's float8 casts and torchao's QAT fake quantizer,
-the straight-through op, Float8FakeQuantize and the fp8 presets (eager path)."""
+the straight-through op, Float8FakeQuantize and the fp8 presets (eager path; the Triton
+path: tests/test_float8_kernels.py)."""
 
 from __future__ import annotations
 
@@ -277,6 +278,9 @@ def mlp() -> torch.nn.Module:
 
 
 def test_fp8_dynamic_forward_and_gradients_are_fq8_then_linear():
+    """On the eager backend the layer is the composition, bit for bit (the Triton path, whose
+    GEMM sums in another order: tests/test_float8_kernels.py)."""
+    tq.set_backend("eager")  # restored by conftest's fixture
     model = tq.prepare_qat(mlp(), "fp8_dynamic")
     layer = model[0]
     assert isinstance(layer.weight_fake_quant, Float8FakeQuantize)
@@ -297,6 +301,7 @@ def test_fp8_dynamic_forward_and_gradients_are_fq8_then_linear():
 
 
 def test_fp8_weight_only_preset():
+    tq.set_backend("eager")  # the composition, bit for bit (restored by conftest's fixture)
     model = tq.prepare_qat(mlp(), "fp8_weight_only")
     layer = model[2]
     assert getattr(layer, "input_fake_quant", None) is None

@@ -130,8 +130,8 @@ def _load_quantized(ptrs, ok, zp, CODES: tl.constexpr, MASKED: tl.constexpr):
     """A tile of a fake-quantized operand as _load_operand; int8 codes read their zero point
     past the end instead of 0, so that (c - zp) * scale is an exact 0 without a select after
     the fake quant (a float operand's fq(0) is 0 only for an integer zero point within the
-    range)."""
-    if CODES and MASKED:
+    range). Float8 codes (kernels/float8.py) come with a zero point of 0: 0.0 past the end."""
+    if CODES and MASKED and ptrs.dtype.element_ty.is_int():
         t = tl.load(ptrs, mask=ok, other=zp.to(tl.int8))
     else:
         t = _load_operand(ptrs, ok, MASKED)
@@ -490,6 +490,7 @@ def fq_linear_dw_kernel(
     X_FQ: tl.constexpr,
     X_PER_ROW: tl.constexpr,
     X_CODES: tl.constexpr,
+    W_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -498,6 +499,7 @@ def fq_linear_dw_kernel(
     LOOP_EVEN: tl.constexpr,
 ):
     # Output tile (BLOCK_M rows of N, BLOCK_N cols of K); the loop runs over M in BLOCK_K.
+    # W_MASK False: no straight-through mask on dW (FP8 weights; the w qparams are unread).
     # X_CODES: x_ptr holds x's int8 codes, with a scale and zero point (minus shift) per row.
     pid_n, pid_k = _grouped_pid(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
     rn = pid_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -545,26 +547,29 @@ def fq_linear_dw_kernel(
         )
         acc = tl.dot(dot_operand(dy_t), dot_operand(x), acc, input_precision=INPUT_PRECISION)
     out_ok = n_ok[:, None] & k_ok[None, :]
-    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=out_ok, other=0.0)
-    w_inv, _, w_zp = _weight_params(
-        w_inv_ptr,
-        w_inv_ptr,
-        w_zp_ptr,
-        rn,
-        rk,
-        n_ok,
-        k_ok,
-        pid_k * BLOCK_N,
-        K,
-        W_GRAN,
-        GROUP_SIZE,
-        BLOCK_N,
-    )
-    qf = quantize_unclamped(to_fp32(w), w_inv, w_zp, W_FLOAT_ZP)
     if dw_ptr.dtype.element_ty != dtype:
         # fp32 master weights: the composition's dW is a product in the input dtype, widened.
         acc = to_fp32(cast_rne(acc, dtype))
-    acc = acc * ((qf >= w_qmin) & (qf <= w_qmax)).to(tl.float32)
+    if W_MASK:
+        w = tl.load(
+            w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=out_ok, other=0.0
+        )
+        w_inv, _, w_zp = _weight_params(
+            w_inv_ptr,
+            w_inv_ptr,
+            w_zp_ptr,
+            rn,
+            rk,
+            n_ok,
+            k_ok,
+            pid_k * BLOCK_N,
+            K,
+            W_GRAN,
+            GROUP_SIZE,
+            BLOCK_N,
+        )
+        qf = quantize_unclamped(to_fp32(w), w_inv, w_zp, W_FLOAT_ZP)
+        acc = acc * ((qf >= w_qmin) & (qf <= w_qmax)).to(tl.float32)
     tl.store(
         dw_ptr + rn[:, None] * stride_dwn + rk[None, :] * stride_dwk,
         cast_rne(acc, dw_ptr.dtype.element_ty),
@@ -711,10 +716,15 @@ def fq_linear_grad_input(
 
 
 def fq_linear_grad_weight(
-    dy: Tensor, x: Tensor, w: Tensor, lq: LinearQuant, x_codes: QuantizedInput | None = None
+    dy: Tensor,
+    x: Tensor,
+    w: Tensor,
+    lq: LinearQuant,
+    x_codes: QuantizedInput | None = None,
+    weight_mask: bool = True,
 ) -> Tensor:
     """dw (N, K) = (dy^T @ fq_x(x)) * mask_w(w), in w's dtype; `x_codes` as
-    fq_linear_forward."""
+    fq_linear_forward; weight_mask False: no mask (FP8 weights, whose lq.w_* are unread)."""
     m, n = dy.shape
     k = w.shape[1]
     dw = torch.empty((n, k), dtype=w.dtype, device=w.device)
@@ -754,6 +764,7 @@ def fq_linear_grad_weight(
         X_FQ=lq.x_fq,
         X_PER_ROW=x_per_row,
         X_CODES=x_codes is not None,
+        W_MASK=weight_mask,
         INPUT_PRECISION=input_precision(dy.dtype),
         enable_fp_fusion=False,
     )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from triton_qat.numerics.qparams import PerTokenQParams, QParams
+from triton_qat.ops.float_formats import fp8_linear
 from triton_qat.ops.functional import fake_quantize, fq_linear
 from triton_qat.qconfig import resolve_qconfig
 from triton_qat.quantizers import (
@@ -48,6 +49,25 @@ def _fused_qparams(
     return (True, qp) if fits else (False, None)
 
 
+def _float8_args(wfq: torch.nn.Module, ifq: torch.nn.Module | None) -> dict | None:
+    """fp8_linear's keyword arguments when the weight's (and the input's, if any) fake quant
+    is an enabled Float8FakeQuantize, else None (the quantizers are applied as modules)."""
+    if not isinstance(wfq, Float8FakeQuantize) or not wfq._flag("fake_quant_enabled"):
+        return None
+    args = {
+        "weight_dtype": wfq.dtype,
+        "weight_granularity": "per_tensor" if wfq.granularity == "per_tensor" else "per_row",
+        "weight_eps": wfq.eps,
+        "input_dtype": None,
+    }
+    if ifq is None:
+        return args
+    if not isinstance(ifq, Float8FakeQuantize) or not ifq._flag("fake_quant_enabled"):
+        return None
+    args.update(input_dtype=ifq.dtype, input_granularity=ifq.granularity, input_eps=ifq.eps)
+    return args
+
+
 class Linear(torch.nn.Linear):
     """A linear layer with fake-quantized weight (and, per the qconfig, input) for QAT.
 
@@ -70,9 +90,10 @@ class Linear(torch.nn.Linear):
     qparams, then the GEMM fake-quantizes the input rows as it loads them. A torch.ao QConfig
     keeps torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
 
-    FP8 fake quant (Float8FakeQuantize: the "fp8_dynamic" / "fp8_weight_only" qconfigs) is
-    applied as a module on the weight and input, then F.linear (eager, no warning); the fused
-    FP8 GEMM comes with its Triton kernels.
+    FP8 fake quant (Float8FakeQuantize: the "fp8_dynamic" / "fp8_weight_only" qconfigs) runs
+    as one fused FP8 linear (triton_qat.ops.fp8_linear): the GEMMs read the operands' float8
+    codes, and on GPUs with FP8 tensor cores the forward is an FP8 GEMM. With one of the two
+    quantizers disabled, the other is applied as a module, then F.linear.
     """
 
     _FLOAT_MODULE = torch.nn.Linear
@@ -104,7 +125,7 @@ class Linear(torch.nn.Linear):
         if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize, Float8FakeQuantize)):
             # triton_qat's own, applied as a module by design: per-token qparams are made per
             # call; learnable qparams need gradients, which the fused GEMM does not produce;
-            # FP8 fake quant has no fused GEMM yet (eager, then F.linear).
+            # FP8 fake quant with one quantizer disabled: the other one as a module.
             return
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))
@@ -117,13 +138,16 @@ class Linear(torch.nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         wfq = self.weight_fake_quant
+        ifq = getattr(self, "input_fake_quant", None)
+        fp8 = _float8_args(wfq, ifq)
+        if fp8 is not None:
+            return fp8_linear(input, self.weight, self.bias, **fp8)
         fused_w, w_qp = _fused_qparams(wfq, self.weight, weight=True)
         weight = self.weight
         if not fused_w:
             self._warn_unfused(wfq, "weight")
             weight = wfq(self.weight)
 
-        ifq = getattr(self, "input_fake_quant", None)
         x_qp = None
         if ifq is not None:
             fused_x, x_qp = _fused_qparams(ifq, input, weight=False)

@@ -2,11 +2,11 @@
 sends each call to the Triton kernels (layer 2) or the eager reference (layer 1).
 
 functional.py holds the ops, backend.py the "auto" / "triton" / "eager" switch;
-float_formats.py the FP8 fake quant (eager only for now).
+float_formats.py the FP8 fake quant and the fused FP8 linear.
 """
 
 from triton_qat.ops.backend import get_backend, set_backend, use_backend, use_triton
-from triton_qat.ops.float_formats import fake_quantize_float8, float8_scale
+from triton_qat.ops.float_formats import fake_quantize_float8, float8_scale, fp8_linear
 from triton_qat.ops.functional import (
     fake_quantize,
     fake_quantize_learnable,
@@ -27,6 +27,7 @@ __all__ = [
     "fake_quantize_per_group",
     "fake_quantize_per_tensor",
     "float8_scale",
+    "fp8_linear",
     "fq_linear",
     "get_backend",
     "per_token_qparams",

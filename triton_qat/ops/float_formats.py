@@ -1,14 +1,18 @@
-"""FP8 fake quant as an autograd op (straight-through), eager only for now.
+"""FP8 ops: fake quant (autograd, straight-through) and the fused FP8 linear.
 
-The rules are triton_qat/numerics/float_formats.py's. This op runs the eager reference on
-every device and backend: the Triton kernels (standalone FP8 fake quant, and FP8 operands
-fused into the linear's GEMM) come next and will be dispatched from here as the integer
-ops are from functional.py.
+The rules are triton_qat/numerics/float_formats.py's. Both ops dispatch as the integer ops do
+(functional.py): the Triton kernels (kernels/float8.py) where they run, else the eager
+reference. fp8_linear is a torch.library custom op (opaque to torch.compile, no graph break)
+with its backward registered, saving what F.linear saves (input, weight): the codes and
+scales are recomputed in backward from the same tensors, bit for bit.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from triton_qat.numerics.float_formats import (
@@ -19,6 +23,20 @@ from triton_qat.numerics.float_formats import (
     float8_format,
 )
 from triton_qat.numerics.qparams import check_float_tensor
+from triton_qat.ops.backend import use_triton
+from triton_qat.ops.functional import _check_linear_args, _kernels_run
+
+
+def _fake_quantize_float8(x: Tensor, dtype_name: str, granularity: str, eps: float) -> Tensor:
+    """fq(x) by the Triton kernel where it runs, else the reference; bit for bit the same."""
+    fmt = float8_format(dtype_name)
+    if x.numel() == 0 or not _kernels_run(x.device):
+        return fake_quantize_float8_dynamic_ref(x, fmt, granularity, eps)
+    # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
+    from triton_qat.kernels.float8 import fake_quantize_float8 as fq8_kernel
+
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    return fq8_kernel(rows, fmt, granularity != "per_tensor", eps).reshape(x.shape)
 
 
 class _Float8FakeQuant(torch.autograd.Function):
@@ -26,7 +44,7 @@ class _Float8FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dtype_name: str, granularity: str, eps: float) -> Tensor:
-        return fake_quantize_float8_dynamic_ref(x, float8_format(dtype_name), granularity, eps)
+        return _fake_quantize_float8(x, dtype_name, granularity, eps)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -76,3 +94,174 @@ def float8_scale(
     fmt = float8_format(dtype, "dtype")
     check_granularity(granularity, "granularity")
     return choose_scale_float8_ref(x, fmt, granularity, _check_eps(eps))
+
+
+# --- the fused FP8 linear -------------------------------------------------------------------
+
+
+def _specs(
+    w_dtype: str, w_per_row: bool, w_eps: float, x_dtype: str, x_per_row: bool, x_eps: float
+):
+    from triton_qat.kernels.float8 import Float8Spec
+
+    w_spec = Float8Spec(float8_format(w_dtype), w_per_row, w_eps)
+    x_spec = Float8Spec(float8_format(x_dtype), x_per_row, x_eps) if x_dtype else None
+    return w_spec, x_spec
+
+
+def _gran(per_row: bool) -> str:
+    return "per_row" if per_row else "per_tensor"
+
+
+def _eager_operands(x, weight, w_dtype, w_per_row, w_eps, x_dtype, x_per_row, x_eps):
+    """(fq(x) or x, fq(weight) cast to x's dtype) by the reference."""
+    wq = fake_quantize_float8_dynamic_ref(weight, float8_format(w_dtype), _gran(w_per_row), w_eps)
+    xq = x
+    if x_dtype:
+        xq = fake_quantize_float8_dynamic_ref(x, float8_format(x_dtype), _gran(x_per_row), x_eps)
+    return xq, wq.to(x.dtype)
+
+
+@torch.library.custom_op("triton_qat::fp8_linear", mutates_args=())
+def _fp8_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    w_dtype: str,
+    w_per_row: bool,
+    w_eps: float,
+    x_dtype: str,
+    x_per_row: bool,
+    x_eps: float,
+) -> Tensor:
+    """F.linear(fq8(x), fq8(weight).to(x.dtype), bias) for x (M, K); x_dtype "" leaves x as is."""
+    args = (w_dtype, w_per_row, w_eps, x_dtype, x_per_row, x_eps)
+    if use_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
+        from triton_qat.kernels.float8 import fp8_linear_forward
+
+        return fp8_linear_forward(x, weight, bias, *_specs(*args))
+    xq, wq = _eager_operands(x, weight, *args)
+    return F.linear(xq, wq, None if bias is None else bias.to(x.dtype))
+
+
+@_fp8_linear_op.register_fake
+def _(x, weight, bias, *args):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("triton_qat::fp8_linear_backward", mutates_args=())
+def _fp8_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    w_dtype: str,
+    w_per_row: bool,
+    w_eps: float,
+    x_dtype: str,
+    x_per_row: bool,
+    x_eps: float,
+    need_dx: bool,
+    need_dw: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dx, dw) = (dy @ fq8(w), (dy^T @ fq8(x)).to(w.dtype)), straight through (no mask); an
+    unneeded gradient comes back as an empty tensor."""
+    args = (w_dtype, w_per_row, w_eps, x_dtype, x_per_row, x_eps)
+    grad_y = grad_y.to(x.dtype)
+    if use_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
+        from triton_qat.kernels.float8 import fp8_linear_backward
+
+        dx, dw = fp8_linear_backward(grad_y, x, weight, *_specs(*args), need_dx, need_dw)
+    else:
+        xq, wq = _eager_operands(x, weight, *args)
+        dx = grad_y @ wq if need_dx else None
+        dw = (grad_y.t() @ xq).to(weight.dtype) if need_dw else None
+    return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
+
+
+@_fp8_linear_backward_op.register_fake
+def _(grad_y, x, weight, *args):
+    need_dx, need_dw = args[-2], args[-1]
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
+    )
+
+
+def _fp8_linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs[:3]
+    ctx.save_for_backward(x, weight)  # what F.linear saves; codes and scales are recomputed
+    ctx.args = inputs[3:]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _fp8_linear_backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx = dw = db = None
+    if need_dx or need_dw:
+        dx, dw = torch.ops.triton_qat.fp8_linear_backward(
+            grad_y, x, weight, *ctx.args, need_dx, need_dw
+        )
+    if need_db:
+        db = grad_y.sum(0).to(ctx.bias_dtype)
+    return (dx if need_dx else None, dw if need_dw else None, db) + (None,) * 6
+
+
+_fp8_linear_op.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup_context)
+
+
+def _spec_args(dtype: object, granularity: object, eps: object, role: str, rows: tuple[str, ...]):
+    fmt = float8_format(dtype, f"{role}_dtype")
+    gran = check_granularity(granularity, f"{role}_granularity")
+    if gran not in ("per_tensor", *rows):
+        raise ValueError(
+            f"{role}_granularity must be 'per_tensor' or one of {rows} for the {role}, got {gran!r}"
+        )
+    if not isinstance(eps, float) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"{role}_eps must be a positive float, got {eps!r}")
+    return fmt.name, gran != "per_tensor", eps
+
+
+def fp8_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    weight_dtype: torch.dtype | str = "float8_e4m3fn",
+    weight_granularity: str = "per_row",
+    weight_eps: float = FLOAT8_EPS,
+    input_dtype: torch.dtype | str | None = "float8_e4m3fn",
+    input_granularity: str = "per_token",
+    input_eps: float = FLOAT8_EPS,
+) -> Tensor:
+    """F.linear(fq8(input), fq8(weight), bias), fused: FP8 fake quant of the weight (one scale
+    per output row, or per tensor) and, unless input_dtype is None, of the input (one scale
+    per token, a row of input.reshape(-1, K), or per tensor), each scale from the tensor's own
+    amax. Straight-through backward: dx = dy @ fq8(w), dw = dy^T @ fq8(x), no mask.
+
+    input (..., K) fp32 / bf16 / fp16; weight (N, K) in the input's dtype or fp32 (master
+    weights: fake-quantized in fp32, then cast to the input dtype). Under autocast the input
+    and bias are cast to the autocast dtype first. On the Triton path the GEMMs read the
+    operands' float8 codes; on GPUs with FP8 tensor cores (and in the interpreter) the forward
+    with both operands in one format is one FP8 GEMM (kernels/float8.py; within rounding of
+    the composition). Else, and on the eager backend, the composition itself.
+    """
+    _check_linear_args(input, weight, bias)
+    w_args = _spec_args(weight_dtype, weight_granularity, weight_eps, "weight", ("per_row",))
+    x_args: tuple = ("", False, FLOAT8_EPS)
+    if input_dtype is not None:
+        x_args = _spec_args(
+            input_dtype, input_granularity, input_eps, "input", ("per_token", "per_row")
+        )
+    if torch.is_autocast_enabled(input.device.type):
+        ac_dtype = torch.get_autocast_dtype(input.device.type)
+        input = input.to(ac_dtype)
+        if bias is not None:
+            bias = bias.to(ac_dtype)
+        if weight.dtype not in (ac_dtype, torch.float32):
+            weight = weight.to(ac_dtype)
+    x2d = input.reshape(math.prod(input.shape[:-1]), weight.shape[1])
+    y = torch.ops.triton_qat.fp8_linear(x2d, weight, bias, *w_args, *x_args)
+    return y.reshape(*input.shape[:-1], weight.shape[0])
