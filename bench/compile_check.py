@@ -47,7 +47,7 @@ from triton_qat.kernels import configs as gemm_cfg
 
 # Shared memory per block (opt-in maximum) of the targets, bytes.
 SHARED_MEMORY = {90: 232448, 80: 166912}
-ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "i8": 1, "u8": 1}
+ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "i8": 1, "u8": 1, "fp8e4nv": 1, "fp8e5": 1}
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -135,6 +135,10 @@ def _zp(float_zp: bool) -> str:
 
 
 _X_QUANT = ((False, False), (True, False), (True, True))  # (X_FQ, X_PER_ROW)
+# Triton's float8 pointer types by mantissa bits: e4m3fn, e5m2.
+_FLOAT8 = {3: "fp8e4nv", 2: "fp8e5"}
+# The codes a GEMM reads (W_CODES / X_CODES): int8, or an FP8 layer's float8.
+_CODES = ("i8", *_FLOAT8.values())
 _PRECISIONS = ("ieee", "tf32")
 
 
@@ -162,6 +166,8 @@ def _codes_valid(v: dict) -> bool:
     # int_matmul.fused_input_codes: x's codes come with per-row qparams (X_PER_ROW)
     if v.get("X_CODES") and v["X_QUANT"] != (True, True):
         return False
+    if not _float8_codes_valid(v):
+        return False
     # int_matmul.fused_weight_codes (forward, dX): integer zero points; the float weight's
     # dtype no longer matters (one of them stands for all)
     if not v.get("W_CODES"):
@@ -170,12 +176,41 @@ def _codes_valid(v: dict) -> bool:
     return plain and _fq_gemm_valid(v)
 
 
+def _float8_codes_valid(v: dict) -> bool:
+    """float8.fp8_linear_forward / _backward: the codes of an FP8 weight (per tensor or per
+    row, no zero point), an FP8 input's codes or no input fake quant; dW without the mask."""
+    codes = v.get("codes", "i8")
+    if v.get("W_MASK") is False and (codes == "i8" or v.get("X_CODES") is False):
+        return False  # only the FP8 dW drops the mask; its x comes as codes or as is
+    if codes == "i8":
+        return True
+    fp8_weight = v["W_GRAN"] in (0, 1) and not v["W_FLOAT_ZP"] and v["w"] == v["dtype"]
+    if "W_MASK" in v:  # dW: x's codes or a plain x
+        plain_x = v["X_QUANT"] == (False, False)
+        return not v["W_MASK"] and fp8_weight and (v["X_CODES"] or plain_x)
+    x_ok = v.get("X_CODES") or v["X_QUANT"] == (False, False)
+    return fp8_weight and v["W_CODES"] and x_ok
+
+
+def _float8_arch(make):
+    """Float8 pointers only where the runtime passes them: compute capability 8.9 and up
+    (ops/float_formats._float8_triton); sm_80's Triton has no e4m3fn."""
+
+    def configs(arch, pointers, *rest):
+        if arch < 89 and any(p in _FLOAT8.values() for p in pointers.values()):
+            return []
+        return make(arch, pointers, *rest)
+
+    return configs
+
+
 def _fq_fwd_pointers(v):
     d = v["dtype"]
     x_zp = "i32" if v["X_QUANT"][0] else "fp32"  # x_tensors(): an fp32 placeholder
+    codes = v.get("codes", "i8")  # int8 codes or an FP8 layer's float8 codes
     return {
-        "x_ptr": "i8" if v.get("X_CODES") else d,
-        "w_ptr": "i8" if v.get("W_CODES") else v["w"],
+        "x_ptr": codes if v.get("X_CODES") else d,
+        "w_ptr": codes if v.get("W_CODES") else v["w"],
         "b_ptr": v["w"] if v.get("HAS_BIAS") else d,  # bias in x's or w's dtype; else y itself
         "y_ptr": d,
         "w_inv_ptr": "fp32",
@@ -416,10 +451,11 @@ KERNELS: dict[str, Kernel] = {
             **_FQ_AXES,
             "W_CODES": (False, True),
             "X_CODES": (False, True),
+            "codes": _CODES,
             "HAS_BIAS": (False, True),
             **_LOOP_EVEN,
         },
-        _gemm_configs(_float_gemm_space),
+        _float8_arch(_gemm_configs(_float_gemm_space)),
         ones=("stride_xk", "stride_wk", "stride_yn"),
         valid=_codes_valid,
     ),
@@ -428,8 +464,8 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_dx_kernel",
         _fq_dx_pointers,
         _QRANGE,
-        {**_FQ_AXES, "W_CODES": (False, True), **_LOOP_EVEN},
-        _gemm_configs(_float_gemm_space),
+        {**_FQ_AXES, "W_CODES": (False, True), "codes": _CODES, **_LOOP_EVEN},
+        _float8_arch(_gemm_configs(_float_gemm_space)),
         ones=("stride_dyn", "stride_wk", "stride_xk", "stride_dxk"),
         valid=_codes_valid,
     ),
@@ -438,8 +474,14 @@ KERNELS: dict[str, Kernel] = {
         "fq_linear_dw_kernel",
         _fq_dw_pointers,
         _QRANGE,
-        {**_FQ_AXES, "X_CODES": (False, True), "W_MASK": (True,), **_LOOP_EVEN},
-        _gemm_configs(_float_gemm_space),
+        {
+            **_FQ_AXES,
+            "X_CODES": (False, True),
+            "codes": _CODES,
+            "W_MASK": (True, False),
+            **_LOOP_EVEN,
+        },
+        _float8_arch(_gemm_configs(_float_gemm_space)),
         ones=("stride_dyn", "stride_xk", "stride_wk", "stride_dwk"),
         valid=_codes_valid,
     ),
@@ -522,6 +564,64 @@ KERNELS: dict[str, Kernel] = {
             and (v["HAS_BIAS"] or v["bias"] == "x")
             and (v["bias"] == "x" or v["dtype"] != "fp32")
         ),
+    ),
+    "float8_rows": Kernel(
+        "triton_qat.kernels.float8",
+        "float8_rows_kernel",
+        lambda v: {
+            "x_ptr": v["dtype"],
+            "scale_ptr": "fp32",
+            "codes_ptr": _FLOAT8[v["MBITS"]] if v["WRITE_CODES"] else "fp32",
+            "y_ptr": v["dtype"] if v["WRITE_Y"] else "fp32",
+        },
+        ("eps",),
+        {
+            "dtype": FLOAT_DTYPES,
+            # (mantissa bits, smallest normal exponent, max): e4m3fn, e5m2
+            "MBITS": (3, 2),
+            "EMIN": (-6, -14),
+            "FMAX": (448.0, 57344.0),
+            "SCALE_GIVEN": (False, True),
+            "AMAX_ONLY": (False, True),
+            "WRITE_CODES": (False, True),
+            "WRITE_Y": (False, True),
+        },
+        _float8_arch(
+            lambda arch, *_: [
+                ("4x1024", {"BLOCK_M": 4, "BLOCK_K": 1024}),
+                ("4x16", {"BLOCK_M": 4, "BLOCK_K": 16}),
+            ]
+        ),
+        ones=("stride_xk", "stride_ck", "stride_yk"),
+        valid=lambda v: (
+            (v["MBITS"], v["EMIN"], v["FMAX"]) in ((3, -6, 448.0), (2, -14, 57344.0))
+            # float8_scale (AMAX_ONLY: scales only), _quantize (codes or y, one at a time)
+            and (
+                (
+                    v["AMAX_ONLY"]
+                    and not v["SCALE_GIVEN"]
+                    and not v["WRITE_CODES"]
+                    and not v["WRITE_Y"]
+                )
+                or (not v["AMAX_ONLY"] and v["WRITE_CODES"] != v["WRITE_Y"])
+            )
+        ),
+    ),
+    "fp8_matmul": Kernel(
+        "triton_qat.kernels.float8",
+        "fp8_matmul_kernel",
+        lambda v: {
+            "x_ptr": _FLOAT8[v["mbits"]],
+            "w_ptr": _FLOAT8[v["mbits"]],
+            "b_ptr": v["dtype"],
+            "y_ptr": v["dtype"],
+            "x_scale_ptr": "fp32",
+            "w_scale_ptr": "fp32",
+        },
+        (),
+        {"dtype": FLOAT_DTYPES, "mbits": (3, 2), "HAS_BIAS": (False, True)},
+        _float8_arch(_gemm_configs(_int_gemm_space)),
+        ones=("stride_xk", "stride_wk", "stride_yn"),
     ),
 }
 

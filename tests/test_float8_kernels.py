@@ -284,3 +284,19 @@ def test_bad_operands_name_the_argument():
         tq.fp8_linear(torch.ones(2, 8, dtype=torch.int32), torch.randn(3, 8))
     with pytest.raises(ValueError, match="input's last dim"):
         tq.fp8_linear(torch.randn(2, 7), torch.randn(3, 8))
+
+
+@pytest.mark.parametrize(
+    ("capability", "runs"), [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)]
+)
+def test_float8_kernels_need_float8_in_triton(monkeypatch, capability, runs):
+    """On a GPU the float8 kernels (codes, fp8_matmul, the GEMMs reading float8 codes) run
+    from compute capability 8.9: Ampere's Triton has no e4m3fn (compile_check: "type fp8e4nv
+    not supported in this architecture"); there the op is the eager composition."""
+    from triton_qat.ops import float_formats
+
+    monkeypatch.setattr(float_formats, "use_triton", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert float_formats._float8_triton(torch.device("cuda", 0)) is runs
+    monkeypatch.setattr(float_formats, "use_triton", lambda device: False)
+    assert float_formats._float8_triton(torch.device("cuda", 0)) is False

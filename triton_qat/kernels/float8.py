@@ -64,12 +64,12 @@ def round_to_float8(v, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constex
     mantissa bits, smallest normal exponent EMIN), ties to even; NaN stays NaN, signed zeros
     kept. numerics/float_formats.py round_to_float8_ref, bit for bit."""
     # tl.where, not tl.minimum / tl.maximum: a GPU's min / max drop NaN.
-    v = tl.where(v > FMAX, FMAX, tl.where(v < -FMAX, -FMAX, v))
+    v = tl.where(v > FMAX, FMAX, tl.where(v < 0.0 - FMAX, 0.0 - FMAX, v))
     # floor(log2 |v|) from the exponent field (fp32 subnormals read -127, then clamped).
     e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.maximum(e, EMIN) - MBITS  # the quantum is 2**e
     # |v| * 2**-e < 2**(MBITS + 1): round_half_even is exact there; both products are exact.
-    return round_half_even(v * _pow2(-e)) * _pow2(e)
+    return round_half_even(v * _pow2(0 - e)) * _pow2(e)
 
 
 @triton.jit

@@ -24,13 +24,22 @@ from triton_qat.numerics.float_formats import (
 )
 from triton_qat.numerics.qparams import check_float_tensor
 from triton_qat.ops.backend import use_triton
-from triton_qat.ops.functional import _check_linear_args, _kernels_run
+from triton_qat.ops.functional import _check_linear_args
+
+
+def _float8_triton(device: torch.device) -> bool:
+    """Whether the float8 kernels run on device: use_triton, and on a GPU float8 in Triton
+    (compute capability 8.9 and up; Ampere's Triton has no e4m3fn). Elsewhere the eager
+    reference (torch's float8 casts), bit for bit the same codes."""
+    if not use_triton(device):
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _fake_quantize_float8(x: Tensor, dtype_name: str, granularity: str, eps: float) -> Tensor:
     """fq(x) by the Triton kernel where it runs, else the reference; bit for bit the same."""
     fmt = float8_format(dtype_name)
-    if x.numel() == 0 or not _kernels_run(x.device):
+    if x.numel() == 0 or torch.compiler.is_compiling() or not _float8_triton(x.device):
         return fake_quantize_float8_dynamic_ref(x, fmt, granularity, eps)
     # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
     from triton_qat.kernels.float8 import fake_quantize_float8 as fq8_kernel
@@ -136,7 +145,7 @@ def _fp8_linear_op(
 ) -> Tensor:
     """F.linear(fq8(x), fq8(weight).to(x.dtype), bias) for x (M, K); x_dtype "" leaves x as is."""
     args = (w_dtype, w_per_row, w_eps, x_dtype, x_per_row, x_eps)
-    if use_triton(x.device):
+    if _float8_triton(x.device):
         # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.float8 import fp8_linear_forward
 
@@ -168,7 +177,7 @@ def _fp8_linear_backward_op(
     unneeded gradient comes back as an empty tensor."""
     args = (w_dtype, w_per_row, w_eps, x_dtype, x_per_row, x_eps)
     grad_y = grad_y.to(x.dtype)
-    if use_triton(x.device):
+    if _float8_triton(x.device):
         # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.float8 import fp8_linear_backward
 
