@@ -17,8 +17,18 @@ from triton_qat.quantizers import (
     Float8FakeQuantize,
     FusedMovingAvgObsFakeQuantize,
     LearnableFakeQuantize,
+    MXFakeQuantize,
+    NVFP4FakeQuantize,
 )
 
+# triton_qat's fake quants that the layer applies as modules, without a warning.
+_APPLIED_AS_MODULES = (
+    DynamicPerTokenFakeQuantize,
+    LearnableFakeQuantize,
+    Float8FakeQuantize,
+    MXFakeQuantize,
+    NVFP4FakeQuantize,
+)
 # Fake-quant types already warned about (once per type and process).
 _WARNED_TYPES: set[type] = set()
 
@@ -70,9 +80,10 @@ class Linear(torch.nn.Linear):
     qparams, then the GEMM fake-quantizes the input rows as it loads them. A torch.ao QConfig
     keeps torch.ao's behaviour (no input fake quant here), so the layer is a drop-in.
 
-    FP8 fake quant (Float8FakeQuantize: the "fp8_dynamic" / "fp8_weight_only" qconfigs) is
-    applied as a module on the weight and input, then F.linear (eager, no warning); the fused
-    FP8 GEMM comes with its Triton kernels.
+    FP8 fake quant (Float8FakeQuantize: the "fp8_dynamic" / "fp8_weight_only" qconfigs) and
+    microscaling fake quant (MXFakeQuantize, NVFP4FakeQuantize: "mxfp8_*", "mxfp4_*",
+    "nvfp4_*") are applied as modules on the weight and input, then F.linear (eager, no
+    warning); the fused GEMMs come with their Triton kernels.
     """
 
     _FLOAT_MODULE = torch.nn.Linear
@@ -101,10 +112,10 @@ class Linear(torch.nn.Linear):
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 
     def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
-        if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize, Float8FakeQuantize)):
+        if isinstance(fq, _APPLIED_AS_MODULES):
             # triton_qat's own, applied as a module by design: per-token qparams are made per
             # call; learnable qparams need gradients, which the fused GEMM does not produce;
-            # FP8 fake quant has no fused GEMM yet (eager, then F.linear).
+            # FP8 and microscaling fake quant have no fused GEMM yet (eager, then F.linear).
             return
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))
