@@ -29,11 +29,11 @@ MXFP8 / MXFP4 (OCP Microscaling Formats v1.0, section 6.3, "minimally supported"
                                                   2**(emax+1) > fmax, e.g. 7.9 -> 6 in MXFP4)
     y     = cast(q * X, x.dtype)                  exact in fp32, one cast
     A block holding an inf or a NaN (E = 128): X is e8m0's NaN (code 255) and every element of
-    the block is NaN (as the spec authors' reference code, microxcaling, does).
+    the block is NaN (as in microxcaling, the spec authors' reference code).
     A zero block: X = 2**-127, every element +-0 (sign kept). fp32 subnormal inputs are kept.
 
 NVFP4 (NVIDIA's recipe: e2m1 elements, blocks of 16, e4m3 block scales, one fp32 tensor scale;
-the fp32 operation order is torchao's nvfp4_quantize, which its Triton kernel matches):
+the fp32 operation order is torchao's nvfp4_quantize, written to match its GPU kernel):
 
     amax_t = max(max |x| over the tensor, eps)     eps = 1e-12 (the FP8 path's, float_formats)
     s_t    = amax_t / 2688                         fp32 division; 2688 = 448 * 6
