@@ -498,7 +498,7 @@ def test_preset_forward_and_gradients_are_fq_then_linear(preset):
     model = tq.prepare_qat(mlp(), preset)
     layer = model[0]
     assert type(layer.weight_fake_quant) is cls
-    assert layer.weight_fake_quant.block_size == NVFP4.block_size if fmt == "nvfp4" else 32
+    assert layer.weight_fake_quant.block_size == (NVFP4.block_size if fmt == "nvfp4" else 32)
     ifq = getattr(layer, "input_fake_quant", None)
     assert (ifq is None) == weight_only and (weight_only or type(ifq) is cls)
     x = torch.randn(3, 5, 64).requires_grad_()
