@@ -13,7 +13,15 @@ import triton_qat as tq
 
 PRESETS = tq.list_qconfigs()
 # Dynamic scales only (float formats): no floating state in their fake-quant modules.
-STATELESS = {"fp8_dynamic", "fp8_weight_only"}
+STATELESS = {
+    "fp8_dynamic",
+    "fp8_weight_only",
+    *(
+        f"{fmt}_{kind}"
+        for fmt in ("mxfp8", "mxfp4", "nvfp4")
+        for kind in ("dynamic", "weight_only")
+    ),
+}
 
 
 def _mlp(seed: int = 0) -> nn.Module:

@@ -402,6 +402,22 @@ def _fp8_weight_only() -> QConfig:
     return QConfig(weight=_fp8_weight())
 
 
+def _mx(fmt: str) -> Factory:
+    # Blocks of 32 along K (the last dim of a weight (N, K) and of an activation (..., K)).
+    return quantizers.MXFakeQuantize.with_args(fmt=fmt, block_size=32)
+
+
+def _nvfp4() -> Factory:
+    # Blocks of 16 along K; the fp32 tensor scale from the current tensor's amax (dynamic, for
+    # the weight and each activation, as torchao's NVFP4FakeQuantizeConfig).
+    return quantizers.NVFP4FakeQuantize.with_args(block_size=16, per_tensor_scale=True)
+
+
+def _microscaling(make: Callable[[], Factory], weight_only: bool) -> QConfig:
+    # Weights and activations in the format, or weights only; eager until the kernels land.
+    return QConfig(weight=make(), activation=None if weight_only else make())
+
+
 def learnable_qconfig(qconfig: object, *, use_grad_scaling: bool = True) -> QConfig:
     """The qconfig `qconfig` (a name, a QConfig or a torch.ao QConfig) with learnable qparams.
 
@@ -468,6 +484,14 @@ _PRESETS: dict[str, Callable[[], QConfig]] = {
     # Float formats (shared/API.md, "Float formats"); FP8 e4m3fn, eager for now.
     "fp8_dynamic": _fp8_dynamic,
     "fp8_weight_only": _fp8_weight_only,
+    # Microscaling (numerics/microscaling.py): MXFP8 (e4m3) and MXFP4 (e2m1) with e8m0 scales
+    # per block of 32, NVFP4 (e2m1, e4m3 scales per block of 16, fp32 tensor scale).
+    "mxfp8_dynamic": functools.partial(_microscaling, functools.partial(_mx, "mxfp8"), False),
+    "mxfp8_weight_only": functools.partial(_microscaling, functools.partial(_mx, "mxfp8"), True),
+    "mxfp4_dynamic": functools.partial(_microscaling, functools.partial(_mx, "mxfp4"), False),
+    "mxfp4_weight_only": functools.partial(_microscaling, functools.partial(_mx, "mxfp4"), True),
+    "nvfp4_dynamic": functools.partial(_microscaling, _nvfp4, False),
+    "nvfp4_weight_only": functools.partial(_microscaling, _nvfp4, True),
     **{backend: functools.partial(get_default_qat_qconfig, backend) for backend in _BACKENDS},
 }
 _REGISTRY.update(_PRESETS)

@@ -50,11 +50,14 @@ def _qconfig_name(qconfig: object) -> str:
     return type(qconfig).__name__
 
 
-def _group_size(fake_quant: torch.nn.Module) -> int | None:
+def _group_size(fake_quant: torch.nn.Module) -> tuple[int, str] | None:
+    """(size, attribute name) of the groups (integer per group) or blocks (microscaling
+    formats) a fake quant cuts the last dim into; None when it does not."""
     for mod in (fake_quant, getattr(fake_quant, "activation_post_process", None)):
-        size = getattr(mod, "group_size", None)
-        if isinstance(size, int):
-            return size
+        for attr in ("group_size", "block_size"):
+            size = getattr(mod, attr, None)
+            if isinstance(size, int) and not isinstance(size, bool):
+                return size, attr
     return None
 
 
@@ -79,10 +82,11 @@ def check_fits(module: torch.nn.Module, fqn: str, qconfig: object) -> QConfig:
     weight_fq = resolved.weight()
     group = _group_size(weight_fq)
     in_dim = module.weight.shape[-1]
-    if group is not None and in_dim % group:
+    if group is not None and in_dim % group[0]:
+        kind = "groups" if group[1] == "group_size" else "blocks"
         raise ValueError(
-            f"{where}: qconfig {_qconfig_name(qconfig)!r} quantizes the weight in groups of "
-            f"{group} (group_size), which do not divide its {in_dim} input features"
+            f"{where}: qconfig {_qconfig_name(qconfig)!r} quantizes the weight in {kind} of "
+            f"{group[0]} ({group[1]}), which do not divide its {in_dim} input features"
         )
     if not isinstance(module, torch.nn.Linear) and _quantizes_input(resolved):
         raise ValueError(

@@ -18,8 +18,18 @@ from triton_qat.quantizers import (
     Float8FakeQuantize,
     FusedMovingAvgObsFakeQuantize,
     LearnableFakeQuantize,
+    MXFakeQuantize,
+    NVFP4FakeQuantize,
 )
 
+# triton_qat's fake quants that the layer applies as modules, without a warning.
+_APPLIED_AS_MODULES = (
+    DynamicPerTokenFakeQuantize,
+    LearnableFakeQuantize,
+    Float8FakeQuantize,
+    MXFakeQuantize,
+    NVFP4FakeQuantize,
+)
 # Fake-quant types already warned about (once per type and process).
 _WARNED_TYPES: set[type] = set()
 
@@ -93,7 +103,9 @@ class Linear(torch.nn.Linear):
     FP8 fake quant (Float8FakeQuantize: the "fp8_dynamic" / "fp8_weight_only" qconfigs) runs
     as one fused FP8 linear (triton_qat.ops.fp8_linear): the GEMMs read the operands' float8
     codes, and on GPUs with FP8 tensor cores the forward is an FP8 GEMM. With one of the two
-    quantizers disabled, the other is applied as a module, then F.linear.
+    quantizers disabled, the other is applied as a module, then F.linear. Microscaling fake
+    quant (MXFakeQuantize, NVFP4FakeQuantize: "mxfp8_*", "mxfp4_*", "nvfp4_*") is applied
+    as modules on the weight and input, then F.linear (eager, no warning; no fused kernel yet).
     """
 
     _FLOAT_MODULE = torch.nn.Linear
@@ -122,10 +134,11 @@ class Linear(torch.nn.Linear):
             self.input_fake_quant = resolved.activation().to(self.weight.device)
 
     def _warn_unfused(self, fq: torch.nn.Module, role: str) -> None:
-        if isinstance(fq, (DynamicPerTokenFakeQuantize, LearnableFakeQuantize, Float8FakeQuantize)):
+        if isinstance(fq, _APPLIED_AS_MODULES):
             # triton_qat's own, applied as a module by design: per-token qparams are made per
             # call; learnable qparams need gradients, which the fused GEMM does not produce;
-            # FP8 fake quant with one quantizer disabled: the other one as a module.
+            # FP8 fake quant with one quantizer disabled: the other one as a module;
+            # microscaling fake quant has no fused GEMM yet (eager, then F.linear).
             return
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))

@@ -38,6 +38,9 @@ Differences from torch.ao, all deliberate:
 Float8FakeQuantize fake-quantizes to float8_e4m3fn / float8_e5m2 with dynamic scales (per row
 of a weight, per token of an activation, or per tensor); it has no observer and no torch.ao
 counterpart (torchao's Float8FakeQuantizer is the nearest; numerics/float_formats.py).
+MXFakeQuantize (MXFP8 / MXFP4: e8m0 scales per block of 32) and NVFP4FakeQuantize (e4m3 scales
+per block of 16 and an fp32 tensor scale) do the same for the microscaling formats, blocks
+along the last dim (numerics/microscaling.py).
 
 torch.ao is optional: without it the base classes are plain nn.Modules with the same buffers
 and methods.
@@ -47,6 +50,7 @@ from triton_qat.quantizers.base import FakeQuantizeBase, ObserverBase
 from triton_qat.quantizers.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
 from triton_qat.quantizers.float_formats import Float8FakeQuantize
 from triton_qat.quantizers.learnable import LearnableFakeQuantize
+from triton_qat.quantizers.microscaling import MXFakeQuantize, NVFP4FakeQuantize
 from triton_qat.quantizers.observers import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -68,9 +72,11 @@ __all__ = [
     "Float8FakeQuantize",
     "FusedMovingAvgObsFakeQuantize",
     "LearnableFakeQuantize",
+    "MXFakeQuantize",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver",
+    "NVFP4FakeQuantize",
     "ObserverBase",
     "PerChannelMinMaxObserver",
     "PerGroupMinMaxObserver",
