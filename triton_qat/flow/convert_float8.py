@@ -34,6 +34,8 @@ _FORMAT_NAMES = tuple(FORMATS)  # the codes of float8_layout: index in this tupl
 WEIGHT_PER_TENSOR, WEIGHT_PER_ROW = 0, 1
 INPUT_NONE, INPUT_PER_TENSOR, INPUT_PER_TOKEN = 0, 1, 2
 FLOAT8_LAYOUT_LEN = 5
+# A function given to Module._apply casts when it changes the dtype of one of these.
+_PROBE_DTYPES = (torch.float32, torch.float16)
 
 
 def _fp32_bits(value: float) -> int:
@@ -198,6 +200,25 @@ class QuantizedFloat8Linear(torch.nn.Module):
         device = self.qweight.device
         self.register_buffer("qweight", torch.empty(n, k, dtype=weight_format.dtype, device=device))
         self.register_buffer("weight_scale", torch.empty(want, dtype=torch.float32, device=device))
+
+    def _apply(self, fn, recurse=True):
+        # A cast of the model (model.half(), .to(torch.bfloat16)) would turn the codes and
+        # the fp32 scales into the new dtype (float8 is a floating dtype): they only follow the
+        # device, and the dequantized weight takes the new dtype.
+        kept = {name: self._buffers.pop(name) for name in ("qweight", "weight_scale")}
+        device = kept["qweight"].device
+        try:
+            super()._apply(fn, recurse)
+            probes = [fn(torch.empty(0, dtype=d, device=device)) for d in _PROBE_DTYPES]
+        finally:
+            self._buffers.update(kept)
+        if all(isinstance(p, Tensor) for p in probes):
+            for name, t in kept.items():
+                self._buffers[name] = t.to(probes[0].device)
+            cast = [p.dtype for p, d in zip(probes, _PROBE_DTYPES, strict=True) if p.dtype != d]
+            if cast and cast[0].is_floating_point:
+                self.weight_dtype = cast[0]
+        return self
 
     def dequantized_weight(self) -> Tensor:
         """codes * scale in fp32, cast to the weight's dtype: the QAT layer's fake-quantized
