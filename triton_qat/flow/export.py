@@ -10,7 +10,10 @@ stores them, offset to its signed range [-2**(b-1), 2**(b-1) - 1] (a zero point 
 them): 8-bit weights with quantized inputs as int8 "weight" ("int-quantized"), every other
 weight packed little-endian along in_features into int32 words ("pack-quantized": b bits per
 code, 32 / b codes per word, weight_shape beside them), with weight_scale (and
-weight_zero_point for asymmetric weights). Linears left float go to the ignore list.
+weight_zero_point for asymmetric weights). Each QuantizedFloat8Linear goes out
+"float-quantized": its float8_e4m3fn codes as "weight", its fp32 weight_scale ((N, 1) per
+channel, (1,) per tensor), a dynamic float input per token or per tensor. Linears left float
+go to the ignore list.
 
 Every layer is checked before anything is written: a layout the format cannot express (float
 zero points, per-channel qparams along in_features, a range that is not b-bit, an unsigned

@@ -7,8 +7,9 @@ float architecture supplying everything else.
 A QuantizedLinear's state_dict defines it whole (codes, scales, zero points, ranges,
 granularity, input quantizer: flow/layout.py), so loading needs no qconfig: every Linear of
 the float model whose name has a saved QuantizedLinear becomes one, then the whole state_dict
-is loaded strictly. Directories are written next to their destination and renamed into place,
-so a failure leaves nothing half written.
+is loaded strictly (a QuantizedFloat8Linear likewise, found by its float8_layout).
+Directories are written next to their destination and renamed into place, so a failure
+leaves nothing half written.
 """
 
 from __future__ import annotations
