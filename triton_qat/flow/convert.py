@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from triton_qat.flow.convert_float8 import QuantizedFloat8Linear, is_float8_layer
 from triton_qat.flow.layout import (
     adopt_saved_layout,
     input_layout_tensor,
@@ -496,6 +497,8 @@ def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module
     inplace=False the model is deep-copied first."""
     if not inplace:
         model = copy.deepcopy(model)
+    if is_float8_layer(model):
+        return QuantizedFloat8Linear.from_qat(model)
     if isinstance(model, QATLinear):
         return QuantizedLinear.from_qat(model)
     if isinstance(model, QATEmbedding):
@@ -503,6 +506,8 @@ def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module
     built: dict[int, list[torch.nn.Module]] = {}
 
     def make(m: torch.nn.Module):
+        if is_float8_layer(m):
+            return QuantizedFloat8Linear.from_qat(m)  # not tied: its codes are float8
         if isinstance(m, QATLinear):
             new = QuantizedLinear.from_qat(m)
         elif isinstance(m, QATEmbedding):

@@ -10,7 +10,10 @@ stores them, offset to its signed range [-2**(b-1), 2**(b-1) - 1] (a zero point 
 them): 8-bit weights with quantized inputs as int8 "weight" ("int-quantized"), every other
 weight packed little-endian along in_features into int32 words ("pack-quantized": b bits per
 code, 32 / b codes per word, weight_shape beside them), with weight_scale (and
-weight_zero_point for asymmetric weights). Linears left float go to the ignore list.
+weight_zero_point for asymmetric weights). Each QuantizedFloat8Linear goes out
+"float-quantized": its float8_e4m3fn codes as "weight", its fp32 weight_scale ((N, 1) per
+channel, (1,) per tensor), a dynamic float input per token or per tensor. Linears left float
+go to the ignore list.
 
 Every layer is checked before anything is written: a layout the format cannot express (float
 zero points, per-channel qparams along in_features, a range that is not b-bit, an unsigned
@@ -29,16 +32,18 @@ import torch
 from torch import Tensor
 
 from triton_qat.flow.convert import QuantizedEmbedding, QuantizedLinear
+from triton_qat.flow.convert_float8 import QuantizedFloat8Linear
 from triton_qat.flow.serialize import (
     WEIGHTS_NAME,
     plain_state_dict,
-    quantized_linears,
     write_directory,
 )
 from triton_qat.nn.embedding import Embedding as QATEmbedding
 from triton_qat.nn.linear import Linear as QATLinear
+from triton_qat.numerics.float_formats import FLOAT8_EPS
 
 INT_QUANTIZED, PACK_QUANTIZED = "int-quantized", "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
 # QuantizedLinear's own entries, replaced by the format's (bias is kept as it is).
 _OWN_KEYS = (
     "qweight",
@@ -48,6 +53,7 @@ _OWN_KEYS = (
     "input_layout",
     "input_scale",
     "input_zero_point",
+    "float8_layout",
 )
 
 
@@ -162,9 +168,52 @@ def _input_args(layer: QuantizedLinear, name: str) -> tuple[dict | None, dict[st
     return args, tensors
 
 
-def export_layer(layer: QuantizedLinear, name: str) -> ExportedLayer:
-    """The format's scheme and tensors of one QuantizedLinear; ValueError naming `name` and
-    the reason where the format cannot express its layout."""
+def export_float8_layer(layer: QuantizedFloat8Linear, name: str) -> ExportedLayer:
+    """The format's scheme and tensors of one QuantizedFloat8Linear ("float-quantized": the
+    float8_e4m3fn codes as "weight", the fp32 weight_scale); ValueError naming `name` where
+    the format cannot express it (its only 8-bit float is float8_e4m3fn, its dynamic input
+    scale has no eps of its own)."""
+    formats = [("weight", layer.weight_format)]
+    if layer.input_format is not None:
+        formats.append(("input", layer.input_format))
+    for what, fmt in formats:
+        if fmt.dtype != torch.float8_e4m3fn:
+            raise ValueError(
+                f"layer {name!r}: {what} format {fmt.name}; the format's 8-bit float is "
+                "float8_e4m3fn only"
+            )
+    float8 = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None}
+    strategy = "channel" if layer.per_row else "tensor"
+    weights = float8 | {"strategy": strategy, "dynamic": False}
+    scale = layer.weight_scale.float()
+    tensors = {
+        "weight": layer.qweight.clone(),
+        "weight_scale": (scale.reshape(-1, 1) if layer.per_row else scale.reshape(1)).clone(),
+    }
+    inputs = None
+    if layer.input_granularity is not None:
+        if torch.tensor(layer.input_eps, dtype=torch.float32) != FLOAT8_EPS:
+            raise ValueError(
+                f"layer {name!r}: input eps {layer.input_eps}; the format's dynamic scale "
+                f"matches only the default eps {FLOAT8_EPS}"
+            )
+        token = layer.input_granularity == "per_token"
+        inputs = float8 | {"strategy": "token" if token else "tensor", "dynamic": True}
+    scheme = {
+        "targets": ["Linear"],
+        "weights": weights,
+        "input_activations": inputs,
+        "output_activations": None,
+        "format": FLOAT_QUANTIZED,
+    }
+    return ExportedLayer(scheme, tensors)
+
+
+def export_layer(layer: QuantizedLinear | QuantizedFloat8Linear, name: str) -> ExportedLayer:
+    """The format's scheme and tensors of one QuantizedLinear (or QuantizedFloat8Linear);
+    ValueError naming `name` and the reason where the format cannot express its layout."""
+    if isinstance(layer, QuantizedFloat8Linear):
+        return export_float8_layer(layer, name)
     weights, tensors, fmt = _weight_args(layer, name)
     inputs, input_tensors = _input_args(layer, name)
     scheme = {
@@ -220,7 +269,11 @@ def export_compressed_tensors(
             "export_compressed_tensors: model must be a transformers PreTrainedModel (with a "
             f"config), got {type(model).__name__}"
         )
-    quantized = quantized_linears(model)
+    quantized: dict[str, QuantizedLinear | QuantizedFloat8Linear] = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (QuantizedLinear, QuantizedFloat8Linear))
+    }
     if not quantized:
         raise ValueError(
             "export_compressed_tensors: the model has no QuantizedLinear; convert it first "

@@ -7,8 +7,9 @@ float architecture supplying everything else.
 A QuantizedLinear's state_dict defines it whole (codes, scales, zero points, ranges,
 granularity, input quantizer: flow/layout.py), so loading needs no qconfig: every Linear of
 the float model whose name has a saved QuantizedLinear becomes one, then the whole state_dict
-is loaded strictly. Directories are written next to their destination and renamed into place,
-so a failure leaves nothing half written.
+is loaded strictly (a QuantizedFloat8Linear likewise, found by its float8_layout).
+Directories are written next to their destination and renamed into place, so a failure
+leaves nothing half written.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from triton_qat.flow.convert import QuantizedEmbedding, QuantizedLinear
+from triton_qat.flow.convert_float8 import QuantizedFloat8Linear
 from triton_qat.numerics.qparams import QParams
 
 WEIGHTS_NAME = "model.safetensors"
@@ -62,8 +64,8 @@ def quantized_linears(model: torch.nn.Module) -> dict[str, QuantizedLinear]:
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every QuantizedLinear and QuantizedEmbedding of `model`, by name."""
-    kinds = (QuantizedLinear, QuantizedEmbedding)
+    """Every QuantizedLinear, QuantizedFloat8Linear and QuantizedEmbedding of `model`, by name."""
+    kinds = (QuantizedLinear, QuantizedFloat8Linear, QuantizedEmbedding)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
@@ -124,10 +126,16 @@ def read_converted(directory: str | os.PathLike) -> dict[str, Tensor]:
         return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
 
 
-def _shell(mod: torch.nn.Module) -> torch.nn.Module:
-    """A QuantizedLinear / QuantizedEmbedding of the float layer's shape, bias and dtype;
-    load_state_dict fills it in (its layout included)."""
+def _shell(mod: torch.nn.Module, float8: bool = False) -> torch.nn.Module:
+    """A QuantizedLinear / QuantizedFloat8Linear / QuantizedEmbedding of the float layer's
+    shape, bias and dtype; load_state_dict fills it in (its layout included)."""
     w = mod.weight
+    bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().to("cpu")
+    if float8:
+        n, k = mod.out_features, mod.in_features
+        codes = torch.zeros(n, k, dtype=torch.float8_e4m3fn)
+        layer = QuantizedFloat8Linear(k, n, codes, torch.ones(n, 1), bias, weight_dtype=w.dtype)
+        return layer.to(w.device)
     placeholder = QParams(1.0, 0, -128, 127)
     if isinstance(mod, torch.nn.Embedding):
         n, k = mod.num_embeddings, mod.embedding_dim
@@ -148,20 +156,26 @@ def _shell(mod: torch.nn.Module) -> torch.nn.Module:
         n,
         torch.zeros(n, k, dtype=torch.int32),
         placeholder,
-        None if mod.bias is None else mod.bias.detach().to("cpu"),
+        bias,
         weight_dtype=w.dtype,
     )
     return layer.to(w.device)
 
 
-def with_quantized_layers(model: torch.nn.Module, names: set[str]) -> None:
-    """Swap each nn.Linear / nn.Embedding named in `names` for a quantized shell, in place."""
+def with_quantized_layers(
+    model: torch.nn.Module, names: set[str], float8_names: frozenset[str] = frozenset()
+) -> None:
+    """Swap each nn.Linear / nn.Embedding named in `names` for a quantized shell, in place
+    (a QuantizedFloat8Linear for those in `float8_names` as well)."""
     modules = dict(model.named_modules())
-    for name in sorted(names):
+    for name in sorted(names | float8_names):
         mod = modules.get(name)
-        if isinstance(mod, (QuantizedLinear, QuantizedEmbedding)):
+        float8 = name in float8_names
+        kind = QuantizedFloat8Linear if float8 else (QuantizedLinear, QuantizedEmbedding)
+        if isinstance(mod, kind):
             continue
-        if type(mod) not in (torch.nn.Linear, torch.nn.Embedding):
+        allowed = (torch.nn.Linear,) if float8 else (torch.nn.Linear, torch.nn.Embedding)
+        if type(mod) not in allowed:
             what = "no module" if mod is None else f"a {type(mod).__name__}"
             raise ValueError(
                 f"load_converted: the checkpoint has a quantized layer at {name!r}; the model "
@@ -170,7 +184,7 @@ def with_quantized_layers(model: torch.nn.Module, names: set[str]) -> None:
         if not name:
             raise ValueError("load_converted: the model itself is one layer; convert it instead")
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, _shell(mod))
+        setattr(modules[parent_name], child, _shell(mod, float8))
 
 
 def load_converted(
@@ -182,11 +196,12 @@ def load_converted(
     architecture, missing or extra keys, other shapes) is a ValueError; the model passed in
     is left as it was unless inplace. Outputs equal the saved model's bit for bit."""
     state = read_converted(directory)
-    layouts = (key.rpartition(".") for key in state)
+    layouts = [key.rpartition(".") for key in state]
     names = {prefix for prefix, _, leaf in layouts if leaf == "weight_layout"}
+    float8_names = frozenset(prefix for prefix, _, leaf in layouts if leaf == "float8_layout")
     if not inplace:
         model = copy.deepcopy(model)
-    with_quantized_layers(model, names)
+    with_quantized_layers(model, names, float8_names)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
