@@ -24,6 +24,8 @@ from triton_qat.numerics.reference import (
 
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)  # 1 / tiny is finite in fp32
 _PROMOTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def dequantize_int_weight(
     qweight: Tensor,
     scale: Tensor,
