@@ -12,6 +12,7 @@ from triton_qat.numerics.qparams import PerTokenQParams
 from triton_qat.ops.quantized_linear import (
     _finite_row_qparams,
     fake_quantize_per_token_inference,
+    fake_quantize_per_token_shared,
 )
 from triton_qat.quantizers import fake_quantize_per_token_spec
 
@@ -175,3 +176,35 @@ def test_converted_forward_is_its_definition(name, bias, dtype):
         y = tq.convert(qat).eval()(x)
     assert y.dtype == dtype and y.shape == (2, 3, 13)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_shared_per_token_input_is_reused_only_while_unchanged():
+    x = torch.randn(2, 5, 32)
+    spec = _spec(False)
+    first = fake_quantize_per_token_shared(x, spec)
+    assert fake_quantize_per_token_shared(x, spec) is first  # q / k / v read one tensor
+    torch.testing.assert_close(first, _expected(x, spec), rtol=0, atol=0)
+    assert fake_quantize_per_token_shared(x, _spec(True)) is not first  # another spec
+    x[0, 0].mul_(3.0)  # an in-place change bumps the version counter
+    changed = fake_quantize_per_token_shared(x, spec)
+    torch.testing.assert_close(changed, _expected(x, spec), rtol=0, atol=0)
+    assert fake_quantize_per_token_shared(x.clone(), spec) is not changed  # another tensor
+    with torch.inference_mode():
+        y = torch.randn(3, 32)
+        a, b = fake_quantize_per_token_shared(y, spec), fake_quantize_per_token_shared(y, spec)
+    assert a is not b  # no version counter: never reused
+    torch.testing.assert_close(a, _expected(y, spec), rtol=0, atol=0)
+
+
+def test_layers_reading_one_input_agree_with_separate_calls():
+    torch.manual_seed(3)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(32, 8), "b": torch.nn.Linear(32, 5)})
+    x = torch.randn(4, 32)
+    with tq.use_backend("eager"), torch.no_grad():
+        qat = tq.prepare_qat(model, "w4a8_dynamic")
+        qat["a"](x), qat["b"](x)
+        conv = tq.convert(qat).eval()
+        ya, yb = conv["a"](x), conv["b"](x)
+        # Each alone, on a fresh copy of the input: no memo in play.
+        torch.testing.assert_close(ya, conv["a"](x.clone()), rtol=0, atol=0)
+        torch.testing.assert_close(yb, conv["b"](x.clone()), rtol=0, atol=0)

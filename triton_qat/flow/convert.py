@@ -35,6 +35,7 @@ from triton_qat.ops.functional import fake_quantize
 from triton_qat.ops.quantized_linear import (
     dequantize_int_weight,
     fake_quantize_per_token_inference,
+    fake_quantize_per_token_shared,
 )
 from triton_qat.quantizers import (
     DynamicPerTokenFakeQuantize,
@@ -284,7 +285,11 @@ class QuantizedLinear(_SavedLayout):
             y = self._forward_triton(input)
             if y is not None:
                 return y
-        input = self.fake_quantized_input(input)
+        if self.dynamic_input is not None and not needs_grad:
+            # Quantized once for all the layers that read this input (a block's q / k / v).
+            input = fake_quantize_per_token_shared(input, self.dynamic_input)
+        else:
+            input = self.fake_quantized_input(input)
         w = self.dequantized_weight().to(input.dtype)
         b = None if self.bias is None else self.bias.to(input.dtype)
         return F.linear(input, w, b)

@@ -10,6 +10,8 @@ about as much in dispatch as in arithmetic, so the count of ops is what is optim
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 
 import torch
 from torch import Tensor
@@ -131,3 +133,38 @@ def fake_quantize_per_token_inference(rows: Tensor, spec: PerTokenQParams) -> Te
         zpf = zpf.view(-1, 1)
         q.clamp_(spec.quant_min - zpf, spec.quant_max - zpf)
     return q.mul_(scale.view(-1, 1)).to(rows.dtype)
+
+
+class _LastInput(threading.local):
+    """The last input fake-quantized per token by a converted layer in this thread, and the
+    result: layers that read one tensor (a block's q / k / v projections, its gate and up
+    projections) quantize it once. The input is held weakly; the result until the next call."""
+
+    source: weakref.ref | None = None
+    version: int = -1
+    spec: PerTokenQParams | None = None
+    result: Tensor | None = None
+
+
+_LAST_INPUT = _LastInput()
+
+
+def fake_quantize_per_token_shared(x: Tensor, spec: PerTokenQParams) -> Tensor:
+    """fake_quantize_per_token_inference of x seen as rows (-1, x.shape[-1]), shaped as x,
+    reused when the previous call in this thread had the same tensor, unmodified since (its
+    version counter), and the same spec. The result is shared: read it, never modify it.
+    Inference-mode tensors (no version counter) and torch.compile traces are not memoized."""
+    memo = not x.is_inference() and not torch.compiler.is_compiling()
+    last = _LAST_INPUT
+    if (
+        memo
+        and last.source is not None
+        and last.source() is x
+        and last.version == x._version
+        and last.spec == spec
+    ):
+        return last.result
+    y = fake_quantize_per_token_inference(x.reshape(-1, x.shape[-1]), spec).reshape(x.shape)
+    if memo:
+        last.source, last.version, last.spec, last.result = weakref.ref(x), x._version, spec, y
+    return y
