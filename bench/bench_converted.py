@@ -7,10 +7,11 @@ character vocabulary). --model llama: examples/hf_llama_qat.py's LlamaForCausalL
 hidden 128, intermediate 320, batch 24 x 64 tokens; transformers needed); its qconfig
 "recipe" is the example's per-module recipe (blocks w4a8_dynamic, embeddings 8-bit, lm_head
 float). Weights come from a prepared model whose observers saw one batch (speed does not
-depend on training). The two models run alternately, one forward each, --repeats times, so
-that a load change on a shared machine hits both; prints the median ms per batch of each,
-the median of the per-pair ratios, and the converted model's largest difference from the
-fake-quantized (QAT, eval) model it came from. The eager path: TRITON_INTERPRET is not set.
+depend on training). The two models run in alternating blocks of 5 forwards (--repeats
+forwards each), so that a load change on a shared machine hits both; prints the median ms
+per batch of each, the median of the per-block ratios, and the converted model's largest
+difference from the fake-quantized (QAT, eval) model it came from. The eager path:
+TRITON_INTERPRET is not set.
 """
 
 from __future__ import annotations
@@ -51,19 +52,27 @@ def _median(values: list[float]) -> float:
 
 
 def paired_ms(
-    a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, repeats: int
+    a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, repeats: int, block: int = 5
 ) -> tuple[float, float, float]:
-    """(median ms of a, of b, median of the ratios b / a), a and b timed alternately, the
-    first of each pair alternating too."""
-    ta, tb = [], []
+    """(median ms per forward of a, of b, median of the per-block ratios b / a): a and b run
+    in alternating blocks of `block` forwards (each block cache-warm, as an eval loop is),
+    the first of each pair of blocks alternating too."""
+    ta, tb, ratios = [], [], []
     with torch.no_grad():
         a(x), b(x)
-        for i in range(repeats):
-            for model, times in ((a, ta), (b, tb)) if i % 2 else ((b, tb), (a, ta)):
-                t0 = time.perf_counter()
+        for i in range(max(1, repeats // block)):
+            pair = {}
+            for model in (a, b) if i % 2 else (b, a):
                 model(x)
-                times.append((time.perf_counter() - t0) * 1e3)
-    ratios = [y / z for y, z in zip(tb, ta, strict=True)]
+                times = []
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    model(x)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                pair[id(model)] = _median(times)
+            ta.append(pair[id(a)])
+            tb.append(pair[id(b)])
+            ratios.append(pair[id(b)] / pair[id(a)])
     return _median(ta), _median(tb), _median(ratios)
 
 
