@@ -218,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         f"compressed-tensors export {served_ppl:.4f} ({served_ppl - conv:+.4f}: its per-token "
         "activation formula rounds x / s where triton_qat rounds x * (1 / s), README)."
     )
+    conv_ms, float_ms = results["converted"].eval_ms, results["float"].eval_ms
+    print(
+        f"Converted eval {conv_ms:.1f} ms per batch, {conv_ms / float_ms:.2f}x the float "
+        f"model's {float_ms:.1f} ms (measured one after the other; "
+        "bench/bench_converted.py --model llama alternates them)."
+    )
     print(f"Total wall time {time.perf_counter() - start:.0f} s.")
 
 

@@ -91,6 +91,7 @@ def test_hf_llama_qat_runs_and_reports(tmp_path) -> None:
         "| converted, reloaded ",
         "| compressed-tensors, from_pretrained ",
         ": equal; served by transformers",
+        "x the float model's",
         "The for statement",
     ):
         assert needle in out, f"{needle!r} missing from the output:\n{out}"

@@ -30,13 +30,14 @@ from triton_qat.numerics.qparams import (
     int_weight,
     normalize,
 )
-from triton_qat.numerics.reference import (
-    fake_quantize_rows_fp32,
-    per_token_qparams_ref,
-    quantized_codes_ref,
-)
+from triton_qat.numerics.reference import quantized_codes_ref
 from triton_qat.ops.backend import use_triton
 from triton_qat.ops.functional import fake_quantize
+from triton_qat.ops.quantized_linear import (
+    dequantize_int_weight,
+    fake_quantize_per_token_inference,
+    fake_quantize_per_token_shared,
+)
 from triton_qat.quantizers import (
     DynamicPerTokenFakeQuantize,
     FakeQuantizeBase,
@@ -178,6 +179,18 @@ class QuantizedLinear(_SavedLayout):
 
     def dequantized_weight(self) -> Tensor:
         """(q - zero_point) * scale, as the QAT layer's fake quant computed it."""
+        if not self.weight_zero_point.is_floating_point():
+            w = dequantize_int_weight(
+                self.qweight,
+                self.weight_scale,
+                self.weight_zero_point,
+                self.quant_min,
+                self.packed_int4,
+                (self.out_features, self.in_features),
+                self.axis,
+                self.group_size,
+            )
+            return w.to(self.weight_dtype)
         q = self.weight_codes().to(torch.float32)
         scale, zp = self.weight_scale, self.weight_zero_point
         if self.group_size:
@@ -254,20 +267,11 @@ class QuantizedLinear(_SavedLayout):
         per tensor with the trained qparams, or unchanged when the layer keeps it float."""
         spec = self.dynamic_input
         if spec is not None:
-            if input.dtype != torch.float32 or (torch.is_grad_enabled() and input.requires_grad):
+            if torch.is_grad_enabled() and input.requires_grad:
                 return fake_quantize_per_token_spec(input, spec)
             # Inference: the same values in fewer passes over the input (no mask, in place).
             rows = input.reshape(-1, self.in_features)
-            scale, zp = per_token_qparams_ref(
-                rows,
-                spec.quant_min,
-                spec.quant_max,
-                spec.symmetric,
-                spec.symmetric_zero_point,
-                spec.eps,
-            )
-            y = fake_quantize_rows_fp32(rows, scale, zp, spec.quant_min, spec.quant_max)
-            return y.to(input.dtype).reshape(input.shape)
+            return fake_quantize_per_token_inference(rows, spec).reshape(input.shape)
         if self.input_range is not None:
             qmin, qmax = self.input_range
             return fake_quantize(
@@ -282,7 +286,11 @@ class QuantizedLinear(_SavedLayout):
             y = self._forward_triton(input)
             if y is not None:
                 return y
-        input = self.fake_quantized_input(input)
+        if self.dynamic_input is not None and not needs_grad:
+            # Quantized once for all the layers that read this input (a block's q / k / v).
+            input = fake_quantize_per_token_shared(input, self.dynamic_input)
+        else:
+            input = self.fake_quantized_input(input)
         w = self.dequantized_weight().to(input.dtype)
         b = None if self.bias is None else self.bias.to(input.dtype)
         return F.linear(input, w, b)

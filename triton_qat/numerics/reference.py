@@ -164,10 +164,25 @@ def per_token_qparams_ref(
     if k:
         # amin and amax: the values of aminmax, which is several times slower along dim 1 on CPUs.
         lo, hi = x2d.detach().amin(dim=1), x2d.detach().amax(dim=1)
-        lo, hi = lo.to(torch.float32), hi.to(torch.float32)
     else:
         lo = hi = torch.zeros(m, dtype=torch.float32, device=x2d.device)
-    eps_t = torch.tensor([eps], dtype=torch.float32, device=x2d.device)
+    return per_token_qparams_from_minmax(
+        lo, hi, quant_min, quant_max, symmetric, symmetric_zero_point, eps
+    )
+
+
+def per_token_qparams_from_minmax(
+    lo: Tensor,
+    hi: Tensor,
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool,
+    symmetric_zero_point: int,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """per_token_qparams_ref from each row's min `lo` and max `hi` ((M,) each)."""
+    lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    eps_t = torch.tensor([eps], dtype=torch.float32, device=lo.device)
     scale, zero_point = minmax_qparams(
         lo, hi, quant_min, quant_max, symmetric, symmetric_zero_point, eps_t
     )
