@@ -10,13 +10,18 @@ torch_linear (plain bf16 F.linear, the floor), torch_ao_qat (torch.ao.nn.qat.Lin
 x86 QAT qconfig, fp32 master weights under autocast), eager_compiled (torch.compile of
 F.linear over torch.fake_quantize_per_channel_affine), triton_qat (tq.fq_linear, Triton
 backend, bf16 weights) and triton_qat_fp32_master (fp32 master weights under autocast, the
-setting of torch_ao_qat). Four more qconfigs run on the headline shape 8192x4096x4096 only,
+setting of torch_ao_qat). Six more qconfigs run on the headline shape 8192x4096x4096 only,
 with eager_compiled and triton_qat: int4 per group of 128 (0..15, zero points), w8a8_static
 (the int8 weights plus static per-tensor int8 input fake quant), w8a8_dynamic (the int8
 weights plus dynamic per-token symmetric int8 input fake quant, the preset of that name) and
 w4a8_dynamic (the preset: int4 symmetric weights per group of 32, dynamic per-token affine
 int8 input fake quant). The two dynamic qconfigs also run triton_qat_float_fwd: the float
-forward side by side with the integer one. --qconfig NAME (repeatable) runs only those
+forward side by side with the integer one. fp8_dynamic and fp8_weight_only (tq.fp8_linear:
+e4m3fn weight per row, the input per token or float; eager_compiled is torch.compile of
+F.linear over the FP8 reference, torch's float8 casts); fp8_dynamic also runs
+triton_qat_fp32_master and triton_qat_fp8_float_fwd (the float GEMM reading float8 codes,
+against the FP8 tensor-core forward). Its targets: forward <= 0.6x and forward + backward
+<= 1.0x torch_linear on 8192x4096x4096 bf16. --qconfig NAME (repeatable) runs only those
 qconfigs.
 
 Benches: linear_fwd (the forward of a training step: autograd on, what the backward needs
@@ -75,8 +80,12 @@ INT4_GROUP = f"int4_per_group{GROUP_SIZE}"
 W8A8 = "w8a8_static"
 W8A8_DYNAMIC = "w8a8_dynamic"
 W4A8_DYNAMIC = "w4a8_dynamic"
-QCONFIGS = (INT8_PC, INT4_GROUP, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC)
+FP8_DYNAMIC = "fp8_dynamic"
+FP8_WEIGHT_ONLY = "fp8_weight_only"
+QCONFIGS = (INT8_PC, INT4_GROUP, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC, FP8_DYNAMIC, FP8_WEIGHT_ONLY)
 DYNAMIC_QCONFIGS = (W8A8_DYNAMIC, W4A8_DYNAMIC)
+# FP8 presets: tq.fp8_linear (e4m3fn weight per row; fp8_dynamic adds e4m3fn per token input).
+FP8_QCONFIGS = (FP8_DYNAMIC, FP8_WEIGHT_ONLY)
 
 TORCH_LINEAR = "torch_linear"
 TORCH_AO = "torch_ao_qat"
@@ -91,9 +100,16 @@ TQ_IN_GEMM = "triton_qat_in_gemm_fq"
 # w4a8_dynamic with the per-group int8 forward (TRITON_QAT_INT8_FORWARD=group), against the
 # float forward it runs by default.
 TQ_INT8_GROUP = "triton_qat_int8_group_fwd"
+# fp8_dynamic with the float GEMM reading the float8 codes (TRITON_QAT_FP8_FORWARD=0), against
+# the FP8 tensor-core forward it runs by default.
+TQ_FP8_FLOAT_FWD = "triton_qat_fp8_float_fwd"
 # The environment each variant runs its forward and backward under, and its record's note.
 VARIANT_ENV = {
     TQ_FLOAT_FWD: ({"TRITON_QAT_INT8_FORWARD": "0"}, "forward on the float kernels (no int8 GEMM)"),
+    TQ_FP8_FLOAT_FWD: (
+        {"TRITON_QAT_FP8_FORWARD": "0"},
+        "forward on the float GEMM reading float8 codes (no FP8 tensor-core GEMM)",
+    ),
     TQ_INT8_GROUP: (
         {"TRITON_QAT_INT8_FORWARD": "group"},
         "forward: the per-group int8 GEMM (int4 x int8 codes)",
@@ -105,7 +121,15 @@ VARIANT_ENV = {
 }
 PROVIDERS = (TORCH_LINEAR, TORCH_AO, COMPILED, TQ, TQ_MASTER)
 # Rows whose failure is a failure of this package (or of the floor every ratio needs).
-OWN_PROVIDERS = (TQ, TQ_MASTER, TQ_FLOAT_FWD, TQ_IN_GEMM, TQ_INT8_GROUP, TORCH_LINEAR)
+OWN_PROVIDERS = (
+    TQ,
+    TQ_MASTER,
+    TQ_FLOAT_FWD,
+    TQ_IN_GEMM,
+    TQ_INT8_GROUP,
+    TQ_FP8_FLOAT_FWD,
+    TORCH_LINEAR,
+)
 PROVIDERS_BY_QCONFIG = {
     INT8_PC: (*PROVIDERS, TQ_IN_GEMM),
     # torch.ao has no per-group weight fake quant, and its qat.Linear never fake-quantizes
@@ -114,6 +138,10 @@ PROVIDERS_BY_QCONFIG = {
     W8A8: (COMPILED, TQ),
     W8A8_DYNAMIC: (COMPILED, TQ, TQ_FLOAT_FWD),
     W4A8_DYNAMIC: (COMPILED, TQ, TQ_INT8_GROUP, TQ_IN_GEMM),
+    # eager_compiled: torch.compile of F.linear over the FP8 reference (torch's float8 casts).
+    # torch_linear again: a run of the FP8 rows alone (gpu_check's bench_fp8) has its floor.
+    FP8_DYNAMIC: (TORCH_LINEAR, COMPILED, TQ, TQ_MASTER, TQ_FP8_FLOAT_FWD),
+    FP8_WEIGHT_ONLY: (COMPILED, TQ),
 }
 
 FWD = "linear_fwd"
@@ -307,6 +335,34 @@ def torch_composition(wqp, xqp, upcast: bool) -> Callable[[Tensor, Tensor, Tenso
     return linear
 
 
+def fp8_composition(qconfig: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """F.linear over the FP8 reference fake quant (torch's float8 casts, scale from amax):
+    the weight per row, the input per token (fp8_dynamic) or as is (fp8_weight_only); the
+    fake-quantized copies are what other libraries make. Straight through, as fp8_linear."""
+    from triton_qat.numerics.float_formats import (
+        fake_quantize_float8_dynamic_ref,
+        float8_format,
+    )
+
+    fmt = float8_format("float8_e4m3fn")
+
+    def ste(v: Tensor, granularity: str) -> Tensor:
+        fq = fake_quantize_float8_dynamic_ref(v.detach(), fmt, granularity)
+        return v + (fq - v).detach()
+
+    def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        if qconfig == FP8_DYNAMIC:
+            x = ste(x, "per_token")
+        return F.linear(x, ste(w, "per_row").to(x.dtype), b)
+
+    return linear
+
+
+def fp8_kwargs(qconfig: str) -> dict:
+    """tq.fp8_linear's arguments for an FP8 preset (its defaults: e4m3fn per row / per token)."""
+    return {} if qconfig == FP8_DYNAMIC else {"input_dtype": None}
+
+
 def leaf(t: Tensor) -> Tensor:
     return t.detach().requires_grad_()
 
@@ -384,8 +440,11 @@ def build_compiled(t: Tensors, qconfig: str) -> Provider:
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit, static shapes
         w_src = t.w_master if upcast else t.w
         b_src = t.b_master if upcast else t.b
-        wqp = weight_qparams(qconfig, w_src)
-        composition = torch_composition(wqp, input_qparams(qconfig, t.x), upcast)
+        if qconfig in FP8_QCONFIGS:
+            wqp, composition = None, fp8_composition(qconfig)
+        else:
+            wqp = weight_qparams(qconfig, w_src)
+            composition = torch_composition(wqp, input_qparams(qconfig, t.x), upcast)
         compiled = torch.compile(composition, dynamic=False)
         x, w, b = leaf(t.x), leaf(w_src), leaf(b_src)
 
@@ -394,7 +453,7 @@ def build_compiled(t: Tensors, qconfig: str) -> Provider:
                 return compiled(x, w, b)
 
         notes = []
-        if wqp.group_size:
+        if wqp is not None and wqp.group_size:
             notes.append(
                 "per group via torch.fake_quantize_per_channel_affine on the "
                 f"(-1, {wqp.group_size}) view"
@@ -438,15 +497,24 @@ def build_triton(t: Tensors, qconfig: str, master: bool, variant: str | None = N
 
     w_src = t.w_master if master else t.w
     b_src = t.b_master if master else t.b
-    wqp = weight_qparams(qconfig, w_src)
-    xqp = input_qparams(qconfig, t.x)
     x, w, b = leaf(t.x), leaf(w_src), leaf(b_src)
+    if qconfig in FP8_QCONFIGS:
+        kwargs = fp8_kwargs(qconfig)
+
+        def linear() -> Tensor:
+            return tq.fp8_linear(x, w, b, **kwargs)
+    else:
+        wqp = weight_qparams(qconfig, w_src)
+        xqp = input_qparams(qconfig, t.x)
+
+        def linear() -> Tensor:
+            return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
 
     def forward() -> Tensor:
         if master:
             with autocast():
-                return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
-        return tq.fq_linear(x, w, b, weight_qparams=wqp, input_qparams=xqp)
+                return linear()
+        return linear()
 
     p = Provider(
         variant or (TQ_MASTER if master else TQ),
@@ -481,6 +549,7 @@ BUILDERS: dict[str, Callable[[Tensors, str], Provider]] = {
     TQ_FLOAT_FWD: lambda t, q: build_triton(t, q, master=False, variant=TQ_FLOAT_FWD),
     TQ_IN_GEMM: lambda t, q: build_triton(t, q, master=False, variant=TQ_IN_GEMM),
     TQ_INT8_GROUP: lambda t, q: build_triton(t, q, master=False, variant=TQ_INT8_GROUP),
+    TQ_FP8_FLOAT_FWD: lambda t, q: build_triton(t, q, master=False, variant=TQ_FP8_FLOAT_FWD),
 }
 
 

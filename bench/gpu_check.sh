@@ -17,7 +17,11 @@
 #   GPU_CHECK_STEPS=reliability bash bench/gpu_check.sh OUTDIR
 # "models": the LLM path (embedding and compile benchmarks, the model-level tests), one call:
 #   GPU_CHECK_STEPS=models bash bench/gpu_check.sh OUTDIR
-# GPU_CHECK_STEPS takes "core", "reliability", "models", "all" or step names (env always runs).
+# "formats": the float formats (FP8, MX, NVFP4) tests on compiled kernels, and the FP8 fused
+# linear against bf16 F.linear (OUTDIR/fp8/linear.json), one call:
+#   GPU_CHECK_STEPS=formats bash bench/gpu_check.sh OUTDIR
+# GPU_CHECK_STEPS takes "core", "reliability", "models", "formats", "all" or step names (env
+# always runs).
 #
 # Outputs in OUTDIR: env.txt, pytest.log, pytest.xml (JUnit), autotune.log,
 # autotune_cache/autotune.json (the tuned configs), bench_linear.log, linear.json,
@@ -44,6 +48,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
 GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-core}
 RELIABILITY_STEPS="fsdp2 determinism scale fuzz stability"
 MODEL_STEPS="bench_embedding bench_compile tests_models"
+FORMAT_STEPS="tests_formats bench_fp8"
 KILL_GRACE_S=5 # timeout sends KILL this long after TERM; counted against the deadline
 MIN_STEP_S=10  # a step that would get less than this is skipped, not started
 SUMMARY=$OUTDIR/summary.txt
@@ -77,6 +82,7 @@ selected() {
     [[ $1 == env ]] && return 0
     [[ " $RELIABILITY_STEPS " == *" $1 "* ]] && group=reliability
     [[ " $MODEL_STEPS " == *" $1 "* ]] && group=models
+    [[ " $FORMAT_STEPS " == *" $1 "* ]] && group=formats
     for want in $GPU_CHECK_STEPS; do
         [[ $want == all || $want == "$group" || $want == "$1" ]] && return 0
     done
@@ -219,6 +225,18 @@ run_step tests_models 200 "$OUTDIR/tests_models.log" \
     env TRITON_QAT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
     tests/test_embedding.py tests/test_prepare.py tests/test_precision.py \
     tests/test_interop.py tests/test_compile.py tests/test_serialize.py tests/test_export.py
+
+# --- float formats (GPU_CHECK_STEPS=formats) ----------------------------------------------------
+# The FP8 / MX / NVFP4 tests on compiled kernels (float8 in Triton: sm_89 and up), then the FP8
+# fused linear (tq.fp8_linear) beside bf16 F.linear and torch.compile of the FP8 composition,
+# 8192x4096x4096 bf16; targets fp8_dynamic forward <= 0.6x, forward + backward <= 1.0x.
+run_step tests_formats 150 "$OUTDIR/tests_formats.log" \
+    env TRITON_QAT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
+    tests/test_float8_kernels.py tests/test_float_formats.py tests/test_microscaling.py
+fp8_t=$(step_timeout 120)
+run_step bench_fp8 120 "$OUTDIR/bench_fp8.log" \
+    python bench/bench_linear.py --out "$OUTDIR/fp8" --quick --qconfig fp8_dynamic \
+    --qconfig fp8_weight_only --budget-s $((fp8_t > 40 ? fp8_t - 20 : 20))
 
 # --- summary -------------------------------------------------------------------------------------
 echo

@@ -391,7 +391,7 @@ def _fp8_weight() -> Factory:
 
 def _fp8_dynamic() -> QConfig:
     # FP8 weights per output row and FP8 activations with a dynamic scale per token (torchao's
-    # Float8FakeQuantizeConfig(PerRow()) on both operands); eager until the FP8 kernels land.
+    # Float8FakeQuantizeConfig(PerRow()) on both operands); tq.nn.Linear runs tq.fp8_linear.
     activation = quantizers.Float8FakeQuantize.with_args(
         dtype=torch.float8_e4m3fn, granularity="per_token"
     )
