@@ -60,17 +60,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
+@pytest.mark.parametrize("backend", ["auto", "eager"])
 @pytest.mark.parametrize("name", list(QCONFIGS))
-def test_converted_equals_the_qat_eval_output_bit_for_bit(name):
+def test_converted_equals_the_qat_eval_output_bit_for_bit(name, backend):
+    """On the Triton path (auto: the interpreter here) both run tq.fp8_linear's forward kernels
+    (the FP8 GEMM for fp8_dynamic), the converted layer on its stored codes; on the eager
+    backend both are F.linear of the reference's fake-quantized operands."""
     qat = _trained(QCONFIGS[name], _float_model())
-    with torch.no_grad():
+    with torch.no_grad(), tq.use_backend(backend):
         expected = qat(_input())
         fake_weights = [m.weight_fake_quant(m.weight) for m in (qat[0], qat[2])]
     converted = tq.convert(qat)
     layers = [converted[0], converted[2]]
     assert all(type(m) is QuantizedFloat8Linear for m in layers)
     assert not any(isinstance(m, Float8FakeQuantize) for m in converted.modules())
-    with torch.no_grad():
+    with torch.no_grad(), tq.use_backend(backend):
         got = converted(_input())
     assert torch.equal(_bits(got), _bits(expected))
     for layer, fake in zip(layers, fake_weights, strict=True):

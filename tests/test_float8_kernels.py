@@ -262,6 +262,20 @@ def test_opcheck_fp8_linear(device, backend, x_fmt):
             torch.ops.triton_qat.fp8_linear_backward.default,
             (dy, x.detach(), w.detach(), *args, True, True),
         )
+        # a converted layer's forward on its stored codes (flow/convert_float8.py)
+        codes = (w.detach() * 8).clamp(-448, 448).to(torch.float8_e4m3fn)
+        scale = torch.full((7, 1), 0.125, device=device)
+        # test_schema compares the inputs before and after with arithmetic that torch's CPU
+        # float8 tensors lack; the op's schema declares no mutation (mutates_args=()).
+        torch.library.opcheck(
+            torch.ops.triton_qat.fp8_linear_codes.default,
+            (x.detach(), codes, scale, b, torch.float32, x_fmt, True, FLOAT8_EPS),
+            test_utils=(
+                "test_faketensor",
+                "test_autograd_registration",
+                "test_aot_dispatch_dynamic",
+            ),
+        )
 
 
 @pytest.mark.parametrize(

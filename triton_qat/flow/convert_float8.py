@@ -17,7 +17,6 @@ Integers rather than floats, as flow/layout.py's: casting the model leaves them 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from triton_qat.nn.linear import Linear as QATLinear
@@ -27,7 +26,7 @@ from triton_qat.numerics.float_formats import (
     choose_scale_float8_ref,
     round_to_float8_ref,
 )
-from triton_qat.ops.float_formats import fake_quantize_float8
+from triton_qat.ops.float_formats import fake_quantize_float8, quantized_fp8_linear
 from triton_qat.quantizers import Float8FakeQuantize
 
 _FORMAT_NAMES = tuple(FORMATS)  # the codes of float8_layout: index in this tuple
@@ -116,9 +115,11 @@ class QuantizedFloat8Linear(torch.nn.Module):
     fake quant used (one per output row, or one per tensor).
 
     The forward fake-quantizes the input as the QAT layer did (dynamic, from each call's own
-    input: per token or per tensor; or not at all for weight-only), dequantizes the weight
-    (codes times scale in fp32, cast to the weight's dtype) and runs F.linear: its output
-    equals the QAT layer's eval output bit for bit (eager, every device).
+    input: per token or per tensor; or not at all for weight-only) and multiplies it with the
+    stored weight: on the Triton path tq.fp8_linear's forward kernels reading these codes
+    (the FP8 tensor-core GEMM where it runs), else F.linear of the dequantized weight (codes
+    times scale in fp32, cast to the weight's dtype). Either way its output equals the QAT
+    layer's eval output on the same path bit for bit.
     """
 
     def __init__(
@@ -237,10 +238,23 @@ class QuantizedFloat8Linear(torch.nn.Module):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        input = self.fake_quantized_input(input)
-        w = self.dequantized_weight().to(input.dtype)
-        b = None if self.bias is None else self.bias.to(input.dtype)
-        return F.linear(input, w, b)
+        """The QAT layer's eval output, bit for bit: the same kernels (tq.fp8_linear's forward,
+        the FP8 tensor-core GEMM where it runs) reading the stored codes, or on the eager
+        path F.linear of the fake-quantized input and the dequantized weight."""
+        input_dtype = None
+        if self.input_granularity is not None:
+            assert self.input_format is not None
+            input_dtype = self.input_format.name
+        return quantized_fp8_linear(
+            input,
+            self.qweight,
+            self.weight_scale,
+            self.bias,
+            self.weight_dtype,
+            input_dtype,
+            self.input_granularity,
+            self.input_eps,
+        )
 
     def extra_repr(self) -> str:
         inputs = (

@@ -375,13 +375,20 @@ def fp8_linear_forward(
     w_spec: Float8Spec,
     x_spec: Float8Spec | None,
     tensor_cores: bool | None = None,
+    w_codes: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """F.linear(fq(x2d), fq(w).to(x2d.dtype), bias) in x2d's dtype. On FP8 tensor cores
     (fp8_forward_applies, or tensor_cores=True) the products of the codes accumulate exactly
     in fp32 and the scales multiply the sum, so the result differs from the composition only
     in rounding (the composition rounds fq(x) and fq(w) to a half input dtype first); else the
-    float GEMM reads the codes: fq tiles bit for bit."""
-    wq = _operand(w, w_spec)
+    float GEMM reads the codes: fq tiles bit for bit. w_codes: w's (codes, fp32 scale) as
+    stored (a converted layer; w then gives only the shape), the codes this pass would write."""
+    if w_codes is None:
+        wq = _operand(w, w_spec)
+    else:
+        codes, scale = w_codes
+        scale = scale.reshape(-1).expand(codes.shape[0]).contiguous()
+        wq = QuantizedInput(codes, scale, torch.zeros_like(scale, dtype=torch.int32))
     xq = None if x_spec is None else _operand(x2d, x_spec)
     if tensor_cores is None:
         tensor_cores = fp8_forward_applies(x2d.device, x_spec)

@@ -274,3 +274,61 @@ def fp8_linear(
     x2d = input.reshape(math.prod(input.shape[:-1]), weight.shape[1])
     y = torch.ops.triton_qat.fp8_linear(x2d, weight, bias, *w_args, *x_args)
     return y.reshape(*input.shape[:-1], weight.shape[0])
+
+
+# --- a converted FP8 layer's forward ---------------------------------------------------------
+
+
+@torch.library.custom_op("triton_qat::fp8_linear_codes", mutates_args=())
+def _fp8_linear_codes_op(
+    x: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    weight_dtype: torch.dtype,
+    x_dtype: str,
+    x_per_row: bool,
+    x_eps: float,
+) -> Tensor:
+    """F.linear(fq8(x), (codes * scale).to(weight_dtype).to(x.dtype), bias) for x (M, K): the
+    QAT fp8_linear's forward with the weight's codes as stored; x_dtype "" leaves x as is."""
+    if _float8_triton(x.device) and weight_dtype in (x.dtype, torch.float32):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
+        from triton_qat.kernels.float8 import fp8_linear_forward
+
+        w_spec, x_spec = _specs(
+            str(codes.dtype).removeprefix("torch."), True, 1.0, x_dtype, x_per_row, x_eps
+        )
+        return fp8_linear_forward(x, codes, bias, w_spec, x_spec, w_codes=(codes, scale))
+    xq = x
+    if x_dtype:
+        xq = fake_quantize_float8_dynamic_ref(x, float8_format(x_dtype), _gran(x_per_row), x_eps)
+    w = (codes.to(torch.float32) * scale.to(torch.float32)).to(weight_dtype).to(x.dtype)
+    return F.linear(xq, w, None if bias is None else bias.to(x.dtype))
+
+
+@_fp8_linear_codes_op.register_fake
+def _(x, codes, scale, bias, *args):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+def quantized_fp8_linear(
+    input: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    weight_dtype: torch.dtype,
+    input_dtype: str | None,
+    input_granularity: str | None,
+    input_eps: float,
+) -> Tensor:
+    """A converted FP8 linear's output (flow/convert_float8.py): what fp8_linear gives in eval
+    for a weight whose float8 codes and fp32 scale (per row (N, 1), or (1,)) are these, the
+    same kernels on the Triton path, bit for bit; the input fake-quantized per token / per
+    tensor (input_dtype None: as is)."""
+    x_args: tuple = ("", False, FLOAT8_EPS)
+    if input_dtype is not None:
+        x_args = (input_dtype, input_granularity != "per_tensor", input_eps)
+    x2d = input.reshape(math.prod(input.shape[:-1]), codes.shape[1])
+    y = torch.ops.triton_qat.fp8_linear_codes(x2d, codes, scale, bias, weight_dtype, *x_args)
+    return y.reshape(*input.shape[:-1], codes.shape[0])
