@@ -72,11 +72,15 @@ def pack_e2m1(q: Tensor) -> Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
+def e2m1_values(codes: Tensor) -> Tensor:
+    """The fp32 values of e2m1 codes (uint8, 0..15: sign in bit 3, magnitude index below)."""
+    magnitude = _E2M1_VALUES.to(codes.device)[(codes & 0x07).to(torch.int64)]
+    return torch.where((codes & 0x08) != 0, -magnitude, magnitude)
+
+
 def unpack_e2m1(packed: Tensor, k: int) -> Tensor:
     """The fp32 e2m1 values of codes packed by pack_e2m1, the last dim cut to k."""
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)[..., :k]
-    magnitude = _E2M1_VALUES.to(packed.device)[(codes & 0x07).to(torch.int64)]
-    return torch.where((codes & 0x08) != 0, -magnitude, magnitude)
+    return e2m1_values(torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)[..., :k])
 
 
 def layout_tensor(
