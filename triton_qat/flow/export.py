@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class ExportedLayer:
 
     scheme: dict
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    differing: int = 0  # weights the format decodes to other values than ours (NVFP4 ties)
 
 
 def _bits(quant_min: int, quant_max: int, what: str) -> tuple[int, int]:
@@ -295,6 +297,15 @@ def export_compressed_tensors(
     if Path(directory).exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     layers = {name: export_layer(layer, name) for name, layer in quantized.items()}
+    differing = {name: layer.differing for name, layer in layers.items() if layer.differing}
+    if differing:
+        warnings.warn(
+            f"export_compressed_tensors: the format decodes {sum(differing.values())} NVFP4 "
+            f"weights of {len(differing)} layers (first {next(iter(differing))!r}) one bf16 "
+            "step from triton_qat's: its global scale is the reciprocal of the tensor scale, "
+            "and these weights sit at bf16 ties (flow/export_microscaling.py)",
+            stacklevel=2,
+        )
     ignore = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
 
     # Embedding tables go out dequantized, as float weights: the format quantizes Linear

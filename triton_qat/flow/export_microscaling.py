@@ -14,11 +14,13 @@ What the format (compressed-tensors 0.20) holds, and how each layer goes out:
                                   4 bits, strategy "tensor_group", group_size 16, scale_dtype
                                   float8_e4m3fn. The format decodes bf16(q * (s_b / g)) in
                                   fp32: its global scale g is the reciprocal of triton_qat's
-                                  tensor scale s_t (decode q * (s_t * s_b)); g is the fp32
-                                  value nearest 1 / s_t, or the first of its neighbours, that
-                                  gives the layer's bf16 weights bit for bit (checked on every
-                                  (|q|, s_b) pair the layer holds; none: a ValueError)
-
+                                  tensor scale s_t (decode bf16(q * (s_t * s_b))). g is the
+                                  fp32 value nearest 1 / s_t, or the neighbour of it that leaves
+                                  the fewest weights different (none, mostly). Where the product
+                                  of q, s_b and the exact s_t falls on a bf16 tie, the two fp32
+                                  roundings may take it to either side: such weights decode one
+                                  bf16 step from ours (export_compressed_tensors warns, with the
+                                  count); all others decode to ours bit for bit.
 The format decompresses these weights to bfloat16 (its e8m0 scales and e2m1 values decode to
 bf16), so a model of another dtype would not run after loading: the layers must be bf16 (a
 converted model cast with model.to(torch.bfloat16) keeps its codes and scales). Decoded, the
@@ -70,35 +72,45 @@ def _format_decode(q: Tensor, s_b: Tensor, g: Tensor) -> Tensor:
     return (q * (s_b.bfloat16().float() / g)).bfloat16()
 
 
-def nvfp4_global_scale(layer: QuantizedMicroscalingLinear, name: str) -> Tensor:
-    """The fp32 global scale g (1,) under which the format's decode q * (s_b / g) gives the
-    layer's bf16 weights q * (s_t * s_b) bit for bit: the fp32 value nearest 1 / s_t, else the
-    first of its neighbours that does (checked on every (|q|, s_b) pair the layer holds).
-    ValueError naming `name` when none of them does."""
+def nvfp4_global_scale(layer: QuantizedMicroscalingLinear) -> tuple[Tensor, int]:
+    """(g, differing): the fp32 global scale (1,) the format divides the block scales by, and
+    how many of the layer's weights its decode bf16(q * (s_b / g)) leaves other than ours,
+    bf16(q * (s_t * s_b)). g is the fp32 value nearest 1 / s_t, or the first of its
+    neighbours that leaves fewer weights different (counted on every (|q|, s_b) pair the layer
+    holds, times how often it occurs). Differences sit at bf16 ties, one bf16 step each."""
     s_t = layer.weight_tensor_scale.reshape(1).float().cpu()  # type: ignore[union-attr]
     codes = layer.qweight.cpu()
     n, k, bs = layer.out_features, layer.in_features, layer.block_size
     magnitude = torch.stack((codes & 0x07, (codes >> 4) & 0x07), dim=-1).flatten(-2)[..., :k]
     scale_codes = layer.weight_scale.cpu().view(torch.uint8).to(torch.int64)
     pairs = scale_codes.reshape(n, k // bs, 1) * 8 + magnitude.reshape(n, k // bs, bs)
-    present = torch.bincount(pairs.flatten(), minlength=256 * 8).nonzero().flatten()
+    counts = torch.bincount(pairs.flatten(), minlength=256 * 8)
+    present = counts.nonzero().flatten()
+    counts = counts[present]
     q = e2m1_values((present % 8).to(torch.uint8))
     s_b = (present // 8).to(torch.uint8).view(torch.float8_e4m3fn).float()
     ours = (q * (s_t * s_b)).bfloat16()
     bits = (1.0 / s_t).view(torch.int32)
+    best, fewest = bits.view(torch.float32), None
     for step in sorted(range(-_GLOBAL_SCALE_STEPS, _GLOBAL_SCALE_STEPS + 1), key=abs):
         g = (bits + step).view(torch.float32)
-        if torch.isfinite(g).all() and torch.equal(_format_decode(q, s_b, g), ours):
-            return g.clone()
-    raise ValueError(
-        f"layer {name!r}: no fp32 global scale g near 1 / s_t (s_t = {s_t.item()!r}) makes the "
-        "format's decode q * (s_b / g) give the layer's weights q * (s_t * s_b) in bfloat16"
-    )
+        if not torch.isfinite(g).all():
+            continue
+        differing = int(counts[_format_decode(q, s_b, g) != ours].sum())
+        if fewest is None or differing < fewest:
+            best, fewest = g, differing
+        if differing == 0:
+            break
+    return best.clone(), int(fewest or 0)
 
 
-def export_microscaling_layer(layer: QuantizedMicroscalingLinear, name: str) -> tuple[dict, dict]:
-    """(scheme, tensors) of one QuantizedMicroscalingLinear in the format; ValueError naming
-    `name` and the reason where the format cannot express it (module docstring)."""
+def export_microscaling_layer(
+    layer: QuantizedMicroscalingLinear, name: str
+) -> tuple[dict, dict, int]:
+    """(scheme, tensors, differing) of one QuantizedMicroscalingLinear in the format, differing
+    the number of weights the format decodes to other values than the layer's (NVFP4 at bf16
+    ties; 0 otherwise); ValueError naming `name` and the reason where the format cannot
+    express it (module docstring)."""
     fmt, block_size = layer.weight_format, layer.block_size
     if layer.input_quant is not None:
         in_fmt = layer.input_quant[0]
@@ -127,6 +139,7 @@ def export_microscaling_layer(layer: QuantizedMicroscalingLinear, name: str) -> 
             "does not run: cast the converted model first (model.to(torch.bfloat16) keeps the "
             "codes and scales as stored)"
         )
+    differing = 0
     if fmt == "nvfp4":
         s_t = layer.weight_tensor_scale
         assert s_t is not None
@@ -134,7 +147,7 @@ def export_microscaling_layer(layer: QuantizedMicroscalingLinear, name: str) -> 
             raise ValueError(f"layer {name!r}: NVFP4 tensor scale {s_t.item()} is not finite")
         if torch.isnan(layer.weight_scale.float()).any():
             raise ValueError(f"layer {name!r}: a NaN block scale (an inf or NaN in the weight)")
-        g = nvfp4_global_scale(layer, name)
+        g, differing = nvfp4_global_scale(layer)
         args = _float_args(4, "tensor_group", group, "torch.float8_e4m3fn")
         tensors = {
             "weight_packed": layer.qweight.clone(),
@@ -164,4 +177,4 @@ def export_microscaling_layer(layer: QuantizedMicroscalingLinear, name: str) -> 
         "output_activations": None,
         "format": scheme_format,
     }
-    return scheme, tensors
+    return scheme, tensors, differing
