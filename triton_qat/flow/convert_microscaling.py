@@ -310,12 +310,12 @@ class QuantizedMicroscalingLinear(torch.nn.Module):
     def placeholder(
         cls, in_features: int, out_features: int, bias: Tensor | None, weight_dtype: torch.dtype
     ) -> QuantizedMicroscalingLinear:
-        """A zero MXFP8 layer with blocks of 1 (any in_features), for load_state_dict to fill
-        in (it adopts the saved format and block size)."""
+        """A zero MXFP8 layer with one block per row (any in_features), for load_state_dict to
+        fill in (it adopts the saved format and block size)."""
         n, k = out_features, in_features
         codes = torch.zeros(n, k, dtype=torch.float8_e4m3fn)
-        scales = torch.full((n, k), 127, dtype=torch.uint8)
-        return cls(k, n, "mxfp8", 1, codes, scales, bias, weight_dtype=weight_dtype)
+        scales = torch.full((n, 1), 127, dtype=torch.uint8)
+        return cls(k, n, "mxfp8", max(k, 1), codes, scales, bias, weight_dtype=weight_dtype)
 
     @classmethod
     def from_qat(cls, mod: QATLinear) -> QuantizedMicroscalingLinear:
