@@ -10,6 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from triton_qat.flow.convert_float8 import QuantizedFloat8Linear, is_float8_layer
+from triton_qat.flow.convert_microscaling import (
+    QuantizedMicroscalingLinear,
+    is_microscaling_layer,
+)
 from triton_qat.flow.layout import (
     adopt_saved_layout,
     input_layout_tensor,
@@ -343,8 +347,8 @@ def _frozen_weight(mod: torch.nn.Module) -> tuple[Tensor, QParams]:
         if wq is None:
             raise NotImplementedError(
                 f"convert: {type(wfq).__name__} has no integer qparams (a float format); "
-                "converting float-format QAT layers is not supported yet: keep them as QAT "
-                "layers, or give them an integer qconfig"
+                "float-format embeddings are not converted yet (float-format Linears are): "
+                "keep them float, or give them an integer qconfig"
             )
         try:
             codes = quantize_codes(weight, wq)
@@ -498,7 +502,8 @@ def quantize_codes(w: Tensor, qp: QParams) -> Tensor:
 
 
 def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
-    """Replace every tq.nn.Linear with a QuantizedLinear and every tq.nn.Embedding with a
+    """Replace every tq.nn.Linear with a QuantizedLinear (QuantizedFloat8Linear for FP8 fake
+    quant, QuantizedMicroscalingLinear for MX / NVFP4) and every tq.nn.Embedding with a
     QuantizedEmbedding (integer weights, trained qparams); no fake-quant module is left.
     Layers that shared one weight Parameter (a tied embedding and lm_head) share their integer
     table when both quantized it identically, else each keeps its own codes. With
@@ -507,6 +512,8 @@ def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module
         model = copy.deepcopy(model)
     if is_float8_layer(model):
         return QuantizedFloat8Linear.from_qat(model)
+    if is_microscaling_layer(model):
+        return QuantizedMicroscalingLinear.from_qat(model)
     if isinstance(model, QATLinear):
         return QuantizedLinear.from_qat(model)
     if isinstance(model, QATEmbedding):
@@ -516,6 +523,8 @@ def convert(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module
     def make(m: torch.nn.Module):
         if is_float8_layer(m):
             return QuantizedFloat8Linear.from_qat(m)  # not tied: its codes are float8
+        if is_microscaling_layer(m):
+            return QuantizedMicroscalingLinear.from_qat(m)  # not tied either
         if isinstance(m, QATLinear):
             new = QuantizedLinear.from_qat(m)
         elif isinstance(m, QATEmbedding):

@@ -100,6 +100,27 @@ def read_float8_layout(
     )
 
 
+def apply_keeping_stored(
+    module: torch.nn.Module, apply, fn, recurse: bool, names: tuple[str, ...]
+) -> torch.dtype | None:
+    """Module._apply (`apply`, the bound super()._apply) with the buffers `names` held out:
+    they follow fn's device but keep their dtype (stored codes and scales). Returns the
+    floating dtype fn casts to (the dequantized weight's new dtype), or None."""
+    kept = {name: module._buffers.pop(name) for name in names if name in module._buffers}
+    device = next(t.device for t in kept.values() if t is not None)
+    try:
+        apply(fn, recurse)
+        probes = [fn(torch.empty(0, dtype=d, device=device)) for d in _PROBE_DTYPES]
+    finally:
+        module._buffers.update(kept)
+    if not all(isinstance(p, Tensor) for p in probes):
+        return None
+    for name, t in kept.items():
+        module._buffers[name] = None if t is None else t.to(probes[0].device)
+    cast = [p.dtype for p, d in zip(probes, _PROBE_DTYPES, strict=True) if p.dtype != d]
+    return cast[0] if cast and cast[0].is_floating_point else None
+
+
 def is_float8_layer(mod: torch.nn.Module) -> bool:
     """Whether `mod` is a tq.nn.Linear with an FP8 weight or input fake quant."""
     if not isinstance(mod, QATLinear):
@@ -206,19 +227,9 @@ class QuantizedFloat8Linear(torch.nn.Module):
         # A cast of the model (model.half(), .to(torch.bfloat16)) would turn the codes and
         # the fp32 scales into the new dtype (float8 is a floating dtype): they only follow the
         # device, and the dequantized weight takes the new dtype.
-        kept = {name: self._buffers.pop(name) for name in ("qweight", "weight_scale")}
-        device = kept["qweight"].device
-        try:
-            super()._apply(fn, recurse)
-            probes = [fn(torch.empty(0, dtype=d, device=device)) for d in _PROBE_DTYPES]
-        finally:
-            self._buffers.update(kept)
-        if all(isinstance(p, Tensor) for p in probes):
-            for name, t in kept.items():
-                self._buffers[name] = t.to(probes[0].device)
-            cast = [p.dtype for p, d in zip(probes, _PROBE_DTYPES, strict=True) if p.dtype != d]
-            if cast and cast[0].is_floating_point:
-                self.weight_dtype = cast[0]
+        cast = apply_keeping_stored(self, super()._apply, fn, recurse, ("qweight", "weight_scale"))
+        if cast is not None:
+            self.weight_dtype = cast
         return self
 
     def dequantized_weight(self) -> Tensor:

@@ -12,8 +12,10 @@ weight packed little-endian along in_features into int32 words ("pack-quantized"
 code, 32 / b codes per word, weight_shape beside them), with weight_scale (and
 weight_zero_point for asymmetric weights). Each QuantizedFloat8Linear goes out
 "float-quantized": its float8_e4m3fn codes as "weight", its fp32 weight_scale ((N, 1) per
-channel, (1,) per tensor), a dynamic float input per token or per tensor. Linears left float
-go to the ignore list.
+channel, (1,) per tensor), a dynamic float input per token or per tensor. Each
+QuantizedMicroscalingLinear goes out as flow/export_microscaling.py says ("mxfp8-quantized",
+"mxfp4-pack-quantized", "nvfp4-pack-quantized"; weight-only). Linears left float go to the
+ignore list.
 
 Every layer is checked before anything is written: a layout the format cannot express (float
 zero points, per-channel qparams along in_features, a range that is not b-bit, an unsigned
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from torch import Tensor
 
 from triton_qat.flow.convert import QuantizedEmbedding, QuantizedLinear
 from triton_qat.flow.convert_float8 import QuantizedFloat8Linear
+from triton_qat.flow.convert_microscaling import QuantizedMicroscalingLinear
+from triton_qat.flow.export_microscaling import export_microscaling_layer
 from triton_qat.flow.serialize import (
     WEIGHTS_NAME,
     plain_state_dict,
@@ -54,6 +59,8 @@ _OWN_KEYS = (
     "input_scale",
     "input_zero_point",
     "float8_layout",
+    "microscaling_layout",
+    "weight_tensor_scale",
 )
 
 
@@ -63,6 +70,7 @@ class ExportedLayer:
 
     scheme: dict
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    differing: int = 0  # weights the format decodes to other values than ours (NVFP4 ties)
 
 
 def _bits(quant_min: int, quant_max: int, what: str) -> tuple[int, int]:
@@ -209,11 +217,15 @@ def export_float8_layer(layer: QuantizedFloat8Linear, name: str) -> ExportedLaye
     return ExportedLayer(scheme, tensors)
 
 
-def export_layer(layer: QuantizedLinear | QuantizedFloat8Linear, name: str) -> ExportedLayer:
-    """The format's scheme and tensors of one QuantizedLinear (or QuantizedFloat8Linear);
-    ValueError naming `name` and the reason where the format cannot express its layout."""
+def export_layer(layer: torch.nn.Module, name: str) -> ExportedLayer:
+    """The format's scheme and tensors of one QuantizedLinear (QuantizedFloat8Linear,
+    QuantizedMicroscalingLinear); ValueError naming `name` and the reason where the format
+    cannot express its layout."""
     if isinstance(layer, QuantizedFloat8Linear):
         return export_float8_layer(layer, name)
+    if isinstance(layer, QuantizedMicroscalingLinear):
+        return ExportedLayer(*export_microscaling_layer(layer, name))
+    assert isinstance(layer, QuantizedLinear)
     weights, tensors, fmt = _weight_args(layer, name)
     inputs, input_tensors = _input_args(layer, name)
     scheme = {
@@ -269,11 +281,8 @@ def export_compressed_tensors(
             "export_compressed_tensors: model must be a transformers PreTrainedModel (with a "
             f"config), got {type(model).__name__}"
         )
-    quantized: dict[str, QuantizedLinear | QuantizedFloat8Linear] = {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, (QuantizedLinear, QuantizedFloat8Linear))
-    }
+    kinds = (QuantizedLinear, QuantizedFloat8Linear, QuantizedMicroscalingLinear)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
     if not quantized:
         raise ValueError(
             "export_compressed_tensors: the model has no QuantizedLinear; convert it first "
@@ -288,6 +297,15 @@ def export_compressed_tensors(
     if Path(directory).exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     layers = {name: export_layer(layer, name) for name, layer in quantized.items()}
+    differing = {name: layer.differing for name, layer in layers.items() if layer.differing}
+    if differing:
+        warnings.warn(
+            f"export_compressed_tensors: the format decodes {sum(differing.values())} NVFP4 "
+            f"weights of {len(differing)} layers (first {next(iter(differing))!r}) one bf16 "
+            "step from triton_qat's: its global scale is the reciprocal of the tensor scale, "
+            "and these weights sit at bf16 ties (flow/export_microscaling.py)",
+            stacklevel=2,
+        )
     ignore = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
 
     # Embedding tables go out dequantized, as float weights: the format quantizes Linear

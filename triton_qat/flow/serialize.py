@@ -7,7 +7,8 @@ float architecture supplying everything else.
 A QuantizedLinear's state_dict defines it whole (codes, scales, zero points, ranges,
 granularity, input quantizer: flow/layout.py), so loading needs no qconfig: every Linear of
 the float model whose name has a saved QuantizedLinear becomes one, then the whole state_dict
-is loaded strictly (a QuantizedFloat8Linear likewise, found by its float8_layout).
+is loaded strictly (a QuantizedFloat8Linear likewise, found by its float8_layout, and a
+QuantizedMicroscalingLinear by its microscaling_layout).
 Directories are written next to their destination and renamed into place, so a failure
 leaves nothing half written.
 """
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from triton_qat.flow.convert import QuantizedEmbedding, QuantizedLinear
 from triton_qat.flow.convert_float8 import QuantizedFloat8Linear
+from triton_qat.flow.convert_microscaling import QuantizedMicroscalingLinear
 from triton_qat.numerics.qparams import QParams
 
 WEIGHTS_NAME = "model.safetensors"
@@ -64,8 +66,14 @@ def quantized_linears(model: torch.nn.Module) -> dict[str, QuantizedLinear]:
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every QuantizedLinear, QuantizedFloat8Linear and QuantizedEmbedding of `model`, by name."""
-    kinds = (QuantizedLinear, QuantizedFloat8Linear, QuantizedEmbedding)
+    """Every QuantizedLinear, QuantizedFloat8Linear, QuantizedMicroscalingLinear and
+    QuantizedEmbedding of `model`, by name."""
+    kinds = (
+        QuantizedLinear,
+        QuantizedFloat8Linear,
+        QuantizedMicroscalingLinear,
+        QuantizedEmbedding,
+    )
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
@@ -126,12 +134,18 @@ def read_converted(directory: str | os.PathLike) -> dict[str, Tensor]:
         return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
 
 
-def _shell(mod: torch.nn.Module, float8: bool = False) -> torch.nn.Module:
-    """A QuantizedLinear / QuantizedFloat8Linear / QuantizedEmbedding of the float layer's
-    shape, bias and dtype; load_state_dict fills it in (its layout included)."""
+def _shell(mod: torch.nn.Module, kind: str = "int") -> torch.nn.Module:
+    """A QuantizedLinear ("int"; a QuantizedEmbedding for an nn.Embedding) /
+    QuantizedFloat8Linear ("float8") / QuantizedMicroscalingLinear ("microscaling") of the
+    float layer's shape, bias and dtype; load_state_dict fills it in (its layout included)."""
     w = mod.weight
     bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().to("cpu")
-    if float8:
+    if kind == "microscaling":
+        layer = QuantizedMicroscalingLinear.placeholder(
+            mod.in_features, mod.out_features, bias, w.dtype
+        )
+        return layer.to(w.device)
+    if kind == "float8":
         n, k = mod.out_features, mod.in_features
         codes = torch.zeros(n, k, dtype=torch.float8_e4m3fn)
         layer = QuantizedFloat8Linear(k, n, codes, torch.ones(n, 1), bias, weight_dtype=w.dtype)
@@ -163,18 +177,26 @@ def _shell(mod: torch.nn.Module, float8: bool = False) -> torch.nn.Module:
 
 
 def with_quantized_layers(
-    model: torch.nn.Module, names: set[str], float8_names: frozenset[str] = frozenset()
+    model: torch.nn.Module,
+    names: set[str],
+    float8_names: frozenset[str] = frozenset(),
+    microscaling_names: frozenset[str] = frozenset(),
 ) -> None:
     """Swap each nn.Linear / nn.Embedding named in `names` for a quantized shell, in place
-    (a QuantizedFloat8Linear for those in `float8_names` as well)."""
+    (a QuantizedFloat8Linear for those in `float8_names`, a QuantizedMicroscalingLinear for
+    those in `microscaling_names`)."""
     modules = dict(model.named_modules())
-    for name in sorted(names | float8_names):
+    for name in sorted(names | float8_names | microscaling_names):
         mod = modules.get(name)
-        float8 = name in float8_names
-        kind = QuantizedFloat8Linear if float8 else (QuantizedLinear, QuantizedEmbedding)
+        if name in microscaling_names:
+            shell, kind = "microscaling", QuantizedMicroscalingLinear
+        elif name in float8_names:
+            shell, kind = "float8", QuantizedFloat8Linear
+        else:
+            shell, kind = "int", (QuantizedLinear, QuantizedEmbedding)
         if isinstance(mod, kind):
             continue
-        allowed = (torch.nn.Linear,) if float8 else (torch.nn.Linear, torch.nn.Embedding)
+        allowed = (torch.nn.Linear,) if shell != "int" else (torch.nn.Linear, torch.nn.Embedding)
         if type(mod) not in allowed:
             what = "no module" if mod is None else f"a {type(mod).__name__}"
             raise ValueError(
@@ -184,7 +206,7 @@ def with_quantized_layers(
         if not name:
             raise ValueError("load_converted: the model itself is one layer; convert it instead")
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, _shell(mod, float8))
+        setattr(modules[parent_name], child, _shell(mod, shell))
 
 
 def load_converted(
@@ -199,9 +221,10 @@ def load_converted(
     layouts = [key.rpartition(".") for key in state]
     names = {prefix for prefix, _, leaf in layouts if leaf == "weight_layout"}
     float8_names = frozenset(prefix for prefix, _, leaf in layouts if leaf == "float8_layout")
+    microscaling = frozenset(p for p, _, leaf in layouts if leaf == "microscaling_layout")
     if not inplace:
         model = copy.deepcopy(model)
-    with_quantized_layers(model, names, float8_names)
+    with_quantized_layers(model, names, float8_names, microscaling)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -192,16 +192,29 @@ def mx_scale_codes_ref(x: Tensor, fmt: MicroscalingFormat, block_size: int) -> T
     return torch.where(s > 127, 255, s + 127).to(torch.uint8)
 
 
+def mx_quantize_ref(x: Tensor, fmt: MicroscalingFormat, block_size: int) -> tuple[Tensor, Tensor]:
+    """(q, s) of x's MX quantization: the elements q = round_element(x * 2**-s), fp32 values on
+    the element's grid, shape (*x.shape[:-1], K // block_size, block_size), and the int32
+    shared exponents s (128: a block holding an inf or a NaN, its scale NaN) of
+    mx_shared_exponent_ref. The fake quant is q * 2**s; convert stores q and s as codes."""
+    s = mx_shared_exponent_ref(x, fmt, block_size)
+    clamped = torch.clamp(s, max=127).unsqueeze(-1)
+    return round_element_ref(_blocks(x, block_size) * _pow2(-clamped), fmt), s
+
+
+def mx_dequantize_ref(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    """q * 2**s (NaN where s is 128), blocks flattened back along the last dim, cast once to
+    `dtype`: the fake-quantized tensor of mx_quantize_ref's (q, s)."""
+    scale = torch.where(s > 127, float("nan"), _pow2_e8m0(torch.clamp(s, max=127)))
+    return (q * scale.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
 def fake_quantize_mx_ref(x: Tensor, fmt: MicroscalingFormat, block_size: int) -> Tensor:
     """MXFP8 / MXFP4 fake quant of x with block scales from its own blocks, in x.dtype."""
     if x.numel() == 0:
         return x.clone()
-    s = mx_shared_exponent_ref(x, fmt, block_size)
-    nonfinite = s > 127
-    s = torch.clamp(s, max=127).unsqueeze(-1)
-    q = round_element_ref(_blocks(x, block_size) * _pow2(-s), fmt)
-    scale = torch.where(nonfinite.unsqueeze(-1), float("nan"), _pow2_e8m0(s))
-    return (q * scale).reshape(x.shape).to(x.dtype)
+    q, s = mx_quantize_ref(x, fmt, block_size)
+    return mx_dequantize_ref(q, s, x.dtype).reshape(x.shape)
 
 
 def nvfp4_tensor_scale_ref(x: Tensor, eps: float = FLOAT8_EPS) -> Tensor:
@@ -228,11 +241,30 @@ def fake_quantize_nvfp4_ref(
     own amax unless per_tensor_scale is False), in x.dtype."""
     if x.numel() == 0:
         return x.clone()
+    q, s_t, s_b = nvfp4_quantize_ref(x, block_size, per_tensor_scale, eps)
+    return nvfp4_dequantize_ref(q, s_t, s_b, x.dtype).reshape(x.shape)
+
+
+def nvfp4_quantize_ref(
+    x: Tensor,
+    block_size: int = NVFP4.block_size,
+    per_tensor_scale: bool = True,
+    eps: float = FLOAT8_EPS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, s_t, s_b) of x's NVFP4 quantization: the e2m1 elements q (fp32 values, shape
+    (*x.shape[:-1], K // block_size, block_size)), the fp32 tensor scale s_t (0-dim; 1.0
+    without per_tensor_scale) and the e4m3 block scales s_b (fp32 values). The fake quant is
+    q * (s_t * s_b); convert stores the three."""
     if per_tensor_scale:
         s_t = nvfp4_tensor_scale_ref(x, eps)
     else:
         s_t = torch.ones((), dtype=torch.float32, device=x.device)
     s_b = nvfp4_block_scale_ref(x, block_size, s_t)
     r = torch.where(s_b > 0, (1.0 / s_t) / s_b, 0.0).unsqueeze(-1)
-    q = round_to_e2m1_ref(_blocks(x, block_size) * r)
-    return (q * (s_t * s_b).unsqueeze(-1)).reshape(x.shape).to(x.dtype)
+    return round_to_e2m1_ref(_blocks(x, block_size) * r), s_t, s_b
+
+
+def nvfp4_dequantize_ref(q: Tensor, s_t: Tensor, s_b: Tensor, dtype: torch.dtype) -> Tensor:
+    """q * (s_t * s_b) (the decode scale one fp32 multiply), blocks flattened back along the
+    last dim, cast once to `dtype`."""
+    return (q * (s_t * s_b).unsqueeze(-1)).flatten(-2).to(dtype)
