@@ -430,4 +430,6 @@ def test_bad_operands_name_the_argument():
         from triton_qat.kernels.microscaling import _linear_quant
 
         dy, x, w = torch.randn(2, 3), torch.randn(2, 32), torch.randn(3, 32)
-        fq_linear_grad_weight(dy, x, w, _linear_quant(None, 0, dy), None, False, x_group_size=16)
+        fq_linear_grad_weight(
+            dy, x, w, _linear_quant(None, 0, None, dy), None, False, x_group_size=16
+        )

@@ -254,14 +254,21 @@ def _operand(t: Tensor, spec: MicroscalingSpec) -> QuantizedInput:
     return QuantizedInput(codes, scale, torch.zeros_like(scale, dtype=torch.int32))
 
 
-def _linear_quant(w: QuantizedInput | None, w_block: int, like: Tensor) -> LinearQuant:
-    """The fused GEMMs' weight qparams for per-block codes (scales per group, zero zero
-    points; 1 / scale and the integer ranges are never read). w None: dW, which reads no
-    weight qparams. An input's per-block codes pass as x_codes with their own group size."""
+def _linear_quant(
+    w: QuantizedInput | None, w_block: int, x: QuantizedInput | None, like: Tensor
+) -> LinearQuant:
+    """The fused GEMMs' qparams for per-block codes (as float8._linear_quant): the weight's
+    scales per group (w None: dW, which reads no weight qparams), the input's per row and
+    block (passed with X_GROUP_SIZE), zero zero points; 1 / scale and the integer ranges are
+    never read (codes, no straight-through mask)."""
     if w is None:
         one = like.new_ones(1, dtype=torch.float32)
-        return LinearQuant(one, one, one.to(torch.int32), 0, 0, 0)
-    return LinearQuant(w.scale, w.scale, w.zero_point, 0, 0, w_block)
+        w_args = (one, one, one.to(torch.int32), 0, 0, 0)
+    else:
+        w_args = (w.scale, w.scale, w.zero_point, 0, 0, w_block)
+    if x is None:
+        return LinearQuant(*w_args)
+    return LinearQuant(*w_args, x.scale, x.scale, x.zero_point, 0, 0, True)
 
 
 def mx_linear_forward(
@@ -276,7 +283,7 @@ def mx_linear_forward(
     for bit."""
     wq = _operand(w, w_spec)
     xq = None if x_spec is None else _operand(x2d, x_spec)
-    lq = _linear_quant(wq, w_spec.block_size, x2d)
+    lq = _linear_quant(wq, w_spec.block_size, xq, x2d)
     x_group = 0 if x_spec is None else x_spec.block_size
     return fq_linear_forward(x2d, w, bias, lq, wq, xq, x_group_size=x_group)
 
@@ -297,20 +304,17 @@ def mx_linear_backward(
 
     def grad_input():
         wq = _operand(w, w_spec)
-        return fq_linear_grad_input(dy, x2d, w, _linear_quant(wq, w_spec.block_size, dy), wq)
+        lq = _linear_quant(wq, w_spec.block_size, None, dy)
+        return fq_linear_grad_input(dy, x2d, w, lq, wq)
 
     def grad_weight():
         if x_spec is None:
-            return fq_linear_grad_weight(dy, x2d, w, _linear_quant(None, 0, dy), weight_mask=False)
+            lq = _linear_quant(None, 0, None, dy)
+            return fq_linear_grad_weight(dy, x2d, w, lq, weight_mask=False)
         xq = _operand(x2d, x_spec)
+        lq = _linear_quant(None, 0, xq, dy)
         return fq_linear_grad_weight(
-            dy,
-            x2d,
-            w,
-            _linear_quant(None, 0, dy),
-            xq,
-            weight_mask=False,
-            x_group_size=x_spec.block_size,
+            dy, x2d, w, lq, xq, weight_mask=False, x_group_size=x_spec.block_size
         )
 
     x_first = need_dw and x_spec is not None and x2d.shape[0] > w.shape[0]
