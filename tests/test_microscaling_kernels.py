@@ -433,3 +433,51 @@ def test_bad_operands_name_the_argument():
         fq_linear_grad_weight(
             dy, x, w, _linear_quant(None, 0, None, dy), None, False, x_group_size=16
         )
+
+
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - the GPU machine may lack hypothesis
+    given = None
+
+
+if given is not None:
+
+    @st.composite
+    def _cases(draw):
+        fmt = draw(st.sampled_from(FMTS))
+        pts = draw(st.booleans())
+        block = draw(st.sampled_from([1, 2, 3, 8, 16, 17, 32, 48]))
+        ndim = draw(st.integers(1, 3))
+        shape = draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim))
+        shape[-1] = block * draw(st.integers(1, 4))
+        dtype = draw(st.sampled_from(DTYPES))
+        seed = draw(st.integers(0, 2**31 - 1))
+        spread = draw(st.integers(0, 60))  # binades spanned by the values
+        layout = draw(st.sampled_from(["contiguous", "sliced", "transposed"]))
+        specials = draw(st.booleans())  # NaN, +-inf, huge, tiny, signed zeros
+        return fmt, pts, block, tuple(shape), dtype, seed, spread, layout, specials
+
+    @given(_cases())
+    def test_property_kernel_equals_reference(device, case):
+        fmt, pts, block, shape, dtype, seed, spread, layout, specials = case
+        g = torch.Generator().manual_seed(seed)
+        base_shape = (*shape[:-1], 2 * shape[-1]) if layout == "sliced" else shape
+        x = torch.randn(base_shape, generator=g)
+        x = x * torch.exp2(torch.randint(-spread - 1, spread + 1, base_shape, generator=g))
+        if specials:
+            flat = x.view(-1)
+            picks = torch.randint(0, flat.numel(), (6,), generator=g)
+            flat[picks] = torch.tensor([NAN, INF, -INF, 3e38, 1e-41, -0.0])
+        x = x.to(dtype).to(device)
+        if layout == "sliced":
+            x = x[..., ::2]
+        elif layout == "transposed" and x.dim() >= 2:
+            x = x.transpose(0, -2).contiguous().transpose(0, -2)  # same shape, other strides
+        with tq.use_backend("triton"):
+            if fmt == "nvfp4":
+                y = tq.ops.fake_quantize_nvfp4(x, block, pts)
+            else:
+                y = tq.ops.fake_quantize_mx(x, fmt, block)
+        assert_bitwise_equal(y.cpu(), reference(x.cpu(), fmt, block, pts))
