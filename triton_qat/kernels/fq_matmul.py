@@ -231,7 +231,9 @@ def _input_params(inv_ptr, scale_ptr, zp_ptr, rm, m_ok, X_PER_ROW: tl.constexpr)
 
 
 @triton.jit
-def _group_scales(scale_ptr, rows, k, rows_ok, k_ok, k_start, K, GROUP_SIZE: tl.constexpr, COLS):
+def _group_scales(
+    scale_ptr, rows, k, rows_ok, k_ok, k_start, K, GROUP_SIZE: tl.constexpr, COLS: tl.constexpr
+):
     """Scales of a tile of per-group float8 codes (X_GROUP_SIZE): one per row and group of
     GROUP_SIZE along K, at rows (R,) and the COLS cols k = k_start + arange(COLS),
     broadcastable to (R, COLS); loaded as _weight_params loads per-group qparams."""
