@@ -183,18 +183,25 @@ def _float8_codes_valid(v: dict) -> bool:
     (W_GRAN 2) and of the input per row and block (X_GROUP_SIZE), or a plain input."""
     codes = v.get("codes", "i8")
     x_group = v.get("X_GROUP_SIZE", 0)
-    if v.get("W_MASK") is False and (codes == "i8" or v.get("X_CODES") is False):
-        return False  # only the FP8 dW drops the mask; its x comes as codes or as is
     if x_group and (codes != "fp8e4nv" or not v.get("X_CODES")):
         return False  # per-block input scales: microscaling codes only
+    if v.get("W_MASK") is False:
+        # Only the FP8 / microscaling dW drops the mask; it reads no weight qparams (one
+        # placeholder scale: W_GRAN 0), its weight in the input's dtype or fp32 (master
+        # weights, _fq_gemm_valid), x as float8 codes or as is (then no codes pointer: "i8"
+        # stands for it).
+        if v["W_GRAN"] != 0 or v["W_FLOAT_ZP"]:
+            return False
+        if not v["X_CODES"]:
+            return codes == "i8" and v["X_QUANT"] == (False, False)
+        return codes != "i8"
     if codes == "i8":
         return True
+    if "W_MASK" in v:
+        return False  # float8 codes in dW come without the mask
     plain_w = not v["W_FLOAT_ZP"] and v["w"] == v["dtype"]
     fp8_weight = v["W_GRAN"] in (0, 1) and plain_w
     mx_weight = v["W_GRAN"] == 2 and codes == "fp8e4nv" and plain_w
-    if "W_MASK" in v:  # dW: x's codes or a plain x
-        plain_x = v["X_QUANT"] == (False, False)
-        return not v["W_MASK"] and fp8_weight and (v["X_CODES"] or plain_x)
     x_ok = v.get("X_CODES") or v["X_QUANT"] == (False, False)
     if v.get("X_CODES"):  # forward: an FP8 weight's input per row, a microscaling one's per block
         x_ok = (x_group > 0) == mx_weight
