@@ -3,8 +3,8 @@
 The numerics are triton_qat/numerics/microscaling.py's, bit for bit. One program takes
 BLOCK_M rows by BLOCK_G blocks of BLOCK_SIZE consecutive elements along the last dim:
 
-    MX      E = exponent field of the block's amax; X = 2**max(E - emax, -127) (NaN for E = 128)
-            q = round_element(x * 2**-s)
+    MX      E = exponent field of the block's amax; s = max(E - emax, -127); X = 2**s
+            (NaN for E = 128: an inf or a NaN); q = round_element(x * 2**-s)
     NVFP4   s_b = e4m3((amax_b / 6) / s_t); r = (1 / s_t) / s_b (0 where s_b = 0)
             q = round_e2m1(x * r); decode scale s_t * s_b
     fq(x) = cast(q * scale, x.dtype), scale X or s_t * s_b (one fp32 value per block)
@@ -128,7 +128,8 @@ def microscaling_kernel(
         e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # 128: inf or NaN
         s = tl.maximum(e - EMAX, -127)
         scale = tl.where(e == 128, NAN, _e8m0_scale(s))
-        v = xf * _pow2(0 - s)[:, :, None]  # exact: |x| * 2**-s stays below 2**(EMAX + 1)
+        # The reference's product: below 2**(EMAX + 1), rounded only in fp32's subnormal range.
+        v = xf * _pow2(0 - s)[:, :, None]
     tl.store(s_ptrs, scale, mask=block_ok)
     q = round_to_float8(v, FMAX, MBITS, EMIN)
     if WRITE_CODES:
