@@ -203,6 +203,30 @@ def test_ops_use_the_reference_while_compiling(monkeypatch):
     assert_bitwise_equal(y, fake_quantize_mx_ref(x, MX_FORMATS["mxfp4"], 32))
 
 
+def test_without_float8_kernels_the_ops_are_the_composition(monkeypatch):
+    """Where the float8 kernels do not run (ops/float_formats._float8_triton: a GPU below
+    compute capability 8.9) the fake quant and the fused linear are the eager reference."""
+    from triton_qat.ops import microscaling as ops_mx
+
+    def refuse(*args):
+        raise AssertionError("kernel called without float8 kernels")
+
+    monkeypatch.setattr(ops_mx, "_float8_triton", lambda device: False)
+    monkeypatch.setattr(ops_mx, "_fake_quantize_kernel", refuse)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 64, generator=g).requires_grad_()
+    w = torch.randn(5, 64, generator=g).requires_grad_()
+    with tq.use_backend("triton"):
+        assert_bitwise_equal(tq.ops.fake_quantize_nvfp4(x), fake_quantize_nvfp4_ref(x, 16))
+        y = tq.mx_linear(x, w, weight_format="mxfp4", input_format="nvfp4")
+        dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    case = (("mxfp4", 32), ("nvfp4", 16))
+    xq, wq, expected = _composition(x.detach(), w.detach(), None, case)
+    assert_bitwise_equal(y, expected)
+    assert_bitwise_equal(dx, torch.ones(6, 5) @ wq)
+    assert_bitwise_equal(dw, torch.ones(5, 6) @ xq)
+
+
 # --- the fused microscaling linear ------------------------------------------------------------
 
 
