@@ -26,6 +26,7 @@ if [ $# -eq 0 ]; then
     set -- tests/test_rounding.py tests/test_kernel_globals.py tests/test_tuning.py \
         tests/test_kernels.py tests/test_fake_quantize.py tests/test_learnable.py \
         tests/test_observe.py tests/test_per_token.py tests/test_int_matmul.py \
-        tests/test_fq_linear.py::test_fp32_matches_eager_composition tests/test_float8_kernels.py
+        tests/test_fq_linear.py::test_fp32_matches_eager_composition tests/test_float8_kernels.py \
+        tests/test_microscaling_kernels.py
 fi
 python -m pytest -q -p no:cacheprovider "$@"

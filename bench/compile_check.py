@@ -178,18 +178,34 @@ def _codes_valid(v: dict) -> bool:
 
 def _float8_codes_valid(v: dict) -> bool:
     """float8.fp8_linear_forward / _backward: the codes of an FP8 weight (per tensor or per
-    row, no zero point), an FP8 input's codes or no input fake quant; dW without the mask."""
+    row, no zero point), an FP8 input's codes or no input fake quant; dW without the mask.
+    microscaling.mx_linear_forward / _backward: e4m3 element codes of the weight per block
+    (W_GRAN 2) and of the input per row and block (X_GROUP_SIZE), or a plain input."""
     codes = v.get("codes", "i8")
-    if v.get("W_MASK") is False and (codes == "i8" or v.get("X_CODES") is False):
-        return False  # only the FP8 dW drops the mask; its x comes as codes or as is
+    x_group = v.get("X_GROUP_SIZE", 0)
+    if x_group and (codes != "fp8e4nv" or not v.get("X_CODES")):
+        return False  # per-block input scales: microscaling codes only
+    if v.get("W_MASK") is False:
+        # Only the FP8 / microscaling dW drops the mask; it reads no weight qparams (one
+        # placeholder scale: W_GRAN 0), its weight in the input's dtype or fp32 (master
+        # weights, _fq_gemm_valid), x as float8 codes or as is (then no codes pointer: "i8"
+        # stands for it).
+        if v["W_GRAN"] != 0 or v["W_FLOAT_ZP"]:
+            return False
+        if not v["X_CODES"]:
+            return codes == "i8" and v["X_QUANT"] == (False, False)
+        return codes != "i8"
     if codes == "i8":
         return True
-    fp8_weight = v["W_GRAN"] in (0, 1) and not v["W_FLOAT_ZP"] and v["w"] == v["dtype"]
-    if "W_MASK" in v:  # dW: x's codes or a plain x
-        plain_x = v["X_QUANT"] == (False, False)
-        return not v["W_MASK"] and fp8_weight and (v["X_CODES"] or plain_x)
+    if "W_MASK" in v:
+        return False  # float8 codes in dW come without the mask
+    plain_w = not v["W_FLOAT_ZP"] and v["w"] == v["dtype"]
+    fp8_weight = v["W_GRAN"] in (0, 1) and plain_w
+    mx_weight = v["W_GRAN"] == 2 and codes == "fp8e4nv" and plain_w
     x_ok = v.get("X_CODES") or v["X_QUANT"] == (False, False)
-    return fp8_weight and v["W_CODES"] and x_ok
+    if v.get("X_CODES"):  # forward: an FP8 weight's input per row, a microscaling one's per block
+        x_ok = (x_group > 0) == mx_weight
+    return (fp8_weight or mx_weight) and v["W_CODES"] and x_ok
 
 
 def _float8_arch(make):
@@ -453,6 +469,8 @@ KERNELS: dict[str, Kernel] = {
             "X_CODES": (False, True),
             "codes": _CODES,
             "HAS_BIAS": (False, True),
+            # microscaling inputs: blocks within a tile (32), two per tile (16), gathered (48)
+            "X_GROUP_SIZE": (0, 32, 16, 48),
             **_LOOP_EVEN,
         },
         _float8_arch(_gemm_configs(_float_gemm_space)),
@@ -479,6 +497,7 @@ KERNELS: dict[str, Kernel] = {
             "X_CODES": (False, True),
             "codes": _CODES,
             "W_MASK": (True, False),
+            "X_GROUP_SIZE": (0, 32, 16, 48),
             **_LOOP_EVEN,
         },
         _float8_arch(_gemm_configs(_float_gemm_space)),
@@ -603,6 +622,55 @@ KERNELS: dict[str, Kernel] = {
                     and not v["WRITE_CODES"]
                     and not v["WRITE_Y"]
                 )
+                or (not v["AMAX_ONLY"] and v["WRITE_CODES"] != v["WRITE_Y"])
+            )
+        ),
+    ),
+    "microscaling": Kernel(
+        "triton_qat.kernels.microscaling",
+        "microscaling_kernel",
+        lambda v: {
+            "x_ptr": v["dtype"],
+            "codes_ptr": "fp8e4nv" if v["WRITE_CODES"] else "fp32",
+            "scale_ptr": "fp32",
+            "y_ptr": v["dtype"] if v["WRITE_Y"] else "fp32",
+            "tensor_scale_ptr": "fp32",
+        },
+        (),
+        {
+            "dtype": FLOAT_DTYPES,
+            # MX (e8m0 scales) or NVFP4 (e4m3 block scales under a tensor scale)
+            "NVFP4_SCALES": (False, True),
+            # element (emax, max, mantissa bits, smallest normal exponent): e4m3, e2m1
+            "EMAX": (8, 2),
+            "FMAX": (448.0, 6.0),
+            "MBITS": (3, 1),
+            "EMIN": (-6, 0),
+            # blocks of 32, 16 and 48 (padded to 64)
+            "BLOCK_SIZE": (32, 16, 48),
+            "BLOCK_SIZE_P2": (32, 16, 64),
+            "AMAX_ONLY": (False, True),
+            "WRITE_CODES": (False, True),
+            "WRITE_Y": (False, True),
+        },
+        # _launch: 4 rows by as many blocks as fit 4096 elements, or one block per row
+        _float8_arch(
+            lambda arch, pointers, v, *_: [
+                (
+                    f"4x{4096 // (4 * v['BLOCK_SIZE_P2'])}",
+                    {"BLOCK_M": 4, "BLOCK_G": 4096 // (4 * v["BLOCK_SIZE_P2"])},
+                ),
+                ("4x1", {"BLOCK_M": 4, "BLOCK_G": 1}),
+            ]
+        ),
+        ones=("stride_xk", "stride_ck", "stride_yk"),
+        valid=lambda v: (
+            (v["EMAX"], v["FMAX"], v["MBITS"], v["EMIN"]) in ((8, 448.0, 3, -6), (2, 6.0, 1, 0))
+            and (not v["NVFP4_SCALES"] or v["MBITS"] == 1)
+            and v["BLOCK_SIZE_P2"] == triton.next_power_of_2(v["BLOCK_SIZE"])
+            # nvfp4_tensor_scale (AMAX_ONLY: NVFP4 only), _quantize (codes or y, one at a time)
+            and (
+                (v["AMAX_ONLY"] and v["NVFP4_SCALES"] and not v["WRITE_CODES"] and not v["WRITE_Y"])
                 or (not v["AMAX_ONLY"] and v["WRITE_CODES"] != v["WRITE_Y"])
             )
         ),

@@ -209,9 +209,11 @@ def test_flags_loaded_from_state_dict_reach_compiled_code():
         torch.testing.assert_close(compiled(x), source(x), rtol=0, atol=0)
 
 
-def test_triton_path_fullgraph_equals_eager():
+@pytest.mark.parametrize("preset", ["x86", "nvfp4_dynamic"])
+def test_triton_path_fullgraph_equals_eager(preset):
     """The fused linear's Triton kernels (interpreted on the CPU) under compile: the op is a
-    custom op; the observers are traced as torch code (bit-exact with their kernels)."""
+    custom op (fq_linear; mx_linear for the microscaling presets); the observers are traced
+    as torch code (bit-exact with their kernels)."""
     pytest.importorskip("triton")
     from triton_qat.ops.backend import triton_unavailable_reason
 
@@ -219,7 +221,7 @@ def test_triton_path_fullgraph_equals_eager():
     if reason is not None:
         pytest.skip(reason)
     torch.manual_seed(0)
-    eager = tq.prepare_qat(_mlp(), "x86").train()
+    eager = tq.prepare_qat(_mlp(), preset).train()
     module = copy.deepcopy(eager)
     compiled, counter = _compiled(module, _mlp_out)
     g = torch.Generator().manual_seed(1)

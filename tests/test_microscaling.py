@@ -502,7 +502,9 @@ def test_preset_forward_and_gradients_are_fq_then_linear(preset):
     ifq = getattr(layer, "input_fake_quant", None)
     assert (ifq is None) == weight_only and (weight_only or type(ifq) is cls)
     x = torch.randn(3, 5, 64).requires_grad_()
-    with warnings.catch_warnings():
+    # The eager backend: the fused op is the composition itself (the Triton path against it:
+    # tests/test_microscaling_kernels.py).
+    with warnings.catch_warnings(), tq.use_backend("eager"):
         warnings.simplefilter("error")  # triton_qat's own module: no unfused warning
         y = layer(x)
     xq = x.detach() if weight_only else reference_fq(fmt, x.detach())
@@ -511,7 +513,8 @@ def test_preset_forward_and_gradients_are_fq_then_linear(preset):
     expected = F.linear(xq, wq, layer.bias)
     assert_bitwise_equal(y, expected)
     dy = torch.randn_like(y)
-    y.backward(dy)
+    with tq.use_backend("eager"):
+        y.backward(dy)
     expected.backward(dy)
     assert_bitwise_equal(x.grad, xq.grad)
     assert_bitwise_equal(layer.weight.grad, wq.grad)
@@ -525,12 +528,15 @@ def test_preset_trains(preset):
     target = x @ torch.randn(64, 16, generator=gen) / 8
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    # The eager composition: 30 steps of interpreted kernels take a minute per preset; the
+    # Triton path against it: tests/test_microscaling_kernels.py.
+    with tq.use_backend("eager"):
+        for _ in range(30):
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0]
 

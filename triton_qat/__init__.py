@@ -19,6 +19,7 @@ from triton_qat.ops import (
     fp8_linear,
     fq_linear,
     get_backend,
+    mx_linear,
     set_backend,
     use_backend,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "get_qconfig",
     "list_qconfigs",
     "load_converted",
+    "mx_linear",
     "nn",
     "prepare_qat",
     "qat_summary",

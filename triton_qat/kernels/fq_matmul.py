@@ -230,6 +230,28 @@ def _input_params(inv_ptr, scale_ptr, zp_ptr, rm, m_ok, X_PER_ROW: tl.constexpr)
     return inv, scale, zp
 
 
+@triton.jit
+def _group_scales(
+    scale_ptr, rows, k, rows_ok, k_ok, k_start, K, GROUP_SIZE: tl.constexpr, COLS: tl.constexpr
+):
+    """Scales of a tile of per-group float8 codes (X_GROUP_SIZE): one per row and group of
+    GROUP_SIZE along K, at rows (R,) and the COLS cols k = k_start + arange(COLS),
+    broadcastable to (R, COLS); loaded as _weight_params loads per-group qparams."""
+    n_groups = K // GROUP_SIZE
+    if GROUP_SIZE % COLS == 0:
+        idx = rows * n_groups + k_start // GROUP_SIZE
+        scale = tl.load(scale_ptr + idx, mask=rows_ok, other=1.0)[:, None]
+    elif COLS % GROUP_SIZE == 0:
+        g = k_start // GROUP_SIZE + tl.arange(0, COLS // GROUP_SIZE)
+        idx = rows[:, None] * n_groups + g[None, :]
+        ok = rows_ok[:, None] & (g < n_groups)[None, :]
+        scale = _spread_groups(tl.load(scale_ptr + idx, mask=ok, other=1.0), GROUP_SIZE)
+    else:
+        idx = rows[:, None] * n_groups + (k // GROUP_SIZE)[None, :]
+        scale = tl.load(scale_ptr + idx, mask=rows_ok[:, None] & k_ok[None, :], other=1.0)
+    return scale
+
+
 @autotune(
     rows="M",
     cols="N",
@@ -278,14 +300,19 @@ def fq_linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     LOOP_EVEN: tl.constexpr,
+    X_GROUP_SIZE: tl.constexpr = 0,
 ):
+    # X_GROUP_SIZE > 0 (with X_CODES, float8 codes): x's scales are per row and group of
+    # X_GROUP_SIZE along K, (M, K // X_GROUP_SIZE) at x_scale_ptr; zero points 0.
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
     dtype = y_ptr.dtype.element_ty
-    if X_CODES:
+    if X_GROUP_SIZE > 0:
+        pass  # scales per group: each K step loads its tile's
+    elif X_CODES:
         # The codes come with a scale and zero point per row; 1 / scale is never read (x_inv_ptr
         # may hold one value for the whole tensor).
         x_inv, x_scale, x_zp = _input_params(x_scale_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True)
@@ -301,6 +328,11 @@ def fq_linear_fwd_kernel(
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k = tl.arange(0, BLOCK_K).to(tl.int64) + k0 * BLOCK_K
         k_ok = k < K
+        if X_GROUP_SIZE > 0:
+            x_scale = _group_scales(
+                x_scale_ptr, rm_in, k, m_ok, k_ok, k0 * BLOCK_K, K, X_GROUP_SIZE, BLOCK_K
+            )
+            x_inv, x_zp = x_scale, 0.0
         x = _input_tile(
             x_ptr + rm_in[:, None] * stride_xm + k[None, :] * stride_xk,
             k_ok[None, :],
@@ -497,10 +529,12 @@ def fq_linear_dw_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     LOOP_EVEN: tl.constexpr,
+    X_GROUP_SIZE: tl.constexpr = 0,
 ):
     # Output tile (BLOCK_M rows of N, BLOCK_N cols of K); the loop runs over M in BLOCK_K.
     # W_MASK False: no straight-through mask on dW (FP8 weights; the w qparams are unread).
-    # X_CODES: x_ptr holds x's int8 codes, with a scale and zero point (minus shift) per row.
+    # X_CODES: x_ptr holds x's int8 codes, with a scale and zero point (minus shift) per row,
+    # or float8 codes with a scale per row and group of X_GROUP_SIZE along K (zero points 0).
     pid_n, pid_k = _grouped_pid(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
     rn = pid_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -527,7 +561,13 @@ def fq_linear_dw_kernel(
             not LOOP_EVEN,
         )
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk_in[None, :] * stride_xk
-        if X_CODES:
+        if X_GROUP_SIZE > 0:
+            # float8 codes with a scale per row and group of X_GROUP_SIZE along K, zp 0
+            x_scale = _group_scales(
+                x_scale_ptr, rm, rk_in, m_ok, k_ok, pid_k * BLOCK_N, K, X_GROUP_SIZE, BLOCK_N
+            )
+            x_inv, x_zp = x_scale, 0.0
+        elif X_CODES:
             # (c - zp) * scale per row, bit for bit the fq tile; 1 / scale is never read
             x_inv, x_scale, x_zp = _input_params(x_scale_ptr, x_scale_ptr, x_zp_ptr, rm, m_ok, True)
         elif X_FQ and X_PER_ROW:
@@ -605,6 +645,16 @@ class QuantizedInput(NamedTuple):
     zero_point: Tensor
 
 
+def _x_group(x_codes: QuantizedInput | None, x_group_size: int) -> dict:
+    """X_GROUP_SIZE for a launch: passed only when on, so the launches without it (and their
+    compiled kernels) are the ones before the per-group input mode existed."""
+    if x_group_size <= 0:
+        return {}
+    if x_codes is None or x_codes.codes.dtype.is_floating_point is False:
+        raise ValueError("x_group_size needs x_codes holding float8 codes")
+    return {"X_GROUP_SIZE": x_group_size}
+
+
 def _weight_operand(w: Tensor, lq: LinearQuant, codes: IntWeight | None) -> tuple[Tensor, Tensor]:
     """The GEMMs' weight operand and zero points: the float weight, or its int8 codes."""
     return (w, lq.w_zp) if codes is None else (codes.codes, codes.zero_point)
@@ -617,11 +667,13 @@ def fq_linear_forward(
     lq: LinearQuant,
     codes: IntWeight | None = None,
     x_codes: QuantizedInput | None = None,
+    x_group_size: int = 0,
 ) -> Tensor:
     """y (M, N) in x's dtype from x (M, K) and w (N, K); any strides. With `codes` (w's int8
     codes from int_matmul.fused_weight_codes) the GEMM reads them instead of fake-quantizing
     w itself, with `x_codes` (int_matmul.fused_input_codes) x's: the same fq tiles, bit for
-    bit."""
+    bit. x_group_size > 0: x_codes are float8 codes with one scale per row and group of
+    x_group_size along K (scale (M * K // x_group_size,), zero points 0)."""
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -662,6 +714,7 @@ def fq_linear_forward(
         X_CODES=x_codes is not None,
         HAS_BIAS=bias is not None,
         INPUT_PRECISION=input_precision(x.dtype),
+        **_x_group(x_codes, x_group_size),
         # x * inv + 1.5 * 2**23 must not become one FMA: it would round the exact product.
         enable_fp_fusion=False,
     )
@@ -722,8 +775,9 @@ def fq_linear_grad_weight(
     lq: LinearQuant,
     x_codes: QuantizedInput | None = None,
     weight_mask: bool = True,
+    x_group_size: int = 0,
 ) -> Tensor:
-    """dw (N, K) = (dy^T @ fq_x(x)) * mask_w(w), in w's dtype; `x_codes` as
+    """dw (N, K) = (dy^T @ fq_x(x)) * mask_w(w), in w's dtype; `x_codes` and x_group_size as
     fq_linear_forward; weight_mask False: no mask (FP8 weights, whose lq.w_* are unread)."""
     m, n = dy.shape
     k = w.shape[1]
@@ -766,6 +820,7 @@ def fq_linear_grad_weight(
         X_CODES=x_codes is not None,
         W_MASK=weight_mask,
         INPUT_PRECISION=input_precision(dy.dtype),
+        **_x_group(x_codes, x_group_size),
         enable_fp_fusion=False,
     )
     return dw

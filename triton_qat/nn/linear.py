@@ -11,6 +11,7 @@ from torch import Tensor
 from triton_qat.numerics.qparams import PerTokenQParams, QParams
 from triton_qat.ops.float_formats import fp8_linear
 from triton_qat.ops.functional import fake_quantize, fq_linear
+from triton_qat.ops.microscaling import mx_linear
 from triton_qat.qconfig import resolve_qconfig
 from triton_qat.quantizers import (
     DynamicPerTokenFakeQuantize,
@@ -78,6 +79,42 @@ def _float8_args(wfq: torch.nn.Module, ifq: torch.nn.Module | None) -> dict | No
     return args
 
 
+def _microscaling_kwargs(fq: torch.nn.Module, role: str) -> dict:
+    if isinstance(fq, NVFP4FakeQuantize):
+        return {
+            f"{role}_format": "nvfp4",
+            f"{role}_block_size": fq.block_size,
+            f"{role}_per_tensor_scale": fq.per_tensor_scale,
+            f"{role}_eps": fq.eps,
+        }
+    return {f"{role}_format": fq.fmt, f"{role}_block_size": fq.block_size}
+
+
+def _microscaling_args(
+    wfq: torch.nn.Module, ifq: torch.nn.Module | None, in_features: int
+) -> dict | None:
+    """mx_linear's keyword arguments when the weight's (and the input's, if any) fake quant
+    is an enabled MXFakeQuantize / NVFP4FakeQuantize whose blocks divide in_features, else
+    None (the quantizers are applied as modules, which name a block size that does not fit)."""
+    microscaling = (MXFakeQuantize, NVFP4FakeQuantize)
+
+    def fused(fq) -> bool:
+        return (
+            isinstance(fq, microscaling)
+            and fq._flag("fake_quant_enabled")
+            and in_features % fq.block_size == 0
+        )
+
+    if not fused(wfq):
+        return None
+    args = {**_microscaling_kwargs(wfq, "weight"), "input_format": None}
+    if ifq is None:
+        return args
+    if not fused(ifq):
+        return None
+    return {**args, **_microscaling_kwargs(ifq, "input")}
+
+
 class Linear(torch.nn.Linear):
     """A linear layer with fake-quantized weight (and, per the qconfig, input) for QAT.
 
@@ -104,8 +141,9 @@ class Linear(torch.nn.Linear):
     as one fused FP8 linear (triton_qat.ops.fp8_linear): the GEMMs read the operands' float8
     codes, and on GPUs with FP8 tensor cores the forward is an FP8 GEMM. With one of the two
     quantizers disabled, the other is applied as a module, then F.linear. Microscaling fake
-    quant (MXFakeQuantize, NVFP4FakeQuantize: "mxfp8_*", "mxfp4_*", "nvfp4_*") is applied
-    as modules on the weight and input, then F.linear (eager, no warning; no fused kernel yet).
+    quant (MXFakeQuantize, NVFP4FakeQuantize: "mxfp8_*", "mxfp4_*", "nvfp4_*") runs as one
+    fused linear the same way (triton_qat.ops.mx_linear): the GEMMs read the operands' element
+    codes and block scales.
     """
 
     _FLOAT_MODULE = torch.nn.Linear
@@ -137,8 +175,8 @@ class Linear(torch.nn.Linear):
         if isinstance(fq, _APPLIED_AS_MODULES):
             # triton_qat's own, applied as a module by design: per-token qparams are made per
             # call; learnable qparams need gradients, which the fused GEMM does not produce;
-            # FP8 fake quant with one quantizer disabled: the other one as a module;
-            # microscaling fake quant has no fused GEMM yet (eager, then F.linear).
+            # FP8 or microscaling fake quant with one quantizer disabled: the other one as a
+            # module.
             return
         if type(fq) not in _WARNED_TYPES:
             _WARNED_TYPES.add(type(fq))
@@ -155,6 +193,9 @@ class Linear(torch.nn.Linear):
         fp8 = _float8_args(wfq, ifq)
         if fp8 is not None:
             return fp8_linear(input, self.weight, self.bias, **fp8)
+        mx = _microscaling_args(wfq, ifq, self.in_features)
+        if mx is not None:
+            return mx_linear(input, self.weight, self.bias, **mx)
         fused_w, w_qp = _fused_qparams(wfq, self.weight, weight=True)
         weight = self.weight
         if not fused_w:

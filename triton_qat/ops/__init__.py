@@ -3,7 +3,7 @@ sends each call to the Triton kernels (layer 2) or the eager reference (layer 1)
 
 functional.py holds the ops, backend.py the "auto" / "triton" / "eager" switch;
 float_formats.py the FP8 fake quant and the fused FP8 linear, microscaling.py the MXFP8 /
-MXFP4 / NVFP4 fake quant (eager only for now).
+MXFP4 / NVFP4 fake quant and the fused microscaling linear.
 """
 
 from triton_qat.ops.backend import get_backend, set_backend, use_backend, use_triton
@@ -21,6 +21,7 @@ from triton_qat.ops.functional import (
 from triton_qat.ops.microscaling import (
     fake_quantize_mx,
     fake_quantize_nvfp4,
+    mx_linear,
     mx_scale,
     nvfp4_scales,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "fp8_linear",
     "fq_linear",
     "get_backend",
+    "mx_linear",
     "mx_scale",
     "nvfp4_scales",
     "per_token_qparams",

@@ -1,16 +1,23 @@
-"""MXFP8 / MXFP4 and NVFP4 fake quant as autograd ops (straight-through), eager only for now.
+"""MXFP8 / MXFP4 and NVFP4 fake quant as autograd ops (straight-through), and the fused linear.
 
-The rules are triton_qat/numerics/microscaling.py's; these ops run the eager reference on every
-device and backend until the Triton kernels come.
+The rules are triton_qat/numerics/microscaling.py's. The ops dispatch as the FP8 ops do
+(float_formats.py): the Triton kernels (kernels/microscaling.py) where the float8 kernels run,
+else the eager reference; bit for bit the same. mx_linear is a torch.library custom op with its
+backward registered, saving what F.linear saves (input, weight): codes and scales are
+recomputed in backward from the same tensors, bit for bit.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from triton_qat.numerics.float_formats import FLOAT8_EPS
 from triton_qat.numerics.microscaling import (
+    MX_FORMATS,
     NVFP4,
     check_block_size,
     fake_quantize_mx_ref,
@@ -21,6 +28,23 @@ from triton_qat.numerics.microscaling import (
     nvfp4_tensor_scale_ref,
 )
 from triton_qat.numerics.qparams import check_float_tensor
+from triton_qat.ops.float_formats import _float8_triton
+from triton_qat.ops.functional import _check_linear_args
+
+
+def _kernel_runs(x: Tensor) -> bool:
+    """Whether the microscaling kernels take x: where the float8 kernels run (their codes are
+    float8_e4m3fn), not while torch.compile traces (the reference is traceable)."""
+    return x.numel() > 0 and not torch.compiler.is_compiling() and _float8_triton(x.device)
+
+
+def _fake_quantize_kernel(x: Tensor, fmt_name: str, block_size: int, pts: bool, eps: float):
+    # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
+    from triton_qat.kernels.microscaling import MicroscalingSpec, fake_quantize_microscaling
+
+    rows = x.reshape(-1, x.shape[-1])
+    spec = MicroscalingSpec(fmt_name, block_size, pts, eps)
+    return fake_quantize_microscaling(rows, spec).reshape(x.shape)
 
 
 class _MXFakeQuant(torch.autograd.Function):
@@ -28,6 +52,8 @@ class _MXFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, fmt_name: str, block_size: int) -> Tensor:
+        if _kernel_runs(x):
+            return _fake_quantize_kernel(x, fmt_name, block_size, True, FLOAT8_EPS)
         return fake_quantize_mx_ref(x, mx_format(fmt_name), block_size)
 
     @staticmethod
@@ -40,6 +66,8 @@ class _NVFP4FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, block_size: int, per_tensor_scale: bool, eps: float) -> Tensor:
+        if _kernel_runs(x):
+            return _fake_quantize_kernel(x, "nvfp4", block_size, per_tensor_scale, eps)
         return fake_quantize_nvfp4_ref(x, block_size, per_tensor_scale, eps)
 
     @staticmethod
@@ -119,3 +147,189 @@ def nvfp4_scales(
     else:
         s_t = torch.ones((), dtype=torch.float32, device=x.device)
     return s_t, nvfp4_block_scale_ref(x, block_size, s_t)
+
+
+# --- the fused microscaling linear -------------------------------------------------------------
+
+
+def _reference_fq(t: Tensor, fmt: str, block: int, pts: bool, eps: float) -> Tensor:
+    if fmt == "nvfp4":
+        return fake_quantize_nvfp4_ref(t, block, pts, eps)
+    return fake_quantize_mx_ref(t, mx_format(fmt), block)
+
+
+def _specs(w_fmt, w_block, w_pts, w_eps, x_fmt, x_block, x_pts, x_eps):
+    from triton_qat.kernels.microscaling import MicroscalingSpec
+
+    w_spec = MicroscalingSpec(w_fmt, w_block, w_pts, w_eps)
+    x_spec = MicroscalingSpec(x_fmt, x_block, x_pts, x_eps) if x_fmt else None
+    return w_spec, x_spec
+
+
+def _eager_operands(x, weight, w_fmt, w_block, w_pts, w_eps, x_fmt, x_block, x_pts, x_eps):
+    """(fq(x) or x, fq(weight) cast to x's dtype) by the reference."""
+    wq = _reference_fq(weight, w_fmt, w_block, w_pts, w_eps)
+    xq = _reference_fq(x, x_fmt, x_block, x_pts, x_eps) if x_fmt else x
+    return xq, wq.to(x.dtype)
+
+
+@torch.library.custom_op("triton_qat::mx_linear", mutates_args=())
+def _mx_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    w_fmt: str,
+    w_block: int,
+    w_pts: bool,
+    w_eps: float,
+    x_fmt: str,
+    x_block: int,
+    x_pts: bool,
+    x_eps: float,
+) -> Tensor:
+    """F.linear(fq(x), fq(weight).to(x.dtype), bias) for x (M, K); x_fmt "" leaves x as is."""
+    args = (w_fmt, w_block, w_pts, w_eps, x_fmt, x_block, x_pts, x_eps)
+    if _float8_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
+        from triton_qat.kernels.microscaling import mx_linear_forward
+
+        return mx_linear_forward(x, weight, bias, *_specs(*args))
+    xq, wq = _eager_operands(x, weight, *args)
+    return F.linear(xq, wq, None if bias is None else bias.to(x.dtype))
+
+
+@_mx_linear_op.register_fake
+def _(x, weight, bias, *args):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("triton_qat::mx_linear_backward", mutates_args=())
+def _mx_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    w_fmt: str,
+    w_block: int,
+    w_pts: bool,
+    w_eps: float,
+    x_fmt: str,
+    x_block: int,
+    x_pts: bool,
+    x_eps: float,
+    need_dx: bool,
+    need_dw: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dx, dw) = (dy @ fq(w), (dy^T @ fq(x)).to(w.dtype)), straight through (no mask); an
+    unneeded gradient comes back as an empty tensor."""
+    args = (w_fmt, w_block, w_pts, w_eps, x_fmt, x_block, x_pts, x_eps)
+    grad_y = grad_y.to(x.dtype)
+    if _float8_triton(x.device):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
+        from triton_qat.kernels.microscaling import mx_linear_backward
+
+        dx, dw = mx_linear_backward(grad_y, x, weight, *_specs(*args), need_dx, need_dw)
+    else:
+        xq, wq = _eager_operands(x, weight, *args)
+        dx = grad_y @ wq if need_dx else None
+        dw = (grad_y.t() @ xq).to(weight.dtype) if need_dw else None
+    return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
+
+
+@_mx_linear_backward_op.register_fake
+def _(grad_y, x, weight, *args):
+    need_dx, need_dw = args[-2], args[-1]
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
+    )
+
+
+def _mx_linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs[:3]
+    ctx.save_for_backward(x, weight)  # what F.linear saves; codes and scales are recomputed
+    ctx.args = inputs[3:]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _mx_linear_backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx = dw = db = None
+    if need_dx or need_dw:
+        dx, dw = torch.ops.triton_qat.mx_linear_backward(
+            grad_y, x, weight, *ctx.args, need_dx, need_dw
+        )
+    if need_db:
+        db = grad_y.sum(0).to(ctx.bias_dtype)
+    return (dx if need_dx else None, dw if need_dw else None, db) + (None,) * 8
+
+
+_mx_linear_op.register_autograd(_mx_linear_backward, setup_context=_mx_linear_setup_context)
+
+
+def _operand_args(fmt: object, block_size: object, pts: object, eps: object, role: str, k: int):
+    """(format name, block size, per_tensor_scale, eps) of one operand, checked; errors name
+    the argument."""
+    if not isinstance(fmt, str) or fmt not in (*MX_FORMATS, NVFP4.name):
+        raise ValueError(f"{role}_format must be 'mxfp8', 'mxfp4' or 'nvfp4', got {fmt!r}")
+    default = NVFP4.block_size if fmt == "nvfp4" else 32
+    block = default if block_size is None else block_size
+    block = check_block_size(block, None, f"{role}_block_size")
+    if k % block:
+        raise ValueError(
+            f"{role}_block_size {block} does not divide in_features ({k}): blocks are "
+            f"{block} consecutive elements along K"
+        )
+    pts = _check_flag(pts, f"{role}_per_tensor_scale")
+    if not isinstance(eps, float) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"{role}_eps must be a positive float, got {eps!r}")
+    return fmt, block, pts, eps
+
+
+def mx_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    weight_format: str = "mxfp8",
+    weight_block_size: int | None = None,
+    weight_per_tensor_scale: bool = True,
+    weight_eps: float = FLOAT8_EPS,
+    input_format: str | None = "mxfp8",
+    input_block_size: int | None = None,
+    input_per_tensor_scale: bool = True,
+    input_eps: float = FLOAT8_EPS,
+) -> Tensor:
+    """F.linear(fq(input), fq(weight), bias), fused, with microscaling fake quant: "mxfp8",
+    "mxfp4" (e8m0 block scales, blocks of 32 by default) or "nvfp4" (e4m3 block scales, blocks
+    of 16 by default, and unless per_tensor_scale is False an fp32 tensor scale from the
+    tensor's own amax, floored at eps) for the weight and, unless input_format is None, for the
+    input (dynamic: each call's own blocks). Blocks run along K (in_features) for both.
+    Straight-through backward: dx = dy @ fq(w), dw = dy^T @ fq(x), no mask.
+
+    input (..., K) fp32 / bf16 / fp16; weight (N, K) in the input's dtype or fp32 (master
+    weights: fake-quantized in fp32, then cast to the input dtype). Under autocast the input
+    and bias are cast to the autocast dtype first. On the Triton path the GEMMs read the
+    operands' element codes (float8_e4m3fn) and block scales, so their tiles are the fq tiles
+    bit for bit; else, and on the eager backend, the composition itself.
+    """
+    _check_linear_args(input, weight, bias)
+    k = weight.shape[1]
+    w_args = _operand_args(
+        weight_format, weight_block_size, weight_per_tensor_scale, weight_eps, "weight", k
+    )
+    x_args: tuple = ("", 1, True, FLOAT8_EPS)
+    if input_format is not None:
+        x_args = _operand_args(
+            input_format, input_block_size, input_per_tensor_scale, input_eps, "input", k
+        )
+    if torch.is_autocast_enabled(input.device.type):
+        ac_dtype = torch.get_autocast_dtype(input.device.type)
+        input = input.to(ac_dtype)
+        if bias is not None:
+            bias = bias.to(ac_dtype)
+        if weight.dtype not in (ac_dtype, torch.float32):
+            weight = weight.to(ac_dtype)
+    x2d = input.reshape(math.prod(input.shape[:-1]), k)
+    y = torch.ops.triton_qat.mx_linear(x2d, weight, bias, *w_args, *x_args)
+    return y.reshape(*input.shape[:-1], weight.shape[0])

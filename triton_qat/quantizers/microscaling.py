@@ -18,8 +18,9 @@ from triton_qat.quantizers.base import FakeQuantizeBase
 class _MicroscalingFakeQuantize(FakeQuantizeBase):
     """Dynamic block scales made from each call's own tensor: no observer state, the state_dict
     holds the fake_quant_enabled / observer_enabled flags only. Blocks run along the last dim
-    (K of a weight (N, K) and of an activation (..., K)). tq.nn.Linear applies it as a module
-    (weight and input), then F.linear (eager)."""
+    (K of a weight (N, K) and of an activation (..., K)). tq.nn.Linear runs the fused
+    triton_qat.ops.mx_linear with it (weight and input), or applies it as a module when the
+    other quantizer is not one of these."""
 
     is_dynamic = True
     block_size: int
