@@ -232,7 +232,8 @@ run_step tests_models 200 "$OUTDIR/tests_models.log" \
 # 8192x4096x4096 bf16; targets fp8_dynamic forward <= 0.6x, forward + backward <= 1.0x.
 run_step tests_formats 150 "$OUTDIR/tests_formats.log" \
     env TRITON_QAT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
-    tests/test_float8_kernels.py tests/test_float_formats.py tests/test_microscaling.py
+    tests/test_float8_kernels.py tests/test_float_formats.py tests/test_microscaling.py \
+    tests/test_microscaling_kernels.py tests/test_float8_convert.py tests/test_microscaling_convert.py
 fp8_t=$(step_timeout 120)
 run_step bench_fp8 120 "$OUTDIR/bench_fp8.log" \
     python bench/bench_linear.py --out "$OUTDIR/fp8" --quick --qconfig fp8_dynamic \

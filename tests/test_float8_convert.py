@@ -203,3 +203,19 @@ def test_fp8_input_with_an_integer_weight_is_not_converted():
     qat = tq.prepare_qat(_float_model(), qconfig)
     with pytest.raises(NotImplementedError, match="FP8 input quantizer"):
         tq.convert(qat)
+
+
+def test_a_disabled_input_quantizer_converts_to_weight_only():
+    """fp8_dynamic with the input fake quant disabled is weight-only: the QAT layer runs the
+    fused weight-only FP8 linear, and the converted layer keeps no input quantizer."""
+    qat = _trained(QCONFIGS["fp8_dynamic"], _float_model())
+    for m in (qat[0], qat[2]):
+        m.input_fake_quant.disable_fake_quant()
+    with torch.no_grad():
+        expected = qat(_input())
+        layer = qat[0]
+        plain = tq.fp8_linear(_input(), layer.weight, layer.bias, input_dtype=None)
+        assert torch.equal(_bits(layer(_input())), _bits(plain))
+        converted = tq.convert(qat)
+        assert converted[0].input_granularity is None
+        assert torch.equal(_bits(converted(_input())), _bits(expected))

@@ -34,12 +34,17 @@ from triton_qat.numerics.microscaling import (
     MX_FORMATS,
     NVFP4,
     MicroscalingFormat,
+    mx_decode_scale_ref,
     mx_dequantize_ref,
     mx_quantize_ref,
     nvfp4_dequantize_ref,
     nvfp4_quantize_ref,
 )
-from triton_qat.ops.microscaling import fake_quantize_mx, fake_quantize_nvfp4
+from triton_qat.ops.microscaling import (
+    fake_quantize_mx,
+    fake_quantize_nvfp4,
+    quantized_mx_linear,
+)
 from triton_qat.quantizers import MXFakeQuantize, NVFP4FakeQuantize
 
 FORMAT_NAMES = ("mxfp8", "mxfp4", "nvfp4")  # the codes of microscaling_layout: the index
@@ -291,11 +296,31 @@ class QuantizedMicroscalingLinear(torch.nn.Module):
             return fake_quantize_nvfp4(input, block_size, per_tensor, eps)
         return fake_quantize_mx(input, fmt, block_size)
 
+    def weight_codes(self) -> tuple[Tensor, Tensor]:
+        """The weight as mx_linear's GEMMs read it: element values as float8_e4m3fn codes
+        (out_features, in_features) (e2m1 and e4m3 values are e4m3 values) and one fp32
+        decode scale per block (2**s, NaN for s = 128; NVFP4: s_t * s_b, one fp32 multiply)."""
+        n, k = self.out_features, self.in_features
+        if self.weight_format == "mxfp8":
+            codes = self.qweight
+        else:
+            codes = unpack_e2m1(self.qweight, k).to(torch.float8_e4m3fn)
+        if self.weight_format == "nvfp4":
+            s_t = self.weight_tensor_scale.reshape(())  # type: ignore[union-attr]
+            scale = s_t * self.weight_scale.to(torch.float32)
+        else:
+            s = torch.where(self.weight_scale == 255, 128, self.weight_scale.to(torch.int32) - 127)
+            scale = mx_decode_scale_ref(s)
+        return codes, scale.reshape(n, k // self.block_size)
+
     def forward(self, input: Tensor) -> Tensor:
-        input = self.fake_quantized_input(input)
-        w = self.dequantized_weight().to(input.dtype)
-        b = None if self.bias is None else self.bias.to(input.dtype)
-        return F.linear(input, w, b)
+        """The QAT layer's eval output, bit for bit: mx_linear's forward kernels reading the
+        stored codes on the Triton path, else F.linear of the fake-quantized input and the
+        dequantized weight."""
+        codes, scale = self.weight_codes()
+        return quantized_mx_linear(
+            input, codes, scale, self.bias, self.weight_dtype, self.input_quant
+        )
 
     def extra_repr(self) -> str:
         inputs = "none"

@@ -278,11 +278,17 @@ def mx_linear_forward(
     bias: Tensor | None,
     w_spec: MicroscalingSpec,
     x_spec: MicroscalingSpec | None,
+    w_codes: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """F.linear(fq(x2d), fq(w).to(x2d.dtype), bias) in x2d's dtype: the float GEMM reads the
     weight's codes (and the input's, with x_spec) per block, so its tiles are the fq tiles bit
-    for bit."""
-    wq = _operand(w, w_spec)
+    for bit. w_codes: w's float8 codes (N, K) and fp32 block scales (N, K // block) as stored
+    (a converted layer; w then gives only the shape), what this pass would write."""
+    if w_codes is None:
+        wq = _operand(w, w_spec)
+    else:
+        scale = w_codes[1].reshape(-1).contiguous()
+        wq = QuantizedInput(w_codes[0], scale, torch.zeros_like(scale, dtype=torch.int32))
     xq = None if x_spec is None else _operand(x2d, x_spec)
     lq = _linear_quant(wq, w_spec.block_size, xq, x2d)
     x_group = 0 if x_spec is None else x_spec.block_size

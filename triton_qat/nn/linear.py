@@ -61,8 +61,9 @@ def _fused_qparams(
 
 
 def _float8_args(wfq: torch.nn.Module, ifq: torch.nn.Module | None) -> dict | None:
-    """fp8_linear's keyword arguments when the weight's (and the input's, if any) fake quant
-    is an enabled Float8FakeQuantize, else None (the quantizers are applied as modules)."""
+    """fp8_linear's keyword arguments when the weight's fake quant is an enabled
+    Float8FakeQuantize and the input's is one too, disabled (weight-only) or absent, else
+    None (the quantizers are applied as modules)."""
     if not isinstance(wfq, Float8FakeQuantize) or not wfq._flag("fake_quant_enabled"):
         return None
     args = {
@@ -71,9 +72,9 @@ def _float8_args(wfq: torch.nn.Module, ifq: torch.nn.Module | None) -> dict | No
         "weight_eps": wfq.eps,
         "input_dtype": None,
     }
-    if ifq is None:
-        return args
-    if not isinstance(ifq, Float8FakeQuantize) or not ifq._flag("fake_quant_enabled"):
+    if ifq is None or (isinstance(ifq, Float8FakeQuantize) and not ifq._flag("fake_quant_enabled")):
+        return args  # no input fake quant, or a disabled one (no state): weight-only
+    if not isinstance(ifq, Float8FakeQuantize):
         return None
     args.update(input_dtype=ifq.dtype, input_granularity=ifq.granularity, input_eps=ifq.eps)
     return args
@@ -108,8 +109,8 @@ def _microscaling_args(
     if not fused(wfq):
         return None
     args = {**_microscaling_kwargs(wfq, "weight"), "input_format": None}
-    if ifq is None:
-        return args
+    if ifq is None or (isinstance(ifq, microscaling) and not ifq._flag("fake_quant_enabled")):
+        return args  # no input fake quant, or a disabled one (no state): weight-only
     if not fused(ifq):
         return None
     return {**args, **_microscaling_kwargs(ifq, "input")}
@@ -139,8 +140,9 @@ class Linear(torch.nn.Linear):
 
     FP8 fake quant (Float8FakeQuantize: the "fp8_dynamic" / "fp8_weight_only" qconfigs) runs
     as one fused FP8 linear (triton_qat.ops.fp8_linear): the GEMMs read the operands' float8
-    codes, and on GPUs with FP8 tensor cores the forward is an FP8 GEMM. With one of the two
-    quantizers disabled, the other is applied as a module, then F.linear. Microscaling fake
+    codes, and on GPUs with FP8 tensor cores the forward is an FP8 GEMM. With the input's
+    fake quant disabled it is weight-only; with the weight's disabled, the input's is applied
+    as a module, then F.linear. Microscaling fake
     quant (MXFakeQuantize, NVFP4FakeQuantize: "mxfp8_*", "mxfp4_*", "nvfp4_*") runs as one
     fused linear the same way (triton_qat.ops.mx_linear): the GEMMs read the operands' element
     codes and block scales.
@@ -175,7 +177,7 @@ class Linear(torch.nn.Linear):
         if isinstance(fq, _APPLIED_AS_MODULES):
             # triton_qat's own, applied as a module by design: per-token qparams are made per
             # call; learnable qparams need gradients, which the fused GEMM does not produce;
-            # FP8 or microscaling fake quant with one quantizer disabled: the other one as a
+            # FP8 or microscaling fake quant with the weight's disabled: the input's as a
             # module.
             return
         if type(fq) not in _WARNED_TYPES:

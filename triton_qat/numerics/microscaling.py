@@ -202,11 +202,15 @@ def mx_quantize_ref(x: Tensor, fmt: MicroscalingFormat, block_size: int) -> tupl
     return round_element_ref(_blocks(x, block_size) * _pow2(-clamped), fmt), s
 
 
+def mx_decode_scale_ref(s: Tensor) -> Tensor:
+    """The fp32 block scales 2**s of shared exponents s (int32, NaN where s is 128)."""
+    return torch.where(s > 127, float("nan"), _pow2_e8m0(torch.clamp(s, max=127)))
+
+
 def mx_dequantize_ref(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
     """q * 2**s (NaN where s is 128), blocks flattened back along the last dim, cast once to
     `dtype`: the fake-quantized tensor of mx_quantize_ref's (q, s)."""
-    scale = torch.where(s > 127, float("nan"), _pow2_e8m0(torch.clamp(s, max=127)))
-    return (q * scale.unsqueeze(-1)).flatten(-2).to(dtype)
+    return (q * mx_decode_scale_ref(s).unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def fake_quantize_mx_ref(x: Tensor, fmt: MicroscalingFormat, block_size: int) -> Tensor:

@@ -333,3 +333,62 @@ def mx_linear(
     x2d = input.reshape(math.prod(input.shape[:-1]), k)
     y = torch.ops.triton_qat.mx_linear(x2d, weight, bias, *w_args, *x_args)
     return y.reshape(*input.shape[:-1], weight.shape[0])
+
+
+# --- a converted microscaling layer's forward ------------------------------------------------
+
+
+@torch.library.custom_op("triton_qat::mx_linear_codes", mutates_args=())
+def _mx_linear_codes_op(
+    x: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    weight_dtype: torch.dtype,
+    x_fmt: str,
+    x_block: int,
+    x_pts: bool,
+    x_eps: float,
+) -> Tensor:
+    """F.linear(fq(x), (codes * scale per block).to(weight_dtype).to(x.dtype), bias) for x
+    (M, K), codes (N, K) float8_e4m3fn element values, scale (N, K // block) fp32 decode
+    scales: mx_linear's forward with the weight as stored; x_fmt "" leaves x as is."""
+    n, k = codes.shape
+    block = k // scale.shape[1]
+    if _float8_triton(x.device) and weight_dtype in (x.dtype, torch.float32):
+        # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
+        from triton_qat.kernels.microscaling import mx_linear_forward
+
+        w_spec, x_spec = _specs("mxfp8", block, False, FLOAT8_EPS, x_fmt, x_block, x_pts, x_eps)
+        return mx_linear_forward(x, codes, bias, w_spec, x_spec, w_codes=(codes, scale))
+    xq = _reference_fq(x, x_fmt, x_block, x_pts, x_eps) if x_fmt else x
+    q = codes.to(torch.float32).reshape(n, k // block, block)
+    w = (q * scale.to(torch.float32).unsqueeze(-1)).reshape(n, k).to(weight_dtype)
+    return F.linear(xq, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@_mx_linear_codes_op.register_fake
+def _(x, codes, scale, bias, *args):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+def quantized_mx_linear(
+    input: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    weight_dtype: torch.dtype,
+    input_quant: tuple | None,
+) -> Tensor:
+    """A converted microscaling linear's output (flow/convert_microscaling.py): what mx_linear
+    gives in eval for a weight of these element codes (float8_e4m3fn (N, K)) and fp32 block
+    decode scales (N, K // block: 2**s for MX, s_t * s_b for NVFP4), the same kernels on the
+    Triton path, bit for bit. input_quant: (format, block size, tensor scale, eps) of the
+    dynamic input fake quant, or None."""
+    x_args: tuple = ("", 1, True, FLOAT8_EPS)
+    if input_quant is not None:
+        fmt, block, pts, eps = input_quant
+        x_args = (str(fmt), int(block), bool(pts), float(eps))
+    x2d = input.reshape(math.prod(input.shape[:-1]), codes.shape[1])
+    y = torch.ops.triton_qat.mx_linear_codes(x2d, codes, scale, bias, weight_dtype, *x_args)
+    return y.reshape(*input.shape[:-1], codes.shape[0])
