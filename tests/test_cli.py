@@ -146,6 +146,15 @@ def test_check_json_rows(quick_check):
         assert r["tolerance"] == check.LINEAR_TOLERANCE[getattr(torch, _DTYPE_ATTR[r["dtype"]])]
         assert 0 <= r["rel_err"] <= r["tolerance"]
         assert f"tol {r['tolerance']:.2e}" in r["result"]
+    formats = by_kind["float_formats"]
+    fq8 = [r for r in formats if len(r["shape"]) == 2]  # fake quant (x); linears are (M, N, K)
+    assert fq8 and all(r["result"] == "bit-exact" for r in fq8)
+    labels = {r["qconfig"] for r in formats}
+    for part in ("e4m3fn per_tensor", "e5m2 per_row", "mxfp4 blocks of 32", "w nvfp4"):
+        assert any(part in label for label in labels), part
+    for r in formats:
+        if r["tolerance"] is not None:
+            assert 0 <= r["rel_err"] <= r["tolerance"]
 
 
 _DTYPE_ATTR = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -424,6 +424,19 @@ def test_opcheck_mx_linear(device, backend, x_fmt):
             torch.ops.triton_qat.mx_linear_backward.default,
             (dy, x.detach(), w.detach(), *args, True, True),
         )
+        # a converted layer's forward on its stored codes (flow/convert_microscaling.py);
+        # test_schema compares inputs with arithmetic torch's CPU float8 tensors lack
+        codes = (w.detach() * 2).clamp(-6, 6).to(torch.float8_e4m3fn)
+        scale = torch.full((7, 1), 0.5, device=device)
+        torch.library.opcheck(
+            torch.ops.triton_qat.mx_linear_codes.default,
+            (x.detach(), codes, scale, b, torch.float32, *args[4:]),
+            test_utils=(
+                "test_faketensor",
+                "test_autograd_registration",
+                "test_aot_dispatch_dynamic",
+            ),
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """`python -m triton_qat check`: every kernel against the eager reference, and the reference
 against torch, over a grid of qconfigs x shapes x dtypes.
 
-Four kinds of rows (`CheckResult`), one per (case, metric):
+Kinds of rows (`CheckResult`), one per (case, metric):
 
 - ``fake_quant``: the Triton fake-quant kernels (backend "triton") against the eager
   reference (backend "eager"), forward ``y`` and input gradient ``dx``, bit for bit (NaN
@@ -35,6 +35,15 @@ Four kinds of rows (`CheckResult`), one per (case, metric):
   terms that the kernels add up in another order) pass when, per channel,
   ``|got - exact| / sum|terms|`` is at most ``(n - 1) * 2**-24``, the error bound of any
   fp32 summation order of n terms, against the float64 sum of the reference's terms.
+- ``float_formats``: the float-format kernels (where Triton has float8: compute capability
+  8.9 and up, and the interpreter; elsewhere "not run" rows). Fake quant ``y`` bit for bit
+  against the reference: FP8 e4m3fn per tensor / per row, e5m2 per row, MXFP8 / MXFP4
+  blocks of 32, NVFP4 blocks of 16, fp32 / fp16 / bf16, inputs with a zero row, a row of
+  large values and signed zeros. The fused linears (tq.fp8_linear: e4m3fn weights per row,
+  inputs per token or float; tq.mx_linear: MXFP8, MXFP4, NVFP4 both operands, NVFP4
+  weight-only) against their eager composition, ``y``, ``dx``, ``dw``, ``db``, with the
+  ``fq_linear`` criterion (the FP8 tensor-core forward skips the rounding of the operands to
+  the dtype, well within it).
 
 Sizes (`grid_size`): --quick uses tiny odd shapes (seconds under the interpreter); the full
 grid uses real sizes on CUDA (fake quant 4096x4096, linear M = 1000..8192 with N, K ~ 4096)

@@ -15,7 +15,15 @@ from torch import Tensor
 
 from triton_qat.ops.backend import triton_unavailable_reason
 
-KINDS = ("fake_quant", "reference_vs_torch", "fq_linear", "learnable", "int_linear", "observer")
+KINDS = (
+    "fake_quant",
+    "reference_vs_torch",
+    "fq_linear",
+    "learnable",
+    "int_linear",
+    "observer",
+    "float_formats",
+)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 QUANT_RANGES = (("int8", -128, 127), ("uint8", 0, 255), ("int4", -8, 7))

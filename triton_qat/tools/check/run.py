@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 
+from triton_qat.tools.check import float_formats
 from triton_qat.tools.check.common import (
     DTYPE_NAMES,
     KINDS,
@@ -91,6 +92,15 @@ def run_check(
     if "observer" in selected:
         for c in observer_cases(size):
             jobs.append(("observer", c, lambda c=c: check_observer(c, device), _OBSERVER_METRICS))
+
+    if "float_formats" in selected:
+        for c in float_formats.fake_quant_cases(size):
+            jobs.append(
+                ("float_formats", c, lambda c=c: float_formats.check_fake_quant(c, device), ("y",))
+            )
+        for c in float_formats.linear_cases(size):
+            job = lambda c=c: float_formats.check_linear(c, device)
+            jobs.append(("float_formats", c, job, ("y", "dx", "dw", "db")))
 
     results: list[CheckResult] = []
     gemm_pin = _one_gemm_config() if device == "cuda" else contextlib.nullcontext()
