@@ -189,36 +189,42 @@ def _fp8_linear_backward_op(
     return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
 
 
-@_fp8_linear_backward_op.register_fake
-def _(grad_y, x, weight, *args):
-    need_dx, need_dw = args[-2], args[-1]
-    return (
-        x.new_empty(x.shape) if need_dx else x.new_empty(0),
-        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
-    )
+def register_straight_through(op, backward_op) -> None:
+    """Autograd of a fused fake-quant linear custom op op(x, weight, bias, *args) whose
+    backward op backward_op(grad_y, x, weight, *args, need_dx, need_dw) gives (dx, dw), an
+    unneeded one as an empty tensor: x and weight are saved (what F.linear saves; codes and
+    scales are recomputed), db = grad_y.sum(0) in the bias's dtype. Shared by fp8_linear and
+    ops/microscaling.py's mx_linear."""
 
-
-def _fp8_linear_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs[:3]
-    ctx.save_for_backward(x, weight)  # what F.linear saves; codes and scales are recomputed
-    ctx.args = inputs[3:]
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _fp8_linear_backward(ctx, grad_y):
-    x, weight = ctx.saved_tensors
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx = dw = db = None
-    if need_dx or need_dw:
-        dx, dw = torch.ops.triton_qat.fp8_linear_backward(
-            grad_y, x, weight, *ctx.args, need_dx, need_dw
+    @backward_op.register_fake
+    def _(grad_y, x, weight, *args):
+        need_dx, need_dw = args[-2], args[-1]
+        return (
+            x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
         )
-    if need_db:
-        db = grad_y.sum(0).to(ctx.bias_dtype)
-    return (dx if need_dx else None, dw if need_dw else None, db) + (None,) * 6
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias = inputs[:3]
+        ctx.save_for_backward(x, weight)
+        ctx.args = inputs[3:]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_dx or need_dw:
+            dx, dw = backward_op(grad_y, x, weight, *ctx.args, need_dx, need_dw)
+        if need_db:
+            db = grad_y.sum(0).to(ctx.bias_dtype)
+        grads = (dx if need_dx else None, dw if need_dw else None, db)
+        return grads + (None,) * len(ctx.args)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-_fp8_linear_op.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup_context)
+register_straight_through(_fp8_linear_op, _fp8_linear_backward_op)
 
 
 def _spec_args(dtype: object, granularity: object, eps: object, role: str, rows: tuple[str, ...]):

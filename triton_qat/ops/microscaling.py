@@ -28,7 +28,7 @@ from triton_qat.numerics.microscaling import (
     nvfp4_tensor_scale_ref,
 )
 from triton_qat.numerics.qparams import check_float_tensor
-from triton_qat.ops.float_formats import _float8_triton
+from triton_qat.ops.float_formats import _float8_triton, register_straight_through
 from triton_qat.ops.functional import _check_linear_args
 
 
@@ -235,36 +235,7 @@ def _mx_linear_backward_op(
     return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
 
 
-@_mx_linear_backward_op.register_fake
-def _(grad_y, x, weight, *args):
-    need_dx, need_dw = args[-2], args[-1]
-    return (
-        x.new_empty(x.shape) if need_dx else x.new_empty(0),
-        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
-    )
-
-
-def _mx_linear_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs[:3]
-    ctx.save_for_backward(x, weight)  # what F.linear saves; codes and scales are recomputed
-    ctx.args = inputs[3:]
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _mx_linear_backward(ctx, grad_y):
-    x, weight = ctx.saved_tensors
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx = dw = db = None
-    if need_dx or need_dw:
-        dx, dw = torch.ops.triton_qat.mx_linear_backward(
-            grad_y, x, weight, *ctx.args, need_dx, need_dw
-        )
-    if need_db:
-        db = grad_y.sum(0).to(ctx.bias_dtype)
-    return (dx if need_dx else None, dw if need_dw else None, db) + (None,) * 8
-
-
-_mx_linear_op.register_autograd(_mx_linear_backward, setup_context=_mx_linear_setup_context)
+register_straight_through(_mx_linear_op, _mx_linear_backward_op)
 
 
 def _operand_args(fmt: object, block_size: object, pts: object, eps: object, role: str, k: int):
