@@ -15,7 +15,7 @@ from triton_qat.flow.convert_microscaling import (
     is_microscaling_layer,
 )
 from triton_qat.flow.layout import (
-    adopt_saved_layout,
+    SavedLayout,
     input_layout_tensor,
     read_input_layout,
     read_weight_layout,
@@ -82,31 +82,7 @@ def _dequantize(q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
     return (q - zp.to(torch.float32)) * scale
 
 
-class _SavedLayout(torch.nn.Module):
-    """A converted layer whose state_dict holds its layout (flow/layout.py): loading adopts
-    the saved range, granularity (and input quantizer), and with them the shapes and dtypes
-    of the codes and qparams, checked against the layer's shape first (a state_dict of
-    another architecture is an error naming the layer). Subclasses define _read_layout."""
-
-    def _read_layout(self) -> None:
-        raise NotImplementedError
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        try:
-            adopt_saved_layout(self, state_dict, prefix)
-        except ValueError as err:
-            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
-            return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if prefix + "weight_layout" in state_dict:
-            self._read_layout()
-
-
-class QuantizedLinear(_SavedLayout):
+class QuantizedLinear(SavedLayout):
     """Inference Linear with integer weights and the qparams trained by QAT.
 
     Weights are stored as int8 codes (4-bit ranges packed two to a byte) with their scale
@@ -374,7 +350,7 @@ def _frozen_weight(mod: torch.nn.Module) -> tuple[Tensor, QParams]:
     return codes, frozen
 
 
-class QuantizedEmbedding(_SavedLayout):
+class QuantizedEmbedding(SavedLayout):
     """Inference embedding table with integer codes and the qparams trained by QAT.
 
     Codes are stored as QuantizedLinear stores them (4-bit ranges packed two per byte along

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from triton_qat.flow.layout import SavedLayout
 from triton_qat.nn.linear import Linear as QATLinear
 from triton_qat.numerics.float_formats import (
     FORMATS,
@@ -131,7 +132,7 @@ def is_float8_layer(mod: torch.nn.Module) -> bool:
     )
 
 
-class QuantizedFloat8Linear(torch.nn.Module):
+class QuantizedFloat8Linear(SavedLayout):
     """Inference Linear with FP8 weights: float8 codes and the fp32 scales the QAT layer's
     fake quant used (one per output row, or one per tensor).
 
@@ -142,6 +143,8 @@ class QuantizedFloat8Linear(torch.nn.Module):
     times scale in fp32, cast to the weight's dtype). Either way its output equals the QAT
     layer's eval output on the same path bit for bit.
     """
+
+    _LAYOUT_KEY = "float8_layout"
 
     def __init__(
         self,
@@ -187,26 +190,12 @@ class QuantizedFloat8Linear(torch.nn.Module):
         self.weight_format, self.per_row = layout[0], layout[1]
         self.input_granularity, self.input_format, self.input_eps = layout[2:]
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        key = prefix + "float8_layout"
-        if key in state_dict:
-            try:
-                self._adopt_saved_layout(state_dict, prefix)
-            except ValueError as err:
-                error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
-                return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if key in state_dict:
-            self._read_layout()
-
     def _adopt_saved_layout(self, state_dict: dict, prefix: str) -> None:
         """Take the saved format and granularity (and with them the dtype of the codes and the
         number of scales), checked against the layer's shape."""
-        weight_format, per_row, *_ = read_float8_layout(state_dict[prefix + "float8_layout"])
+        if prefix + self._LAYOUT_KEY not in state_dict:
+            return
+        weight_format, per_row, *_ = read_float8_layout(state_dict[prefix + self._LAYOUT_KEY])
         n, k = self.out_features, self.in_features
         codes = state_dict.get(prefix + "qweight")
         if codes is not None and (codes.dtype != weight_format.dtype or codes.shape != (n, k)):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from triton_qat.flow.convert_float8 import apply_keeping_stored
+from triton_qat.flow.layout import SavedLayout
 from triton_qat.nn.linear import Linear as QATLinear
 from triton_qat.numerics.float_formats import FLOAT8_EPS
 from triton_qat.numerics.microscaling import (
@@ -160,7 +161,7 @@ def _stored_shapes(fmt: str, n: int, k: int, block_size: int) -> dict[str, tuple
 _STORED = ("qweight", "weight_scale", "weight_tensor_scale")
 
 
-class QuantizedMicroscalingLinear(torch.nn.Module):
+class QuantizedMicroscalingLinear(SavedLayout):
     """Inference Linear with MXFP8 / MXFP4 / NVFP4 weights: the codes and block scales (and
     NVFP4's fp32 tensor scale) that the QAT layer's weight fake quant made of its weight.
 
@@ -169,6 +170,8 @@ class QuantizedMicroscalingLinear(torch.nn.Module):
     (codes times scales in fp32, as the fake quant multiplies them, cast to the weight's dtype)
     and runs F.linear: its output equals the QAT layer's eval output bit for bit (eager).
     """
+
+    _LAYOUT_KEY = "microscaling_layout"
 
     def __init__(
         self,
@@ -219,26 +222,12 @@ class QuantizedMicroscalingLinear(torch.nn.Module):
         layout = read_layout(self.microscaling_layout)
         self.weight_format, self.block_size, self.tensor_scale, self.input_quant = layout
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        key = prefix + "microscaling_layout"
-        if key in state_dict:
-            try:
-                self._adopt_saved_layout(state_dict, prefix)
-            except ValueError as err:
-                error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
-                return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if key in state_dict:
-            self._read_layout()
-
     def _adopt_saved_layout(self, state_dict: dict, prefix: str) -> None:
         """Take the saved format and block size (and with them the dtypes and shapes of the
         codes and scales), checked against the layer's shape."""
-        fmt, block_size, _, _ = read_layout(state_dict[prefix + "microscaling_layout"])
+        if prefix + self._LAYOUT_KEY not in state_dict:
+            return
+        fmt, block_size, _, _ = read_layout(state_dict[prefix + self._LAYOUT_KEY])
         n, k = self.out_features, self.in_features
         shapes = _stored_shapes(fmt, n, k, block_size)
         for name, (shape, dtype) in shapes.items():

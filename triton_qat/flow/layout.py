@@ -137,3 +137,34 @@ def adopt_saved_layout(layer: torch.nn.Module, state_dict: dict, prefix: str) ->
         saved = state_dict.get(prefix + name)
         if saved is not None:
             layer.register_buffer(name, torch.empty(saved.shape, dtype=saved.dtype, device=device))
+
+
+class SavedLayout(torch.nn.Module):
+    """A converted layer whose state_dict holds its layout (a tensor under _LAYOUT_KEY):
+    loading adopts the saved range, granularity or format (and input quantizer), and with
+    them the shapes and dtypes of the codes and qparams, checked against the layer's shape
+    first (a state_dict of another architecture is an error naming the layer). Subclasses
+    define _read_layout (the Python attributes the forward reads, from the layout buffer);
+    _adopt_saved_layout is adopt_saved_layout unless they keep another layout (FP8, MX)."""
+
+    _LAYOUT_KEY = "weight_layout"
+
+    def _read_layout(self) -> None:
+        raise NotImplementedError
+
+    def _adopt_saved_layout(self, state_dict: dict, prefix: str) -> None:
+        adopt_saved_layout(self, state_dict, prefix)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        try:
+            self._adopt_saved_layout(state_dict, prefix)
+        except ValueError as err:
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + self._LAYOUT_KEY in state_dict:
+            self._read_layout()
