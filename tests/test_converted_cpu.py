@@ -9,6 +9,7 @@ import triton_qat as tq
 from triton_qat import quantizers
 from triton_qat.flow.convert import QuantizedLinear
 from triton_qat.numerics.qparams import PerTokenQParams
+from triton_qat.ops import quantized_linear
 from triton_qat.ops.quantized_linear import (
     _finite_row_qparams,
     fake_quantize_per_token_inference,
@@ -194,6 +195,44 @@ def test_shared_per_token_input_is_reused_only_while_unchanged():
         a, b = fake_quantize_per_token_shared(y, spec), fake_quantize_per_token_shared(y, spec)
     assert a is not b  # no version counter: never reused
     torch.testing.assert_close(a, _expected(y, spec), rtol=0, atol=0)
+
+
+def test_scratch_buffer_never_hands_back_another_inputs_result(monkeypatch):
+    # With grad disabled the shared result lives in a per-thread scratch buffer that the next
+    # call reuses: a call that is not memoized (an inference tensor) must drop the memo too.
+    spec = _spec(True)
+    x, other = torch.randn(64, 32), torch.randn(64, 32) * 7
+    with torch.no_grad():
+        first = fake_quantize_per_token_shared(x, spec)
+        torch.testing.assert_close(first, _expected(x, spec), rtol=0, atol=0)
+        with torch.inference_mode():
+            fake_quantize_per_token_shared(other.clone(), spec)
+        again = fake_quantize_per_token_shared(x, spec)
+        torch.testing.assert_close(again, _expected(x, spec), rtol=0, atol=0)
+        # Above the size cap: a fresh tensor each call, same values.
+        monkeypatch.setattr(quantized_linear, "SCRATCH_MAX_ELEMENTS", 64 * 32 - 1)
+        big = fake_quantize_per_token_shared(x.clone(), spec)
+        assert big.data_ptr() != again.data_ptr()
+        torch.testing.assert_close(big, _expected(x, spec), rtol=0, atol=0)
+
+
+def test_converted_forward_with_and_without_scratch_and_public_input_kept():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 24), torch.nn.GELU(), torch.nn.Linear(24, 7))
+    x1, x2 = torch.randn(5, 48), torch.randn(5, 48)
+    with tq.use_backend("eager"):
+        qat = tq.prepare_qat(model, "w8a8_dynamic")
+        with torch.no_grad():
+            qat(x1)
+        conv = tq.convert(qat).eval()
+        fresh = conv(x1)  # grad enabled: no scratch
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x1), fresh, rtol=0, atol=0)
+            # The public method hands back its own tensor: later forwards leave it alone.
+            kept = conv[0].fake_quantized_input(x1)
+            before = kept.clone()
+            conv(x2)
+        torch.testing.assert_close(kept, before, rtol=0, atol=0)
 
 
 def test_layers_reading_one_input_agree_with_separate_calls():

@@ -4,7 +4,9 @@ per-token input fake-quantized in place. Both equal the reference formulas bit f
 (numerics/reference.py); the tests compare them on adversarial inputs.
 
 On this path every elementwise op is a pass over memory, and on a small layer each costs
-about as much in dispatch as in arithmetic, so the count of ops is what is optimized.
+about as much in dispatch as in arithmetic, so the count of ops is what is optimized; the
+one input-sized result is written into a reused per-thread buffer where nothing can keep it
+(a fresh multi-MiB CPU tensor costs its page faults on every call).
 """
 
 from __future__ import annotations
@@ -101,10 +103,14 @@ def _finite_row_qparams(
     return scale, zpf, inv, fast, clamp
 
 
-def fake_quantize_per_token_inference(rows: Tensor, spec: PerTokenQParams) -> Tensor:
+def fake_quantize_per_token_inference(
+    rows: Tensor, spec: PerTokenQParams, scratch: bool = False
+) -> Tensor:
     """Each row of rows (M, K) fake-quantized with its own qparams (per_token_qparams_ref),
     as fake_quantize_per_token_spec computes it, in rows' dtype (fp32 arithmetic, cast once).
-    Not differentiable (a converted model's eval).
+    Not differentiable (a converted model's eval). scratch: an fp32 result may live in this
+    thread's scratch buffer (_scratch_rows), valid until the next such call: for a caller
+    that consumes it at once.
 
     Where every row is finite and its scaled extremes lo / scale and hi / scale round to
     finite codes, the reference's `+ zp, clamp, nan_to_num, - zp` is the identity on the
@@ -125,7 +131,7 @@ def fake_quantize_per_token_inference(rows: Tensor, spec: PerTokenQParams) -> Te
         return y.to(rows.dtype)
     # fp32 products: a half-precision row promotes against the fp32 inv, exactly.
     x = rows if rows.dtype in _PROMOTED else rows.to(torch.float32)
-    q = torch.mul(x, inv.view(-1, 1)).round_()
+    q = torch.mul(x, inv.view(-1, 1), out=_scratch_rows(m, k, x.device) if scratch else None).round_()
     if spec.symmetric:
         zp0 = spec.symmetric_zero_point
         q.clamp_(spec.quant_min - zp0, spec.quant_max - zp0)
@@ -133,6 +139,40 @@ def fake_quantize_per_token_inference(rows: Tensor, spec: PerTokenQParams) -> Te
         zpf = zpf.view(-1, 1)
         q.clamp_(spec.quant_min - zpf, spec.quant_max - zpf)
     return q.mul_(scale.view(-1, 1)).to(rows.dtype)
+
+
+# Largest fp32 scratch kept per thread for fake_quantize_per_token_inference (32 MiB): above
+# it a fresh buffer's page faults are small beside the GEMM that reads it.
+SCRATCH_MAX_ELEMENTS = 1 << 23
+
+
+class _Scratch(threading.local):
+    buffer: Tensor | None = None
+
+
+_SCRATCH = _Scratch()
+
+
+def _scratch_rows(m: int, k: int, device: torch.device) -> Tensor | None:
+    """An fp32 (m, k) buffer reused by every call in this thread, or None (a fresh tensor).
+
+    A fresh multi-MiB tensor per call comes back from the allocator as new pages on a CPU
+    (glibc maps and unmaps blocks that large), and faulting them in cost as much as the
+    fake quant's own passes on the example's model. The buffer is reused only where no
+    result can outlive the next call: grad disabled (autograd saves nothing), not under
+    torch.compile, on the CPU, and up to SCRATCH_MAX_ELEMENTS."""
+    n = m * k
+    if (
+        torch.is_grad_enabled()
+        or device.type != "cpu"
+        or n > SCRATCH_MAX_ELEMENTS
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    buf = _SCRATCH.buffer
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.buffer = torch.empty(n, dtype=torch.float32)
+    return buf[:n].view(m, k)
 
 
 class _LastInput(threading.local):
@@ -152,7 +192,8 @@ _LAST_INPUT = _LastInput()
 def fake_quantize_per_token_shared(x: Tensor, spec: PerTokenQParams) -> Tensor:
     """fake_quantize_per_token_inference of x seen as rows (-1, x.shape[-1]), shaped as x,
     reused when the previous call in this thread had the same tensor, unmodified since (its
-    version counter), and the same spec. The result is shared: read it, never modify it.
+    version counter), and the same spec. The result is shared and, with grad disabled on the
+    CPU, lives in this thread's scratch buffer: read it before the next call, never modify it.
     Inference-mode tensors (no version counter) and torch.compile traces are not memoized."""
     memo = not x.is_inference() and not torch.compiler.is_compiling()
     last = _LAST_INPUT
@@ -164,7 +205,11 @@ def fake_quantize_per_token_shared(x: Tensor, spec: PerTokenQParams) -> Tensor:
         and last.spec == spec
     ):
         return last.result
-    y = fake_quantize_per_token_inference(x.reshape(-1, x.shape[-1]), spec).reshape(x.shape)
+    rows = x.reshape(-1, x.shape[-1])
+    y = fake_quantize_per_token_inference(rows, spec, scratch=True).reshape(x.shape)
+    # Set or cleared: a memoized result may share the scratch buffer that y just reused.
     if memo:
         last.source, last.version, last.spec, last.result = weakref.ref(x), x._version, spec, y
+    else:
+        last.source = last.result = None
     return y
