@@ -131,7 +131,8 @@ def fake_quantize_per_token_inference(
         return y.to(rows.dtype)
     # fp32 products: a half-precision row promotes against the fp32 inv, exactly.
     x = rows if rows.dtype in _PROMOTED else rows.to(torch.float32)
-    q = torch.mul(x, inv.view(-1, 1), out=_scratch_rows(m, k, x.device) if scratch else None).round_()
+    out = _scratch_rows(m, k, x.device) if scratch else None
+    q = torch.mul(x, inv.view(-1, 1), out=out).round_()
     if spec.symmetric:
         zp0 = spec.symmetric_zero_point
         q.clamp_(spec.quant_min - zp0, spec.quant_max - zp0)
