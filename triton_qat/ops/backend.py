@@ -107,3 +107,26 @@ def use_triton(device: torch.device) -> bool:
     if _backend == "triton":
         raise RuntimeError(f"triton_qat backend 'triton' cannot run on {device}: {reason}")
     return False
+
+
+# Fake (meta) implementations shared by the fused linear custom ops (torch.compile traces
+# them): each op is op(x, weight or its codes, ...) on a 2-D x, and its backward op
+# backward_op(grad_y, x, weight, ..., need_dx, need_dw) returns (dx, dw), an unneeded one as
+# an empty tensor.
+
+
+def fake_linear_output(x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
+    """The (M, N) output of a fused linear op on x (M, K) and a weight (or codes) (N, ...)."""
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def fake_linear_grads(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *args
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw) of a fused linear backward op whose last two arguments are need_dx, need_dw."""
+    need_dx, need_dw = args[-2], args[-1]
+    return (
+        # The real ops return contiguous gradients whatever the operands' strides.
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
+    )

@@ -23,7 +23,7 @@ from triton_qat.numerics.float_formats import (
     float8_format,
 )
 from triton_qat.numerics.qparams import check_float_tensor
-from triton_qat.ops.backend import use_triton
+from triton_qat.ops.backend import fake_linear_grads, fake_linear_output, use_triton
 from triton_qat.ops.functional import _check_linear_args
 
 
@@ -154,9 +154,7 @@ def _fp8_linear_op(
     return F.linear(xq, wq, None if bias is None else bias.to(x.dtype))
 
 
-@_fp8_linear_op.register_fake
-def _(x, weight, bias, *args):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+_fp8_linear_op.register_fake(fake_linear_output)
 
 
 @torch.library.custom_op("triton_qat::fp8_linear_backward", mutates_args=())
@@ -183,10 +181,20 @@ def _fp8_linear_backward_op(
 
         dx, dw = fp8_linear_backward(grad_y, x, weight, *_specs(*args), need_dx, need_dw)
     else:
-        xq, wq = _eager_operands(x, weight, *args)
-        dx = grad_y @ wq if need_dx else None
-        dw = (grad_y.t() @ xq).to(weight.dtype) if need_dw else None
+        dx, dw = eager_straight_through(
+            grad_y, weight, *_eager_operands(x, weight, *args), need_dx, need_dw
+        )
     return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
+
+
+def eager_straight_through(
+    grad_y: Tensor, weight: Tensor, xq: Tensor, wq: Tensor, need_dx: bool, need_dw: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The eager straight-through gradients of y = xq @ wq^T from the fake-quantized operands:
+    dx = dy @ wq, dw = (dy^T @ xq) in the weight's dtype; None where not needed."""
+    dx = grad_y @ wq if need_dx else None
+    dw = (grad_y.t() @ xq).to(weight.dtype) if need_dw else None
+    return dx, dw
 
 
 def register_straight_through(op, backward_op) -> None:
@@ -196,13 +204,7 @@ def register_straight_through(op, backward_op) -> None:
     scales are recomputed), db = grad_y.sum(0) in the bias's dtype. Shared by fp8_linear and
     ops/microscaling.py's mx_linear."""
 
-    @backward_op.register_fake
-    def _(grad_y, x, weight, *args):
-        need_dx, need_dw = args[-2], args[-1]
-        return (
-            x.new_empty(x.shape) if need_dx else x.new_empty(0),
-            weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
-        )
+    backward_op.register_fake(fake_linear_grads)
 
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias = inputs[:3]
@@ -313,9 +315,7 @@ def _fp8_linear_codes_op(
     return F.linear(xq, w, None if bias is None else bias.to(x.dtype))
 
 
-@_fp8_linear_codes_op.register_fake
-def _(x, codes, scale, bias, *args):
-    return x.new_empty((x.shape[0], codes.shape[0]))
+_fp8_linear_codes_op.register_fake(fake_linear_output)
 
 
 def quantized_fp8_linear(

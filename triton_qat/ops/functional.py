@@ -17,7 +17,7 @@ from triton_qat.numerics.qparams import (
     check_learnable_qparams,
     normalize,
 )
-from triton_qat.ops.backend import use_triton
+from triton_qat.ops.backend import fake_linear_grads, fake_linear_output, use_triton
 
 # torch's CPU per-channel op converts q to int64 before clamping; below this bound on x / scale
 # nothing wraps, and its results equal the reference's (tests/test_reference.py).
@@ -220,9 +220,7 @@ def _fq_linear_op(
     return reference.fq_linear_ref(x, weight, bias, lq, fake_quantize_with_mask_eager)
 
 
-@_fq_linear_op.register_fake
-def _(x, weight, bias, *args):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+_fq_linear_op.register_fake(fake_linear_output)
 
 
 @torch.library.custom_op("triton_qat::fq_linear_backward", mutates_args=())
@@ -261,14 +259,7 @@ def _fq_linear_backward_op(
     return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
 
 
-@_fq_linear_backward_op.register_fake
-def _(grad_y, x, weight, *args):
-    need_dx, need_dw = args[-2], args[-1]
-    return (
-        # The real op returns contiguous gradients whatever the operands' strides.
-        x.new_empty(x.shape) if need_dx else x.new_empty(0),
-        weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
-    )
+_fq_linear_backward_op.register_fake(fake_linear_grads)
 
 
 def _clone(t: Tensor | None) -> Tensor | None:

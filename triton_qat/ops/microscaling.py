@@ -28,7 +28,12 @@ from triton_qat.numerics.microscaling import (
     nvfp4_tensor_scale_ref,
 )
 from triton_qat.numerics.qparams import check_float_tensor
-from triton_qat.ops.float_formats import _float8_triton, register_straight_through
+from triton_qat.ops.backend import fake_linear_output
+from triton_qat.ops.float_formats import (
+    _float8_triton,
+    eager_straight_through,
+    register_straight_through,
+)
 from triton_qat.ops.functional import _check_linear_args
 
 
@@ -198,9 +203,7 @@ def _mx_linear_op(
     return F.linear(xq, wq, None if bias is None else bias.to(x.dtype))
 
 
-@_mx_linear_op.register_fake
-def _(x, weight, bias, *args):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+_mx_linear_op.register_fake(fake_linear_output)
 
 
 @torch.library.custom_op("triton_qat::mx_linear_backward", mutates_args=())
@@ -229,9 +232,9 @@ def _mx_linear_backward_op(
 
         dx, dw = mx_linear_backward(grad_y, x, weight, *_specs(*args), need_dx, need_dw)
     else:
-        xq, wq = _eager_operands(x, weight, *args)
-        dx = grad_y @ wq if need_dx else None
-        dw = (grad_y.t() @ xq).to(weight.dtype) if need_dw else None
+        dx, dw = eager_straight_through(
+            grad_y, weight, *_eager_operands(x, weight, *args), need_dx, need_dw
+        )
     return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
 
 
@@ -338,9 +341,7 @@ def _mx_linear_codes_op(
     return F.linear(xq, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-@_mx_linear_codes_op.register_fake
-def _(x, codes, scale, bias, *args):
-    return x.new_empty((x.shape[0], codes.shape[0]))
+_mx_linear_codes_op.register_fake(fake_linear_output)
 
 
 def quantized_mx_linear(
