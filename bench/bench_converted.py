@@ -11,7 +11,9 @@ depend on training). The two models run in alternating blocks of 5 forwards (--r
 forwards each), so that a load change on a shared machine hits both; prints the median ms
 per batch of each, the median of the per-block ratios, and the converted model's largest
 difference from the fake-quantized (QAT, eval) model it came from. The eager path:
-TRITON_INTERPRET is not set.
+TRITON_INTERPRET is not set. On a shared machine single runs swing by +-0.2 with glibc's
+page faults; MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 holds the
+allocator steady and leaves the arithmetic (bench/README.md).
 """
 
 from __future__ import annotations
