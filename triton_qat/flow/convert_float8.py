@@ -193,8 +193,6 @@ class QuantizedFloat8Linear(SavedLayout):
     def _adopt_saved_layout(self, state_dict: dict, prefix: str) -> None:
         """Take the saved format and granularity (and with them the dtype of the codes and the
         number of scales), checked against the layer's shape."""
-        if prefix + self._LAYOUT_KEY not in state_dict:
-            return
         weight_format, per_row, *_ = read_float8_layout(state_dict[prefix + self._LAYOUT_KEY])
         n, k = self.out_features, self.in_features
         codes = state_dict.get(prefix + "qweight")

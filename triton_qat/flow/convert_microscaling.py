@@ -225,8 +225,6 @@ class QuantizedMicroscalingLinear(SavedLayout):
     def _adopt_saved_layout(self, state_dict: dict, prefix: str) -> None:
         """Take the saved format and block size (and with them the dtypes and shapes of the
         codes and scales), checked against the layer's shape."""
-        if prefix + self._LAYOUT_KEY not in state_dict:
-            return
         fmt, block_size, _, _ = read_layout(state_dict[prefix + self._LAYOUT_KEY])
         n, k = self.out_features, self.in_features
         shapes = _stored_shapes(fmt, n, k, block_size)

@@ -145,7 +145,8 @@ class SavedLayout(torch.nn.Module):
     them the shapes and dtypes of the codes and qparams, checked against the layer's shape
     first (a state_dict of another architecture is an error naming the layer). Subclasses
     define _read_layout (the Python attributes the forward reads, from the layout buffer);
-    _adopt_saved_layout is adopt_saved_layout unless they keep another layout (FP8, MX)."""
+    _adopt_saved_layout (called only where the layout was saved) is adopt_saved_layout unless
+    they keep another layout (FP8, MX)."""
 
     _LAYOUT_KEY = "weight_layout"
 
@@ -158,13 +159,15 @@ class SavedLayout(torch.nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        try:
-            self._adopt_saved_layout(state_dict, prefix)
-        except ValueError as err:
-            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
-            return
+        saved = prefix + self._LAYOUT_KEY in state_dict
+        if saved:
+            try:
+                self._adopt_saved_layout(state_dict, prefix)
+            except ValueError as err:
+                error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {err}")
+                return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if prefix + self._LAYOUT_KEY in state_dict:
+        if saved:
             self._read_layout()
