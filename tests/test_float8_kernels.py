@@ -56,8 +56,14 @@ def spread_rows(shape, dtype, device, seed=0):
 @pytest.mark.parametrize("fmt", FMTS, ids=IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("per_row", [True, False], ids=["per_row", "per_tensor"])
-@pytest.mark.parametrize("k", [37, 300])  # one K chunk, several (chunks of 128 interpreted)
-def test_fake_quant_kernel_is_the_reference(k8, device, fmt, dtype, per_row, k):
+@pytest.mark.parametrize("k", [37, 300])
+@pytest.mark.parametrize("tile", [None, 64], ids=["tile_default", "tile_64"])
+def test_fake_quant_kernel_is_the_reference(k8, device, monkeypatch, fmt, dtype, per_row, k, tile):
+    """tile 64: programs of 4 rows by K chunks of 16, so 7 rows span two programs (the
+    second masked) and each row many chunks (the last masked); the default takes them whole."""
+    if tile is not None:
+        monkeypatch.setattr(k8, "_TILE", tile)
+        assert k8._tile(7, k) == (4, 16)
     x = spread_rows((7, k), dtype, device)
     gran = "per_row" if per_row else "per_tensor"
     expected = fake_quantize_float8_dynamic_ref(x.cpu(), fmt, gran)

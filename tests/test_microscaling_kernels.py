@@ -109,9 +109,20 @@ FMTS = ["mxfp8", "mxfp4", "nvfp4"]
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size", [16, 32, 48])
-def test_fake_quant_and_codes_are_the_reference(kmx, device, fmt, dtype, block_size):
+@pytest.mark.parametrize("tile", [None, 64], ids=["tile_default", "tile_64"])
+def test_fake_quant_and_codes_are_the_reference(
+    kmx, device, monkeypatch, fmt, dtype, block_size, tile
+):
+    """tile 64: programs of 4 rows by one block, so the rows (three more: not a multiple of
+    4) span several programs, the last masked, and each row one program per block; the
+    default takes these few rows in one program."""
     width = 96
     x = adversarial(fmt, dtype, width)
+    if tile is not None:
+        x = torch.cat([x, x[:3]])
+        monkeypatch.setattr(kmx, "_TILE", tile)
+        bs_p2 = 1 << (block_size - 1).bit_length()
+        assert kmx._tile(x.shape[0], width // block_size, bs_p2) == (4, 1)
     spec = kmx.MicroscalingSpec(fmt, block_size)
     expected = reference(x, fmt, block_size)
     y = kmx.fake_quantize_microscaling(x.to(device), spec).cpu()

@@ -146,9 +146,20 @@ def float8_rows_kernel(
             tl.store(y_ptr + rm[:, None] * stride_ym + k[None, :] * stride_yk, y, mask=ok)
 
 
-# Rows per program and the K chunk: small tiles under the interpreter.
-_BLOCK_M = 4
-_MAX_BLOCK_K = 128 if INTERPRETED_KERNELS else 1024
+# The K chunk, and elements per program (rows by chunk), at least _MIN_BLOCK_M rows: short
+# rows take more rows per program. The interpreter runs each program's operations once over
+# numpy arrays, so its cost is the number of programs and chunks: larger tiles there (a test
+# shrinks them to cover several programs and chunks).
+_MIN_BLOCK_M = 4
+_MAX_BLOCK_K = 1024
+_TILE = 8192 if INTERPRETED_KERNELS else 4096
+
+
+def _tile(m: int, k: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) of float8_rows_kernel for x (m, k)."""
+    block_k = min(_MAX_BLOCK_K, _TILE // _MIN_BLOCK_M, triton.next_power_of_2(max(k, 16)))
+    block_m = max(_MIN_BLOCK_M, min(triton.next_power_of_2(m), _TILE // block_k))
+    return block_m, block_k
 
 
 def _launch(x2d: Tensor, fmt: Float8Format, scale: Tensor, codes, y, eps: float, **flags) -> None:
@@ -158,7 +169,8 @@ def _launch(x2d: Tensor, fmt: Float8Format, scale: Tensor, codes, y, eps: float,
     dummy = scale  # never written when its flag is off
     codes_t = dummy if codes is None else codes
     y_t = dummy if y is None else y
-    float8_rows_kernel[(triton.cdiv(m, _BLOCK_M),)](
+    block_m, block_k = _tile(m, k)
+    float8_rows_kernel[(triton.cdiv(m, block_m),)](
         x2d,
         scale,
         codes_t,
@@ -177,8 +189,8 @@ def _launch(x2d: Tensor, fmt: Float8Format, scale: Tensor, codes, y, eps: float,
         EMIN=fmt.emin,
         WRITE_CODES=codes is not None,
         WRITE_Y=y is not None,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_K=min(_MAX_BLOCK_K, triton.next_power_of_2(max(k, 16))),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
         enable_fp_fusion=False,
         **flags,
     )

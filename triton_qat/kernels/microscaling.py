@@ -157,9 +157,21 @@ class MicroscalingSpec(NamedTuple):
         return NVFP4 if self.fmt == "nvfp4" else MX_FORMATS[self.fmt]
 
 
-# Rows per program, and elements per program: small tiles under the interpreter.
-_BLOCK_M = 4
-_TILE = 1024 if INTERPRETED_KERNELS else 4096
+# Elements per program (rows by blocks), at least _MIN_BLOCK_M rows: where a row holds few
+# blocks a program takes more rows. The interpreter runs each program's operations once over
+# numpy arrays, so its cost is the number of programs: larger tiles there (a test shrinks
+# them to cover several programs per row and per column).
+_MIN_BLOCK_M = 4
+_TILE = 8192 if INTERPRETED_KERNELS else 4096
+
+
+def _tile(m: int, groups: int, bs_p2: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_G): blocks per program up to _TILE elements over _MIN_BLOCK_M rows,
+    then as many rows (powers of two, at most M's) as the tile holds."""
+    block_g = max(1, min(triton.next_power_of_2(groups), _TILE // (_MIN_BLOCK_M * bs_p2)))
+    rows = max(1, _TILE // (block_g * bs_p2))
+    block_m = max(_MIN_BLOCK_M, min(triton.next_power_of_2(m), rows))
+    return block_m, block_g
 
 
 def _launch(x2d: Tensor, spec: MicroscalingSpec, scale, tensor_scale, codes, y, amax_only):
@@ -167,7 +179,7 @@ def _launch(x2d: Tensor, spec: MicroscalingSpec, scale, tensor_scale, codes, y, 
     bs = spec.block_size
     groups = k // bs
     bs_p2 = triton.next_power_of_2(bs)
-    block_g = max(1, min(triton.next_power_of_2(groups), _TILE // (_BLOCK_M * bs_p2)))
+    block_m, block_g = _tile(m, groups, bs_p2)
     fmt = spec.format
     if fmt.element == "e4m3":
         fmax, mbits, emin = E4M3.fmax, E4M3.mbits, E4M3.emin
@@ -176,7 +188,7 @@ def _launch(x2d: Tensor, spec: MicroscalingSpec, scale, tensor_scale, codes, y, 
     dummy = scale  # never written when its flag is off
     codes_t = dummy if codes is None else codes
     y_t = dummy if y is None else y
-    microscaling_kernel[(triton.cdiv(m, _BLOCK_M), triton.cdiv(groups, block_g))](
+    microscaling_kernel[(triton.cdiv(m, block_m), triton.cdiv(groups, block_g))](
         x2d,
         codes_t,
         scale,
@@ -200,7 +212,7 @@ def _launch(x2d: Tensor, spec: MicroscalingSpec, scale, tensor_scale, codes, y, 
         AMAX_ONLY=amax_only,
         WRITE_CODES=codes is not None,
         WRITE_Y=y is not None,
-        BLOCK_M=_BLOCK_M,
+        BLOCK_M=block_m,
         BLOCK_G=block_g,
         enable_fp_fusion=False,
     )
