@@ -14,12 +14,14 @@ example:
 example-hf:
 	$(SETUP) examples/hf_llama_qat.py
 
-# What CI runs: lint, then the whole suite (kernels interpreted on the CPU).
+# What CI runs: lint, then the whole suite (kernels interpreted on the CPU), one pytest-xdist
+# worker per core (TEST_WORKERS=N picks another count; 0 runs in this process).
+TEST_WORKERS ?= auto
 test:
 	$(eval PY := $(SETUP))
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The oldest supported pair (torch 2.13 CPU + triton 3.6, in .venv-oldest): the check grid
 # and the kernel tests; `bash .ci/oldest.sh tests` runs the whole suite there.

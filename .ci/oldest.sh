@@ -17,8 +17,9 @@ python -c "import numpy, torch, triton; print('torch', torch.__version__, '| tri
 triton.__version__, '| numpy', numpy.__version__)"
 
 # Default: the check grid (every kernel against the reference, bit for bit) and the tests of
-# the kernels' building blocks, about half the CPU time of the whole suite
-# (`.ci/oldest.sh tests`), which would push CI past its budget beside the main job.
+# the kernels' building blocks: part of the whole suite (`.ci/oldest.sh tests`), which beside
+# the main job would take CI past its budget.
+# One pytest-xdist worker per core, as `make test` (TEST_WORKERS=N picks another count).
 if [ $# -eq 0 ]; then
     # The rows that did not pass, and the summary (numpy's inf / NaN warnings left out).
     TRITON_INTERPRET=1 PYTHONWARNINGS=ignore::RuntimeWarning \
@@ -29,4 +30,4 @@ if [ $# -eq 0 ]; then
         tests/test_fq_linear.py::test_fp32_matches_eager_composition tests/test_float8_kernels.py \
         tests/test_microscaling_kernels.py
 fi
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-auto}" "$@"

@@ -49,3 +49,22 @@ def fresh_view(t: Tensor | None, requires_grad: bool) -> Tensor | None:
     if requires_grad:
         view.retain_grad()
     return view
+
+
+def assert_within(actual: Tensor, expected: Tensor, bound: Tensor, what: str = "") -> None:
+    """|actual - expected| <= bound elementwise (bound a justified error bound, e.g. an fp32
+    accumulation's, computed in float64); says where and by how much it is exceeded."""
+    assert actual.shape == expected.shape, f"{what} shape {actual.shape} != {expected.shape}"
+    diff = (actual.detach().cpu().double() - expected.detach().cpu().double()).abs()
+    over = ~(diff <= bound.cpu().double())
+    n = int(over.sum())
+    if n:
+        idx = over.nonzero()[:8].tolist()
+        rows = [
+            f"  at {tuple(i)}: |diff| {diff[tuple(i)].item():.3e} > bound "
+            f"{bound[tuple(i)].item():.3e}"
+            for i in idx
+        ]
+        raise AssertionError(
+            f"{what}: {n} of {diff.numel()} elements out of bound\n" + "\n".join(rows)
+        )

@@ -17,6 +17,13 @@ else:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (`make test` runs `-n auto`) the workers share the cores: each takes its
+# share of torch's threads rather than every worker one thread per core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (_cores or 1) // _WORKERS))
+
 try:  # hypothesis is a test extra; the property tests skip without it
     from hypothesis import HealthCheck, settings
 except ImportError:

@@ -120,6 +120,14 @@ def fake_linear_output(x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Te
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+def op_grads(
+    x: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor | None, dw: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused linear backward op's return value: (dx, dw), an unneeded gradient (None) as an
+    empty tensor (a custom op returns tensors, never None)."""
+    return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
+
+
 def fake_linear_grads(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *args
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from triton_qat.numerics.float_formats import (
     float8_format,
 )
 from triton_qat.numerics.qparams import check_float_tensor
-from triton_qat.ops.backend import fake_linear_grads, fake_linear_output, use_triton
+from triton_qat.ops.backend import fake_linear_grads, fake_linear_output, op_grads, use_triton
 from triton_qat.ops.functional import _check_linear_args
 
 
@@ -184,7 +184,7 @@ def _fp8_linear_backward_op(
         dx, dw = eager_straight_through(
             grad_y, weight, *_eager_operands(x, weight, *args), need_dx, need_dw
         )
-    return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
+    return op_grads(x, weight, dx, dw)
 
 
 def eager_straight_through(

@@ -17,7 +17,7 @@ from triton_qat.numerics.qparams import (
     check_learnable_qparams,
     normalize,
 )
-from triton_qat.ops.backend import fake_linear_grads, fake_linear_output, use_triton
+from triton_qat.ops.backend import fake_linear_grads, fake_linear_output, op_grads, use_triton
 
 # torch's CPU per-channel op converts q to int64 before clamping; below this bound on x / scale
 # nothing wraps, and its results equal the reference's (tests/test_reference.py).
@@ -256,7 +256,7 @@ def _fq_linear_backward_op(
         dx, dw = reference.fq_linear_backward_ref(
             grad_y, x, weight, lq, need_dx, need_dw, fake_quantize_with_mask_eager
         )
-    return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
+    return op_grads(x, weight, dx, dw)
 
 
 _fq_linear_backward_op.register_fake(fake_linear_grads)

@@ -28,7 +28,7 @@ from triton_qat.numerics.microscaling import (
     nvfp4_tensor_scale_ref,
 )
 from triton_qat.numerics.qparams import check_float_tensor
-from triton_qat.ops.backend import fake_linear_output
+from triton_qat.ops.backend import fake_linear_output, op_grads
 from triton_qat.ops.float_formats import (
     _float8_triton,
     eager_straight_through,
@@ -235,7 +235,7 @@ def _mx_linear_backward_op(
         dx, dw = eager_straight_through(
             grad_y, weight, *_eager_operands(x, weight, *args), need_dx, need_dw
         )
-    return (x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw)
+    return op_grads(x, weight, dx, dw)
 
 
 register_straight_through(_mx_linear_op, _mx_linear_backward_op)
