@@ -182,6 +182,40 @@ def test_llama_explain_no_graph_break(preset):
     assert explained.graph_count == 1
 
 
+# The examples' recipe: lm_head float, a QAT embedding, the blocks w4a8_dynamic.
+LLAMA_RECIPE = {"lm_head": None, "model.embed_tokens": "embedding_int8", "*": "w4a8_dynamic"}
+
+
+def test_llama_recipe_with_qat_embedding_is_one_graph_equal_to_eager():
+    """The QAT embedding's index check runs on the device under compile (no .item(): no
+    graph break); outputs, gradients and state equal eager's."""
+    torch.manual_seed(0)
+    eager = tq.prepare_qat(_llama(), LLAMA_RECIPE).train()
+    assert isinstance(eager.model.embed_tokens, tq.nn.Embedding)
+    ids = torch.randint(0, 128, (2, 8))
+    with tq.use_backend("eager"):
+        explained = torch._dynamo.explain(lambda x: eager(input_ids=x).logits)(ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    module = copy.deepcopy(eager)
+    compiled, counter = _compiled(module, _llama_out)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 8), generator=g) for _ in SHORT]
+    with tq.use_backend("eager"):
+        _run(eager, compiled, module, _llama_out, batches.__getitem__, SHORT, exact=False)
+    assert 1 <= counter.frame_count <= 2
+
+
+def test_compiled_qat_embedding_rejects_an_index_out_of_range():
+    emb = tq.prepare_qat(torch.nn.Sequential(torch.nn.Embedding(10, 4)), {"*": "embedding_int8"})
+    compiled = torch.compile(emb, fullgraph=True, backend="aot_eager")
+    with tq.use_backend("eager"):
+        compiled(torch.tensor([0, 9]))
+        with pytest.raises(
+            RuntimeError, match=r"index out of range: indices must lie in \[0, 10\)"
+        ):
+            compiled(torch.tensor([0, 10]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_llama_fullgraph_equals_eager(preset):

@@ -52,8 +52,14 @@ def _eager_rows(idx: Tensor, weight: Tensor, nq: NormQParams, layout) -> tuple[T
     return fake_quantize_with_mask_eager(rows, row_nq)
 
 
+def _kernels(weight: Tensor) -> bool:
+    """The Triton kernels, or (a graph being compiled, or the eager backend) the torch
+    composition, which a compiler traces and fuses: no data-dependent shapes, no host sync."""
+    return use_triton(weight.device) and not torch.compiler.is_compiling()
+
+
 def _forward(idx: Tensor, weight: Tensor, nq: NormQParams, inv: Tensor, layout, renorm) -> Tensor:
-    if use_triton(weight.device):
+    if _kernels(weight):
         # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.embedding import embedding_fq_forward
 
@@ -72,7 +78,7 @@ def _forward(idx: Tensor, weight: Tensor, nq: NormQParams, inv: Tensor, layout, 
 
 def _masked_rows(rows: Tensor, weight: Tensor, grad_rows: Tensor, nq: NormQParams, inv, layout):
     """grad_rows * mask(weight[rows]): each row's straight-through mask, recomputed."""
-    if use_triton(weight.device):
+    if _kernels(weight):
         # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.embedding import embedding_fq_grad_rows
 
@@ -95,7 +101,7 @@ def _weight_grad(ctx, grad_out: Tensor, idx: Tensor, weight: Tensor, nq: NormQPa
         return torch.ops.aten.embedding_sparse_backward(
             grad_rows, idx, num_embeddings, padding_idx, ctx.scale_grad_by_freq
         )
-    if use_triton(weight.device) and not ctx.scale_grad_by_freq:
+    if _kernels(weight) and not ctx.scale_grad_by_freq:
         # Triton is optional (Linux wheels only) and slow to import: kernels load on use.
         from triton_qat.kernels.embedding import embedding_fq_dense_grad
 
@@ -110,6 +116,10 @@ def _weight_grad(ctx, grad_out: Tensor, idx: Tensor, weight: Tensor, nq: NormQPa
     dw = torch.ops.aten.embedding_dense_backward(
         grad_out, idx, num_embeddings, padding_idx, ctx.scale_grad_by_freq
     )
+    if torch.compiler.is_compiling():
+        # A graph takes no data-dependent shapes: the whole table's mask, elementwise the
+        # rows' own (rows not looked up have a zero gradient either way), fused by the compiler.
+        return dw * fake_quantize_with_mask_eager(weight, nq)[1]
     rows = torch.unique(idx)
     dw[rows] = _masked_rows(rows, weight, dw[rows].contiguous(), nq, inv, ctx.layout)
     return dw
@@ -153,8 +163,15 @@ def _check_embedding_args(input: Tensor, weight: Tensor, padding_idx: int | None
     num_embeddings = weight.shape[0]
     if input.numel():
         lo, hi = torch.aminmax(input)
-        # One host sync: an index out of range would read outside the table in the kernel.
-        if bool(((lo < 0) | (hi >= num_embeddings)).item()):
+        in_range = (lo >= 0) & (hi < num_embeddings)
+        # An index out of range would read outside the table in the kernel. Eager: one host
+        # sync. In a compiled graph (no host sync, no graph break): the check runs on the
+        # device, a RuntimeError on the CPU, a device-side assert on CUDA (as F.embedding's).
+        if torch.compiler.is_compiling():
+            torch._assert_async(
+                in_range, f"index out of range: indices must lie in [0, {num_embeddings})"
+            )
+        elif not bool(in_range.item()):
             raise IndexError(
                 f"index out of range: indices must lie in [0, {num_embeddings}), "
                 f"got values in [{lo.item()}, {hi.item()}]"
