@@ -18,13 +18,16 @@ optimizer step, on batch x seq random tokens. Variants (each from the same initi
                           with a QATConfig of IntxFakeQuantizeConfig: int8 asymmetric per
                           token, int4 symmetric per group of 32); skipped without torchao
 
-The lm_head stays float in every QAT variant (both libraries' LLM recipes). Each variant runs
-eager and with its model compiled by torch.compile (default options; the optimizer step stays
-eager). Warm-up steps come first (for a compiled model they hold the compilation, reported as
-warmup_s); then the median of --steps timed steps. tokens/s = batch * seq / step time; peak
-memory = torch.cuda.max_memory_allocated over the warm-up and timed steps (weights, gradients,
-AdamW state, activations); each ratio is against float in the same mode. The issue's targets:
-QAT within 1.05x of the float step, and faster than torchao's QAT.
+Only the decoder's Linear layers are quantized: the embedding and lm_head stay float in every
+QAT variant (torchao's QAT touches Linear layers only; both libraries' LLM recipes keep lm_head
+float). Each variant runs eager and with its model compiled by torch.compile (default options;
+the optimizer step stays eager). Warm-up steps come first, at least 2 (for a compiled model
+they hold the compilation and the one recompile after the first step, once per-group buffers
+have their shapes; their time is reported as warmup_s); then the median of --steps timed steps.
+tokens/s = batch * seq / step time; peak memory = torch.cuda.max_memory_allocated over the
+warm-up and timed steps (weights, gradients, AdamW state, activations); each ratio is against
+float in the same mode. The issue's targets: QAT within 1.05x of the float step, and faster
+than torchao's QAT.
 
 Rows run in the order eager float, eager tq_*, eager torchao, then the same compiled; with
 --budget-s a row that would start after that many seconds is left out (listed as skipped).
@@ -81,12 +84,15 @@ def build_model(shape: dict, layers: int, seq: int, device: str, dtype: torch.dt
     return model.to(dtype).train()
 
 
-def torchao_available() -> bool:
+def torchao_missing() -> str | None:
+    """Why torchao's QAT cannot run here (None: it can)."""
     try:
         from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "torchao missing"
+    except Exception as e:  # a torchao built for another torch may fail on import
+        return f"torchao unusable: {type(e).__name__}: {e}"
+    return None
 
 
 def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
@@ -94,7 +100,8 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     if variant == "float":
         return model
     if variant in TQ_PRESETS:
-        return tq.prepare_qat(model, {"lm_head": None, "*": TQ_PRESETS[variant]})
+        recipe = {"lm_head": None, "model.embed_tokens": None, "*": TQ_PRESETS[variant]}
+        return tq.prepare_qat(model, recipe)
     if variant == "torchao_8da4w":
         from torchao.quantization import quantize_
         from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
@@ -153,10 +160,6 @@ def run_row(variant: str, mode: str, args, shape: dict) -> dict:
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    del model, forward, opt, batches
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return {
         "variant": variant,
         "mode": mode,
@@ -220,14 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--variant", action="append", choices=VARIANTS, help="repeatable")
     parser.add_argument("--mode", action="append", choices=MODES, help="repeatable")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row (>= 1)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row (>= 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--budget-s", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="hidden 256: a CPU-sized model")
     args = parser.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be at least 1")
+    if args.warmup < 2 or args.steps < 1:
+        parser.error(
+            "--warmup must be at least 2 (a compiled QAT model recompiles once after "
+            "its first step) and --steps at least 1"
+        )
     args.dtype = torch.bfloat16
     try:
         import transformers  # noqa: F401  (optional dependency)
@@ -251,12 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     backend = tq.use_backend("eager") if args.device == "cpu" else contextlib.nullcontext()
     with backend:
         for variant, mode in plan(variants, args.mode or MODES):
-            if variant == "torchao_8da4w" and not torchao_available():
-                rows.append({"variant": variant, "mode": mode, "skipped": "torchao missing"})
+            missing = torchao_missing() if variant == "torchao_8da4w" else None
+            if missing is not None:
+                rows.append({"variant": variant, "mode": mode, "skipped": missing})
             elif args.budget_s is not None and time.perf_counter() - started > args.budget_s:
                 rows.append({"variant": variant, "mode": mode, "skipped": "out of budget"})
             else:
                 rows.append(run_row(variant, mode, args, shape))
+                gc.collect()  # the row's model, optimizer state and graphs
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
             last = with_ratios(rows)[-1]
             print(table([last]).splitlines()[-1], flush=True)
             if args.out is not None:

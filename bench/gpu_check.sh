@@ -20,8 +20,13 @@
 # "formats": the float formats (FP8, MX, NVFP4) tests on compiled kernels, and the FP8 fused
 # linear against bf16 F.linear (OUTDIR/fp8/linear.json), one call:
 #   GPU_CHECK_STEPS=formats bash bench/gpu_check.sh OUTDIR
-# GPU_CHECK_STEPS takes "core", "reliability", "models", "formats", "all" or step names (env
-# always runs).
+# "training": a whole AdamW step of a Llama with Llama-3-8B's layer shapes (2 layers, seq
+# 2048, bf16), float vs triton_qat vs torchao QAT, eager and compiled (OUTDIR/model_step.json),
+# one call. torchao is not on the GPU machines: carry its wheel (bench/README.md) and put it on
+# PYTHONPATH first, or its rows say "torchao missing":
+#   GPU_CHECK_STEPS=training bash bench/gpu_check.sh OUTDIR
+# GPU_CHECK_STEPS takes "core", "reliability", "models", "formats", "training", "all" or step
+# names (env always runs).
 #
 # Outputs in OUTDIR: env.txt, pytest.log, pytest.xml (JUnit), autotune.log,
 # autotune_cache/autotune.json (the tuned configs), bench_linear.log, linear.json,
@@ -49,6 +54,7 @@ GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-core}
 RELIABILITY_STEPS="fsdp2 determinism scale fuzz stability"
 MODEL_STEPS="bench_embedding bench_compile tests_models"
 FORMAT_STEPS="tests_formats bench_fp8"
+TRAINING_STEPS="model_step"
 KILL_GRACE_S=5 # timeout sends KILL this long after TERM; counted against the deadline
 MIN_STEP_S=10  # a step that would get less than this is skipped, not started
 SUMMARY=$OUTDIR/summary.txt
@@ -83,6 +89,7 @@ selected() {
     [[ " $RELIABILITY_STEPS " == *" $1 "* ]] && group=reliability
     [[ " $MODEL_STEPS " == *" $1 "* ]] && group=models
     [[ " $FORMAT_STEPS " == *" $1 "* ]] && group=formats
+    [[ " $TRAINING_STEPS " == *" $1 "* ]] && group=training
     for want in $GPU_CHECK_STEPS; do
         [[ $want == all || $want == "$group" || $want == "$1" ]] && return 0
     done
@@ -238,6 +245,16 @@ fp8_t=$(step_timeout 120)
 run_step bench_fp8 120 "$OUTDIR/bench_fp8.log" \
     python bench/bench_linear.py --out "$OUTDIR/fp8" --quick --qconfig fp8_dynamic \
     --qconfig fp8_weight_only --budget-s $((fp8_t > 40 ? fp8_t - 20 : 20))
+
+# --- training (GPU_CHECK_STEPS=training) ---------------------------------------------------------
+# The number users judge by: tokens per second and peak memory of a whole training step, eager
+# rows first, then compiled (each compiled row compiles twice: the first step, then once more
+# when per-group buffers have their shapes). Its --budget-s, 100 s under the step's timeout,
+# stops it starting a row that could not finish; model_step.json is rewritten after every row.
+step_t=$(step_timeout 440)
+run_step model_step 440 "$OUTDIR/model_step.log" \
+    python bench/bench_model_step.py --device cuda --out "$OUTDIR" \
+    --budget-s $((step_t > 130 ? step_t - 100 : 30))
 
 # --- summary -------------------------------------------------------------------------------------
 echo
