@@ -1,5 +1,6 @@
 """What users combine with QAT: peft's LoRA adapters on tq.nn.Linear (QAT-LoRA), merged and
-converted; a transformers model throughout (tiny, built from a config: nothing downloaded)."""
+converted; transformers' Trainer, its checkpoints and their resume; a transformers model
+throughout (tiny, built from a config: nothing downloaded)."""
 
 from __future__ import annotations
 
@@ -133,3 +134,45 @@ def test_torch_checkpoint_does_not_observe_twice(use_reentrant):
     y.sum().backward()
     assert not torch.equal(before, after_forward)  # the forward observed
     assert torch.equal(observer.min_val, after_forward)  # the recompute did not
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_trainer_checkpoints_and_resumes_a_qat_model(tmp_path):
+    """transformers' Trainer trains a prepared model (the examples' recipe, QAT embedding
+    included) and checkpoints it; a freshly prepared model resumed from the checkpoint holds
+    its weights, qparams and observer state bit for bit, and trains on."""
+    st = pytest.importorskip("safetensors.torch")
+    recipe = {"lm_head": None, "model.embed_tokens": "embedding_int8", "*": "w4a8_dynamic"}
+
+    def trainer(model, max_steps):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=max_steps, save_steps=2, learning_rate=1e-3,
+            per_device_train_batch_size=4, use_cpu=True, report_to=[], save_only_model=False,
+        )  # fmt: skip
+        return transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
+
+    qat = tq.prepare_qat(tiny_llama(), recipe)
+    before = {k: v.clone() for k, v in qat.state_dict().items()}
+    trainer(qat, 2).train()
+    saved = st.load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    state = qat.state_dict()
+    assert set(saved) == set(state)
+    for key, value in state.items():
+        assert torch.equal(saved[key], value), key
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(state[key], before[key])  # it trained
+    fresh = tq.prepare_qat(tiny_llama(seed=1), recipe)
+    resumed = trainer(fresh, 3)
+    resumed._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 3
