@@ -126,6 +126,10 @@ def run_row(variant: str, mode: str, args, shape: dict) -> dict:
     """Build, prepare, warm up and time one (variant, mode); the row's figures."""
     device = args.device
     model = prepare(build_model(shape, args.layers, args.seq, device, args.dtype), variant)
+    if mode == "compiled":
+        # Each row's model is new to dynamo: without a reset the rows' graphs pile up on the
+        # same code objects until dynamo's recompile limit sends a row back to eager.
+        torch._dynamo.reset()
     forward = torch.compile(model) if mode == "compiled" else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(1)
