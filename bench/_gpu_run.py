@@ -51,3 +51,16 @@ def gpu_run_metadata(script: str) -> dict[str, str] | None:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def missing_requirements(script: str, device: str, modules: tuple[str, ...] = ()) -> bool:
+    """True, after one line on stderr, when a module the script needs is not installed or
+    `device` is "cuda" and there is no CUDA device (the scripts that also run on a CPU)."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            print(f"{script}: {name} is not installed", file=sys.stderr)
+            return True
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: no CUDA device", file=sys.stderr)
+        return True
+    return False

@@ -32,6 +32,8 @@ import torch
 if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from _gpu_run import missing_requirements
+
 import triton_qat as tq
 
 DEFAULT_PRESETS = ["x86", "w4a8_dynamic", "int8_per_channel_lsq"]
@@ -136,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args(argv)
-    try:
-        import transformers  # noqa: F401  (optional dependency)
-    except ImportError:
-        print("bench_compile: transformers is not installed", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_compile: no CUDA device", file=sys.stderr)
+    if missing_requirements("bench_compile", args.device, ("transformers",)):
         return EXIT_UNAVAILABLE
     backend = tq.use_backend("eager") if args.device == "cpu" else contextlib.nullcontext()
     header = f"{'preset':<22}{'eager ms':>10}{'compiled ms':>13}{'ratio':>8}{'compile s':>11}"

@@ -53,6 +53,8 @@ import torch
 if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from _gpu_run import gpu_run_metadata, missing_requirements
+
 import triton_qat as tq
 
 EXIT_UNAVAILABLE = 2
@@ -239,14 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             "its first step) and --steps at least 1"
         )
     args.dtype = torch.bfloat16
-    try:
-        import transformers  # noqa: F401  (optional dependency)
-    except ImportError:
-        print("bench_model_step: transformers is not installed", file=sys.stderr)
+    if missing_requirements("bench_model_step", args.device, ("transformers",)):
         return EXIT_UNAVAILABLE
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_model_step: no CUDA device", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    # The card, torch and triton of a GPU run, in the record (None on the CPU).
+    run = gpu_run_metadata("bench_model_step") if args.device == "cuda" else None
+    if args.device == "cuda" and run is None:
+        return EXIT_UNAVAILABLE  # TRITON_INTERPRET set: it said so
     shape = TINY if args.tiny else FULL
     variants = args.variant or VARIANTS
     rows: list[dict] = []
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table([last]).splitlines()[-1], flush=True)
             if args.out is not None:
                 args.out.mkdir(parents=True, exist_ok=True)
-                record = {"title": title, "rows": with_ratios(rows)}
+                record = {"title": title, "run": run, "rows": with_ratios(rows)}
                 (args.out / "model_step.json").write_text(json.dumps(record, indent=1) + "\n")
     print()
     print(table(with_ratios(rows)))

@@ -182,6 +182,18 @@ def test_llama_explain_no_graph_break(preset):
     assert explained.graph_count == 1
 
 
+def _llama_compiled_equals_eager(eager: torch.nn.Module) -> None:
+    """Two training steps of a prepared Llama and of its compiled copy, compared (_run);
+    one graph, recompiled at most once (per-channel buffers sized after the first step)."""
+    module = copy.deepcopy(eager)
+    compiled, counter = _compiled(module, _llama_out)
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 128, (2, 8), generator=g) for _ in SHORT]
+    with tq.use_backend("eager"):
+        _run(eager, compiled, module, _llama_out, ids.__getitem__, SHORT, exact=False)
+    assert 1 <= counter.frame_count <= 2
+
+
 # The examples' recipe: lm_head float, a QAT embedding, the blocks w4a8_dynamic.
 LLAMA_RECIPE = {"lm_head": None, "model.embed_tokens": "embedding_int8", "*": "w4a8_dynamic"}
 
@@ -196,13 +208,7 @@ def test_llama_recipe_with_qat_embedding_is_one_graph_equal_to_eager():
     with tq.use_backend("eager"):
         explained = torch._dynamo.explain(lambda x: eager(input_ids=x).logits)(ids)
     assert explained.graph_break_count == 0, explained.break_reasons
-    module = copy.deepcopy(eager)
-    compiled, counter = _compiled(module, _llama_out)
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 128, (2, 8), generator=g) for _ in SHORT]
-    with tq.use_backend("eager"):
-        _run(eager, compiled, module, _llama_out, batches.__getitem__, SHORT, exact=False)
-    assert 1 <= counter.frame_count <= 2
+    _llama_compiled_equals_eager(eager)
 
 
 def test_compiled_qat_embedding_rejects_an_index_out_of_range():
@@ -220,14 +226,7 @@ def test_compiled_qat_embedding_rejects_an_index_out_of_range():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_llama_fullgraph_equals_eager(preset):
     torch.manual_seed(0)
-    eager = tq.prepare_qat(_llama(), preset).train()
-    module = copy.deepcopy(eager)
-    compiled, counter = _compiled(module, _llama_out)
-    g = torch.Generator().manual_seed(1)
-    ids = [torch.randint(0, 128, (2, 8), generator=g) for _ in SHORT]
-    with tq.use_backend("eager"):
-        _run(eager, compiled, module, _llama_out, ids.__getitem__, SHORT, exact=False)
-    assert 1 <= counter.frame_count <= 2
+    _llama_compiled_equals_eager(tq.prepare_qat(_llama(), preset).train())
 
 
 def test_flags_loaded_from_state_dict_reach_compiled_code():
