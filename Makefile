@@ -24,7 +24,7 @@ test:
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The oldest supported pair (torch 2.13 CPU + triton 3.6, in .venv-oldest): the check grid
-# and the kernel tests; `bash .ci/oldest.sh tests` runs the whole suite there.
+# and the whole suite; `bash .ci/oldest.sh PYTEST_ARGS` runs pytest with those instead.
 test-oldest:
 	bash .ci/oldest.sh
 
