@@ -6,7 +6,7 @@ SETUP = $(shell bash scripts/setup_env.sh $(VENV))
 
 .PHONY: example example-hf test test-oldest lint gpu-check
 
-# The main job: float vs PTQ vs QAT of a small LM (about 4 minutes on 2 cores).
+# The main job: float vs PTQ vs QAT of a small LM (about 2 minutes on 2 cores).
 example:
 	$(SETUP) examples/qat_tiny_lm.py
 

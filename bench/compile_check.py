@@ -45,6 +45,13 @@ import triton
 
 from triton_qat.kernels import configs as gemm_cfg
 
+
+def _launch_tile(module: str, *shape: int) -> tuple[int, int]:
+    """The (rows, columns) tile that triton_qat.kernels.<module>'s launcher picks for a
+    tensor of `shape` (its `_tile`), compiled kernels' sizes (TRITON_INTERPRET is unset)."""
+    return importlib.import_module(f"triton_qat.kernels.{module}")._tile(*shape)
+
+
 # Shared memory per block (opt-in maximum) of the targets, bytes.
 SHARED_MEMORY = {90: 232448, 80: 166912}
 ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "i8": 1, "u8": 1, "fp8e4nv": 1, "fp8e5": 1}
@@ -605,10 +612,11 @@ KERNELS: dict[str, Kernel] = {
             "WRITE_CODES": (False, True),
             "WRITE_Y": (False, True),
         },
+        # _launch's tiles (kernels.float8._tile): long rows, and rows of 16
         _float8_arch(
             lambda arch, *_: [
-                ("4x1024", {"BLOCK_M": 4, "BLOCK_K": 1024}),
-                ("4x16", {"BLOCK_M": 4, "BLOCK_K": 16}),
+                (f"{bm}x{bk}", {"BLOCK_M": bm, "BLOCK_K": bk})
+                for bm, bk in (_launch_tile("float8", 8192, 4096), _launch_tile("float8", 8192, 16))
             ]
         ),
         ones=("stride_xk", "stride_ck", "stride_yk"),
@@ -653,14 +661,15 @@ KERNELS: dict[str, Kernel] = {
             "WRITE_CODES": (False, True),
             "WRITE_Y": (False, True),
         },
-        # _launch: 4 rows by as many blocks as fit 4096 elements, or one block per row
+        # _launch's tiles (kernels.microscaling._tile): long rows (4 rows by as many blocks as
+        # fit its elements per program), and rows of one block (as many rows as fit)
         _float8_arch(
             lambda arch, pointers, v, *_: [
-                (
-                    f"4x{4096 // (4 * v['BLOCK_SIZE_P2'])}",
-                    {"BLOCK_M": 4, "BLOCK_G": 4096 // (4 * v["BLOCK_SIZE_P2"])},
-                ),
-                ("4x1", {"BLOCK_M": 4, "BLOCK_G": 1}),
+                (f"{bm}x{bg}", {"BLOCK_M": bm, "BLOCK_G": bg})
+                for bm, bg in (
+                    _launch_tile("microscaling", 8192, 4096, v["BLOCK_SIZE_P2"]),
+                    _launch_tile("microscaling", 8192, 1, v["BLOCK_SIZE_P2"]),
+                )
             ]
         ),
         ones=("stride_xk", "stride_ck", "stride_yk"),

@@ -146,11 +146,13 @@ def float8_rows_kernel(
             tl.store(y_ptr + rm[:, None] * stride_ym + k[None, :] * stride_yk, y, mask=ok)
 
 
-# The K chunk, and elements per program (rows by chunk), at least _MIN_BLOCK_M rows: short
-# rows take more rows per program. The interpreter runs each program's operations once over
-# numpy arrays, so its cost is the number of programs and chunks: larger tiles there (a test
-# shrinks them to cover several programs and chunks).
+# The K chunk, and elements per program (rows by chunk). Compiled: 4 rows per program (more
+# rows of short K spill registers: 256x16 does on sm_90). Interpreted, where a program's
+# operations run once over numpy arrays and the cost is the number of programs and chunks:
+# short rows take more rows per program (a test shrinks the tile to cover several programs
+# and chunks).
 _MIN_BLOCK_M = 4
+_MAX_BLOCK_M = 8192 if INTERPRETED_KERNELS else _MIN_BLOCK_M
 _MAX_BLOCK_K = 1024
 _TILE = 8192 if INTERPRETED_KERNELS else 4096
 
@@ -158,8 +160,8 @@ _TILE = 8192 if INTERPRETED_KERNELS else 4096
 def _tile(m: int, k: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_K) of float8_rows_kernel for x (m, k)."""
     block_k = min(_MAX_BLOCK_K, _TILE // _MIN_BLOCK_M, triton.next_power_of_2(max(k, 16)))
-    block_m = max(_MIN_BLOCK_M, min(triton.next_power_of_2(m), _TILE // block_k))
-    return block_m, block_k
+    rows = min(triton.next_power_of_2(m), _TILE // block_k, _MAX_BLOCK_M)
+    return max(_MIN_BLOCK_M, rows), block_k
 
 
 def _launch(x2d: Tensor, fmt: Float8Format, scale: Tensor, codes, y, eps: float, **flags) -> None:

@@ -157,21 +157,22 @@ class MicroscalingSpec(NamedTuple):
         return NVFP4 if self.fmt == "nvfp4" else MX_FORMATS[self.fmt]
 
 
-# Elements per program (rows by blocks), at least _MIN_BLOCK_M rows: where a row holds few
-# blocks a program takes more rows. The interpreter runs each program's operations once over
-# numpy arrays, so its cost is the number of programs: larger tiles there (a test shrinks
-# them to cover several programs per row and per column).
+# Elements per program (rows by blocks). Compiled: 4 rows per program (more rows of few
+# blocks near the register limit: 256 rows of one 16-block take 254 on sm_90). Interpreted,
+# where a program's operations run once over numpy arrays and the cost is the number of
+# programs: where a row holds few blocks a program takes more rows (a test shrinks the tile
+# to cover several programs per row and per column).
 _MIN_BLOCK_M = 4
+_MAX_BLOCK_M = 8192 if INTERPRETED_KERNELS else _MIN_BLOCK_M
 _TILE = 8192 if INTERPRETED_KERNELS else 4096
 
 
 def _tile(m: int, groups: int, bs_p2: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_G): blocks per program up to _TILE elements over _MIN_BLOCK_M rows,
-    then as many rows (powers of two, at most M's) as the tile holds."""
+    then as many rows (powers of two, at most M's and _MAX_BLOCK_M) as the tile holds."""
     block_g = max(1, min(triton.next_power_of_2(groups), _TILE // (_MIN_BLOCK_M * bs_p2)))
-    rows = max(1, _TILE // (block_g * bs_p2))
-    block_m = max(_MIN_BLOCK_M, min(triton.next_power_of_2(m), rows))
-    return block_m, block_g
+    rows = min(triton.next_power_of_2(m), _TILE // (block_g * bs_p2), _MAX_BLOCK_M)
+    return max(_MIN_BLOCK_M, rows), block_g
 
 
 def _launch(x2d: Tensor, spec: MicroscalingSpec, scale, tensor_scale, codes, y, amax_only):
