@@ -64,3 +64,9 @@ def missing_requirements(script: str, device: str, modules: tuple[str, ...] = ()
         print(f"{script}: no CUDA device", file=sys.stderr)
         return True
     return False
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work before reading a clock (nothing to wait for on a CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()

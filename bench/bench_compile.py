@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from _gpu_run import missing_requirements
+from _gpu_run import missing_requirements, synchronize
 
 import triton_qat as tq
 
@@ -53,11 +53,6 @@ def _model(device: str):
         max_position_embeddings=256,
     )
     return LlamaForCausalLM(config).to(device)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _step_fn(model, step_model, opt):
@@ -84,10 +79,10 @@ def _loss_of(model):
 def _time(step, batches, device: str) -> list[float]:
     times = []
     for ids in batches:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step(ids)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -106,11 +101,11 @@ def run(preset: str, args) -> dict:
     compiled_step = _step_fn(
         compiled_model, compiled_loss, torch.optim.SGD(compiled_model.parameters(), lr=1e-3)
     )
-    _sync(args.device)
+    synchronize(args.device)
     start = time.perf_counter()
     first_compiled = compiled_step(batches[0])
     second_compiled = compiled_step(batches[1])  # per-channel buffers sized: one recompile
-    _sync(args.device)
+    synchronize(args.device)
     compile_s = time.perf_counter() - start
     first_eager, second_eager = eager_step(batches[0]), eager_step(batches[1])
     diff = max(

@@ -53,7 +53,7 @@ import torch
 if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from _gpu_run import gpu_run_metadata, missing_requirements
+from _gpu_run import gpu_run_metadata, missing_requirements, synchronize
 
 import triton_qat as tq
 
@@ -119,11 +119,6 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_row(variant: str, mode: str, args, shape: dict) -> dict:
     """Build, prepare, warm up and time one (variant, mode); the row's figures."""
     device = args.device
@@ -150,19 +145,19 @@ def run_row(variant: str, mode: str, args, shape: dict) -> dict:
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     first_loss = float(step(batches[0]))
     for ids in batches[1 : args.warmup]:
         step(ids)
-    _sync(device)
+    synchronize(device)
     warmup_s = time.perf_counter() - start
     times = []
     for ids in batches[args.warmup :]:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step(ids)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None

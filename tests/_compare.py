@@ -53,7 +53,8 @@ def fresh_view(t: Tensor | None, requires_grad: bool) -> Tensor | None:
 
 def assert_within(actual: Tensor, expected: Tensor, bound: Tensor, what: str = "") -> None:
     """|actual - expected| <= bound elementwise (bound a justified error bound, e.g. an fp32
-    accumulation's, computed in float64); says where and by how much it is exceeded."""
+    accumulation's, computed in float64; a NaN difference is out of bound); says where and by
+    how much it is exceeded."""
     assert actual.shape == expected.shape, f"{what} shape {actual.shape} != {expected.shape}"
     diff = (actual.detach().cpu().double() - expected.detach().cpu().double()).abs()
     over = ~(diff <= bound.cpu().double())

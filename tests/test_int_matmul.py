@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _compare import assert_bitwise_equal
+from _compare import assert_bitwise_equal, assert_within
 
 import triton_qat as tq
 from triton_qat.flow.convert import QuantizedLinear, _pack_int4
@@ -27,20 +27,6 @@ from triton_qat.quantizers import (
 
 U32 = 2.0**-24
 UNIT = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def _assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str):
-    """|actual - expected| <= bound elementwise; reports the worst element."""
-    err = (actual.double() - expected).abs()
-    if err.numel() == 0:
-        return
-    excess = err - bound
-    worst = int(excess.argmax())
-    assert bool((excess <= 0).all()), (
-        f"{what}: {int((excess > 0).sum())} of {err.numel()} elements over the bound; "
-        f"worst error {err.flatten()[worst].item():.3g} "
-        f"vs bound {bound.flatten()[worst].item():.3g}"
-    )
 
 
 def _weight(n, k, gran, qrange, packed, seed, group_size=None, with_zp=True):
@@ -103,7 +89,7 @@ def test_weight_only_matches_float64(case, device):
     # integer (q - zp) is exact and the scale is one more fp32 rounding. K + 2 fp32 steps.
     u_w = UNIT[dtype] if gran == "group" else 0.0
     bound = (u_w + (k + 2) * U32) * mag + UNIT[dtype] * ref.abs()
-    _assert_within(y.cpu().reshape(m, n), ref, bound, "weight-only GEMM")
+    assert_within(y.cpu().reshape(m, n), ref, bound, "weight-only GEMM")
 
 
 @pytest.mark.parametrize(
@@ -202,7 +188,7 @@ def test_int8_linear_is_the_integer_sum(case, device):
     # The int32 sums are exact; per group (groups + 2) fp32 steps (D_g * s_g accumulated,
     # times sx, plus bias); otherwise D to fp32, times sx, times sw, plus bias: 4 roundings.
     steps = groups + 3 if g else 4
-    _assert_within(y, ref, steps * U32 * mag + UNIT[dtype] * ref.abs(), "int8 GEMM vs int64")
+    assert_within(y, ref, steps * U32 * mag + UNIT[dtype] * ref.abs(), "int8 GEMM vs int64")
     # And it is the fake-quant float path F.linear(fq(x), fq(w)): fq(x) rounded to x's
     # dtype (u_in) and the fp32 products (q - zp) * s rounded once (u32) per operand.
     fq_x = (xq.codes.cpu().float() + xq.shift - xq.zero_point.cpu()[:, None]) * xq.scale.cpu()[
@@ -213,7 +199,7 @@ def test_int8_linear_is_the_integer_sum(case, device):
     fq_ref = fq_x @ fq_w.T + (0 if bias is None else bias.double())
     fq_mag = fq_x.abs() @ fq_w.abs().T + (0 if bias is None else bias.double().abs())
     bound = (UNIT[dtype] + 2 * U32) * fq_mag + steps * U32 * mag + UNIT[dtype] * ref.abs()
-    _assert_within(y, fq_ref, bound, "int8 GEMM vs fake-quant float64")
+    assert_within(y, fq_ref, bound, "int8 GEMM vs fake-quant float64")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -240,7 +226,7 @@ def test_w8a8_linear_equals_fake_quant_linear(dtype, device):
     mag = F.linear(fq_x.abs(), fq_w.abs(), b.double().abs())
     # fq operands rounded to the input dtype (2 u_in), 4 fp32 steps, the output cast.
     bound = (2 * UNIT[dtype] + 4 * U32) * mag + UNIT[dtype] * ref.abs()
-    _assert_within(y.cpu(), ref, bound, "w8a8_linear")
+    assert_within(y.cpu(), ref, bound, "w8a8_linear")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -285,8 +271,8 @@ def test_fused_w8a8_forward_is_the_int8_gemm(monkeypatch, dtype, device):
     mag = F.linear(fq_x.abs(), fq_w.abs(), b.double().abs())
     # fq operands rounded to the input dtype (2 u_in), 4 fp32 steps, the output cast.
     bound = (2 * UNIT[dtype] + 4 * U32) * mag + UNIT[dtype] * ref.abs()
-    _assert_within(y_int, ref, bound, "int8 forward")
-    _assert_within(y_float, ref, bound + 70 * U32 * mag, "float forward")
+    assert_within(y_int, ref, bound, "int8 forward")
+    assert_within(y_float, ref, bound + 70 * U32 * mag, "float forward")
 
 
 # qparams granularity, quant range, float zero point: the weight codes pass of the integer
@@ -426,9 +412,9 @@ def test_fused_w4a8_forward_is_the_int8_gemm(monkeypatch, case, device):
         fq_x = fake_quantize_per_token(x, -128, 127, qscheme)
         fq_w = tq.fake_quantize_per_group(w, wscale, wzp, g, qmin, qmax).to(dtype)
     ref, bound_int, bound_float = _w4a8_bounds(fq_x, fq_w, b, dtype, k, k // g)
-    _assert_within(y_int, ref, bound_int, "int8 forward vs eager composition")
-    _assert_within(y_float, ref, bound_float, "float forward vs eager composition")
-    _assert_within(y_int, y_float.double(), bound_int + bound_float, "int8 vs float forward")
+    assert_within(y_int, ref, bound_int, "int8 forward vs eager composition")
+    assert_within(y_float, ref, bound_float, "float forward vs eager composition")
+    assert_within(y_int, y_float.double(), bound_int + bound_float, "int8 vs float forward")
 
 
 def test_w4a8_linear_layer_takes_the_int8_forward(monkeypatch, device):
@@ -468,7 +454,7 @@ def test_w4a8_linear_layer_takes_the_int8_forward(monkeypatch, device):
         assert_bitwise_equal(a, e, name)
     fq_x = fake_quantize_per_token(x.cpu(), -128, 127, torch.per_tensor_affine)
     _, bound_int, bound_float = _w4a8_bounds(fq_x, fq_w, layer.bias.cpu(), torch.float32, 64, 2)
-    _assert_within(y_int, y_float.double(), bound_int + bound_float, "int8 vs float forward")
+    assert_within(y_int, y_float.double(), bound_int + bound_float, "int8 vs float forward")
 
 
 def _qat_layer(name: str, dtype: torch.dtype, k: int = 64, n: int = 17) -> torch.nn.Module:
@@ -512,8 +498,8 @@ def test_quantized_linear_kernel_path_matches_eager(name, dtype, device):
     # Either side rounds its operands to the input dtype (2 u_in) and accumulates K = 64
     # products in fp32 plus a few epilogue steps; both round the result to the input dtype.
     bound = (2 * UNIT[dtype] + 70 * U32) * mag + 2 * UNIT[dtype] * y_eager.double().abs()
-    _assert_within(y, y_eager.double(), bound, f"{name}: kernel vs eager QuantizedLinear")
-    _assert_within(y, y_qat.double(), bound, f"{name}: kernel vs QAT eval")
+    assert_within(y, y_eager.double(), bound, f"{name}: kernel vs eager QuantizedLinear")
+    assert_within(y, y_qat.double(), bound, f"{name}: kernel vs QAT eval")
 
 
 def test_kernel_path_runs_only_on_the_triton_backend(monkeypatch, device):

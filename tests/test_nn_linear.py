@@ -49,13 +49,14 @@ def test_training_steps_match_torch_ao(backend, version, tq_backend):
         # their magnitudes of the exact one (n = K + 1 with the bias, M for the weight's and
         # the bias's gradients, whose dy = 2y also carries the outputs' difference).
         u = 2.0**-24
+        m, k = x.shape
         x64, w64, b64 = x.double(), wq[-1].double(), ref.bias.detach().double()
-        y_bound = 2 * 25 * u * (x64.abs() @ w64.abs().T + b64.abs())
+        y_bound = 2 * (k + 1) * u * (x64.abs() @ w64.abs().T + b64.abs())
         assert_within(y_ours, y_ref, y_bound, f"step {step}: output")
         dy_diff = 2 * (y_ours.detach().double() - y_ref.detach().double()).abs()
         dy_abs = 2 * y_ref.detach().double().abs()
-        dw_bound = dy_diff.T @ x64.abs() + 2 * 6 * u * (dy_abs.T @ x64.abs())
-        db_bound = dy_diff.sum(0) + 2 * 6 * u * dy_abs.sum(0)
+        dw_bound = dy_diff.T @ x64.abs() + 2 * m * u * (dy_abs.T @ x64.abs())
+        db_bound = dy_diff.sum(0) + 2 * m * u * dy_abs.sum(0)
         for (name, a), (_, b) in zip(
             ours.state_dict().items(), ref.state_dict().items(), strict=True
         ):

@@ -164,18 +164,14 @@ def _check_embedding_args(input: Tensor, weight: Tensor, padding_idx: int | None
     if input.numel():
         lo, hi = torch.aminmax(input)
         in_range = (lo >= 0) & (hi < num_embeddings)
+        message = f"index out of range: indices must lie in [0, {num_embeddings})"
         # An index out of range would read outside the table in the kernel. Eager: one host
         # sync. In a compiled graph (no host sync, no graph break): the check runs on the
         # device, a RuntimeError on the CPU, a device-side assert on CUDA (as F.embedding's).
         if torch.compiler.is_compiling():
-            torch._assert_async(
-                in_range, f"index out of range: indices must lie in [0, {num_embeddings})"
-            )
+            torch._assert_async(in_range, message)
         elif not bool(in_range.item()):
-            raise IndexError(
-                f"index out of range: indices must lie in [0, {num_embeddings}), "
-                f"got values in [{lo.item()}, {hi.item()}]"
-            )
+            raise IndexError(f"{message}, got values in [{lo.item()}, {hi.item()}]")
     if padding_idx is None:
         return -1
     if not -num_embeddings <= padding_idx < num_embeddings:
